@@ -1,0 +1,13 @@
+"""cskd_kernels: fused kernels for Channel-Spatial Knowledge Distillation.
+
+Public ops (each takes ``backend=``, see cskd_kernels.backend):
+    linear_cka, cka_loss
+The plain PyTorch definitions of every op live in cskd_kernels.reference.
+"""
+
+from cskd_kernels.backend import BACKENDS, BackendError, resolve_backend
+from cskd_kernels.ops.cka import cka_loss, linear_cka
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "BackendError", "cka_loss", "linear_cka", "resolve_backend"]

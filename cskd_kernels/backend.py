@@ -1,0 +1,153 @@
+"""Which implementation runs an op: backend names, the "auto" rules, lazy loading.
+
+Every public op takes ``backend=`` ("auto", "triton", "cpu", "reference");
+``None`` means the environment variable ``CSKD_BACKEND`` (default "auto").
+
+- "reference": plain PyTorch (cskd_kernels.reference), any device and dtype.
+- "cpu": the compiled C++ extension ``cskd_kernels._C``, CPU tensors,
+  float32 and float64.
+- "triton": Triton kernels, CUDA tensors, float32/float16/bfloat16; with
+  ``TRITON_INTERPRET=1`` the same kernels also accept CPU tensors.
+- "auto": CUDA tensor -> triton; CPU tensor -> cpu if the extension is built,
+  else reference (with one warning). A dtype the chosen backend does not
+  support (float64 on CUDA, float16 on the CPU) runs on the reference.
+
+Triton and the extension are imported on first use only, so the package
+imports on a machine without either.
+"""
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+_DTYPES = {
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cpu": (torch.float32, torch.float64),
+}
+
+
+class BackendError(ValueError):
+    """A backend was asked for that cannot run the given tensors."""
+
+
+def default_backend():
+    """The backend named by CSKD_BACKEND, "auto" when unset."""
+    name = os.environ.get("CSKD_BACKEND", "auto") or "auto"
+    if name not in BACKENDS:
+        raise BackendError(f"CSKD_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def triton_interpreting():
+    """True when Triton kernels run on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    try:
+        return importlib.import_module("cskd_kernels._C"), None
+    except ImportError as error:  # not built (CSKD_SKIP_EXTENSION=1) or broken
+        return None, error
+
+
+def extension():
+    """The compiled C++ extension module, or None when it is not built."""
+    return _load_extension()[0]
+
+
+def extension_error():
+    """Why the extension could not be imported (None when it was)."""
+    return _load_extension()[1]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available():
+    try:
+        importlib.import_module("triton")
+        return True
+    except ImportError:
+        return False
+
+
+def triton_kernels(op):
+    """The module cskd_kernels.triton.<op>, imported on first use."""
+    if not triton_available():
+        raise BackendError("backend='triton' needs the triton package, which is not installed")
+    return importlib.import_module(f"cskd_kernels.triton.{op}")
+
+
+_warned_no_extension = False
+
+
+def _warn_no_extension_once():
+    global _warned_no_extension
+    if not _warned_no_extension:
+        _warned_no_extension = True
+        warnings.warn(
+            "cskd_kernels: the C++ extension is not built "
+            f"({extension_error()}); CPU tensors run on the slower plain PyTorch "
+            "reference. Reinstall with `pip install --no-build-isolation -e .` "
+            "(without CSKD_SKIP_EXTENSION=1) to build it.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _auto(device, dtypes):
+    if device.type == "cuda":
+        if triton_available() and all(d in _DTYPES["triton"] for d in dtypes):
+            return "triton"
+        return "reference"
+    if device.type == "cpu":
+        if extension() is None:
+            _warn_no_extension_once()
+            return "reference"
+        if all(d in _DTYPES["cpu"] for d in dtypes):
+            return "cpu"
+    return "reference"
+
+
+def _check_runnable(name, device, dtypes):
+    if name == "reference":
+        return
+    bad = sorted({str(d) for d in dtypes if d not in _DTYPES[name]})
+    if bad:
+        supported = ", ".join(str(d) for d in _DTYPES[name])
+        raise BackendError(f"backend={name!r} does not support dtype {', '.join(bad)} (it runs {supported})")
+    if name == "cpu":
+        if device.type != "cpu":
+            raise BackendError(f"backend='cpu' runs CPU tensors only, got a tensor on {device}")
+        if extension() is None:
+            raise BackendError(
+                f"backend='cpu' needs the C++ extension, which is not built ({extension_error()}); "
+                "install with `pip install --no-build-isolation -e .`"
+            )
+    if name == "triton":
+        if not triton_available():
+            raise BackendError("backend='triton' needs the triton package, which is not installed")
+        if device.type == "cpu" and not triton_interpreting():
+            raise BackendError(
+                "backend='triton' runs CUDA tensors; got CPU tensors "
+                "(set TRITON_INTERPRET=1 to run the Triton kernels on the CPU through its interpreter)"
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise BackendError(f"backend='triton' cannot run tensors on {device}")
+
+
+def resolve_backend(requested, *tensors):
+    """The backend that runs an op on ``tensors`` (all on one device, checked by the caller)."""
+    name = default_backend() if requested is None else requested
+    if name not in BACKENDS:
+        raise BackendError(f"backend={name!r} is not one of {BACKENDS}")
+    device = tensors[0].device
+    dtypes = {t.dtype for t in tensors}
+    if name == "auto":
+        return _auto(device, dtypes)
+    _check_runnable(name, device, dtypes)
+    return name

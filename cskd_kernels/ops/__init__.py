@@ -1,0 +1,1 @@
+"""Public ops: validation, backend dispatch and autograd Functions, one op per file."""

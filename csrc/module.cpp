@@ -1,0 +1,9 @@
+// The Python module cskd_kernels._C: each op's file registers its functions.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cskd_kernels C++ CPU kernels";
+  register_cka(m);
+}

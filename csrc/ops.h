@@ -1,0 +1,5 @@
+// One registration function per op file in csrc/.
+#pragma once
+#include <torch/extension.h>
+
+void register_cka(pybind11::module& m);

@@ -1,0 +1,52 @@
+"""Build and install cskd_kernels.
+
+The C++ extension ``cskd_kernels._C`` is built from every file in csrc/ with
+torch's cpp_extension (ninja, -O3, OpenMP). Install with
+
+    pip install --no-build-isolation -e .
+
+so that the torch already installed is the one compiled against. Set
+``CSKD_SKIP_EXTENSION=1`` to install without compiling: the package then runs
+the plain PyTorch reference on CPU tensors (and says so once, in a warning).
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules = []
+cmdclass = {}
+if os.environ.get("CSKD_SKIP_EXTENSION", "0") != "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules.append(
+        CppExtension(
+            name="cskd_kernels._C",
+            sources=sorted(glob.glob("csrc/*.cpp")),
+            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+            extra_link_args=["-fopenmp"],
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+setup(
+    name="cskd-kernels",
+    version="0.1.0",
+    description="Fused kernels for Channel-Spatial Knowledge Distillation (CKA, channel and position attention, CWD)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["cskd_kernels", "cskd_kernels.*"]),
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest>=7", "psutil"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "psutil"],
+        # Filled by the training application (python/).
+        "train": [],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

@@ -1,0 +1,51 @@
+"""Shared test setup.
+
+Without a GPU, the Triton kernels run on the CPU through Triton's interpreter:
+TRITON_INTERPRET must be set before the first kernel module is imported, which
+happens lazily on the first backend="triton" call.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cskd_kernels.backend import extension, triton_available, triton_interpreting  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_EXTENSION = extension() is not None
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+requires_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+
+
+def fused_backends():
+    """(backend, device) pairs that can run here: cpu with the extension, triton on CUDA or interpreted."""
+    pairs = []
+    if HAS_EXTENSION:
+        pairs.append(pytest.param("cpu", "cpu", id="cpu"))
+    if triton_available():
+        device = "cuda" if HAS_CUDA else "cpu"
+        if HAS_CUDA or triton_interpreting():
+            pairs.append(pytest.param("triton", device, id=f"triton-{device}"))
+    return pairs
+
+
+# Per-dtype tolerances (rtol, atol) for fused results against the float64 reference.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (2e-4, 1e-5),
+    torch.float16: (2e-2, 2e-3),
+    torch.bfloat16: (5e-2, 1e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different but reproducible seed per test: fresh random inputs, rerunnable failures."""
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    yield
