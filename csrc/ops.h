@@ -3,3 +3,4 @@
 #include <torch/extension.h>
 
 void register_cka(pybind11::module& m);
+void register_position_attention(pybind11::module& m);
