@@ -45,7 +45,7 @@ constexpr int64_t kBlock = 256;  // tile edge: a 256 x 256 float tile is 256 KiB
 #define CSKD_SIMD_CLONES
 #endif
 
-inline float exp_approx(float x) {
+__attribute__((always_inline)) inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float t = x * 1.44269504088896341f;
   // round to nearest without a libm call: adding 1.5 * 2^23 drops the fraction

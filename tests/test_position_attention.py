@@ -301,3 +301,38 @@ def test_module_bad_arguments(bad):
 def test_module_bad_input_channels():
     with pytest.raises(ValueError, match="channels"):
         PositionAttention(8)(torch.randn(1, 6, 4, 4))
+
+
+# --------------------------------------------------------------------------
+# The released formulation (the benchmark baseline) computes the same thing
+# --------------------------------------------------------------------------
+
+
+def _released_projections_then_reference(x, gamma, reduction, temperature, grid):
+    """The reference composition with the Conv2d layers drawn in the released order (q, k, v per cell)."""
+    def one(cell):
+        c = cell.shape[1]
+        convs = [torch.nn.Conv2d(c, c // reduction, 1), torch.nn.Conv2d(c, c // reduction, 1), torch.nn.Conv2d(c, c, 1)]
+        q, k, v = (conv.to(torch.float64)(cell) for conv in convs)
+        return gamma * reference.position_attention(q, k, v, temperature=temperature) + cell
+
+    if grid is None:
+        return one(x)
+    return torch.cat([torch.cat([one(c) for c in torch.chunk(r, grid[1], dim=3)], dim=3)
+                      for r in torch.chunk(x, grid[0], dim=2)], dim=2)
+
+
+@pytest.mark.parametrize("grid", [None, (5, 5)])
+def test_released_pam_matches_reference(grid):
+    from cskd_kernels import released
+
+    x = torch.randn(2, 16, 13, 11, dtype=torch.float64)
+    gamma = torch.tensor([0.6], dtype=torch.float64)
+    torch.manual_seed(5)
+    if grid is None:
+        got = released.position_attention_module(x, gamma, reduction=4, temperature=1.5)
+    else:
+        got = released.position_attention_grid(x, gamma, grid=grid, reduction=4, temperature=1.5)
+    torch.manual_seed(5)
+    expected = _released_projections_then_reference(x, gamma, 4, 1.5, grid)
+    torch.testing.assert_close(got, expected)
