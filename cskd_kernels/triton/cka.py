@@ -1,0 +1,227 @@
+"""Triton kernels of the fused linear CKA (contract in cskd_kernels.ops.cka).
+
+    centered_gram(x)             x (g, n, p) -> Kc = Xc Xc^T (g, n, n) float32
+    centered_gram_backward(x, m) x (g, n, p), m (g, n, n) -> m (x - x_0), shape and dtype of x
+
+Both are memory-bound passes over x with the n samples held in one register
+tile (n <= 128): each program streams BLOCK_K-wide column tiles of all n rows.
+
+Forward: split-K. The columns are cut into ``splits`` contiguous ranges per
+group; each program centers its tiles in registers (row 0 subtracted first, so
+a constant column is exactly zero, then the mean over the n rows) and
+accumulates the tile's Gram with an IEEE float32 dot (TF32 would cost CKA
+about three digits, and the op is bandwidth-bound anyway). Each program writes
+its own (n, n) partial; the host sums them in a fixed order, so the result is
+deterministic (no atomics).
+
+Backward: dx = m (x - x_0) column tile by column tile; m is centered
+(H (G + G^T) H), which is why subtracting the first sample is enough.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from cskd_kernels.backend import triton_interpreting
+
+MAX_SAMPLES = 128
+# Elements of one (BLOCK_N, BLOCK_K) float32 tile: 64 registers a thread at 4 warps.
+_TILE_ELEMENTS = 8192
+_PROGRAMS_PER_SM = 4
+# The interpreter runs every program in Python: few programs, still more than one
+# split so the cross-program reduction is exercised.
+_INTERPRETER_PROGRAMS = 4
+
+
+@triton.jit
+def _centered_gram_kernel(
+    x_ptr,
+    partial_ptr,
+    n,
+    p,
+    stride_xg,
+    stride_xn,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    group = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+
+    rows = tl.arange(0, BLOCK_N)
+    row_valid = rows < n
+    cols_in_tile = tl.arange(0, BLOCK_K)
+    # int64: g * n * p and n * stride_n can exceed 2**31 for large feature maps.
+    group_base = x_ptr + group.to(tl.int64) * stride_xg
+    row_ptrs = group_base + rows.to(tl.int64)[:, None] * stride_xn
+    first_row_ptr = group_base
+
+    n_tiles = tl.cdiv(p, BLOCK_K)
+    tile_begin = split * tiles_per_split
+    tile_end = tl.minimum(tile_begin + tiles_per_split, n_tiles)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    for tile in range(tile_begin, tile_end):
+        cols = tile * BLOCK_K + cols_in_tile
+        col_valid = cols < p
+        block = tl.load(row_ptrs + cols[None, :], mask=row_valid[:, None] & col_valid[None, :], other=0.0)
+        # Row 0 again: served from L1/L2, the only DRAM read of x is the tile above.
+        first = tl.load(first_row_ptr + cols, mask=col_valid, other=0.0)
+        shifted = tl.where(row_valid[:, None], block.to(tl.float32) - first.to(tl.float32)[None, :], 0.0)
+        mean = tl.sum(shifted, axis=0) / n
+        centered = tl.where(row_valid[:, None], shifted - mean[None, :], 0.0)
+        acc += tl.dot(centered, tl.trans(centered), input_precision="ieee")
+
+    out_ptrs = (
+        partial_ptr
+        + (group.to(tl.int64) * splits + split) * n * n
+        + rows[:, None] * n
+        + rows[None, :]
+    )
+    tl.store(out_ptrs, acc, mask=row_valid[:, None] & row_valid[None, :])
+
+
+@triton.jit
+def _centered_gram_backward_kernel(
+    x_ptr,
+    m_ptr,
+    dx_ptr,
+    n,
+    p,
+    stride_xg,
+    stride_xn,
+    stride_dg,
+    stride_dn,
+    tiles_per_program,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    group = tl.program_id(0)
+    block_id = tl.program_id(1)
+
+    rows = tl.arange(0, BLOCK_N)
+    row_valid = rows < n
+    cols_in_tile = tl.arange(0, BLOCK_K)
+
+    m_ptrs = m_ptr + group.to(tl.int64) * n * n + rows[:, None] * n + rows[None, :]
+    m = tl.load(m_ptrs, mask=row_valid[:, None] & row_valid[None, :], other=0.0)
+
+    x_base = x_ptr + group.to(tl.int64) * stride_xg
+    x_rows = x_base + rows.to(tl.int64)[:, None] * stride_xn
+    dx_rows = dx_ptr + group.to(tl.int64) * stride_dg + rows.to(tl.int64)[:, None] * stride_dn
+
+    n_tiles = tl.cdiv(p, BLOCK_K)
+    tile_begin = block_id * tiles_per_program
+    tile_end = tl.minimum(tile_begin + tiles_per_program, n_tiles)
+    for tile in range(tile_begin, tile_end):
+        cols = tile * BLOCK_K + cols_in_tile
+        col_valid = cols < p
+        mask = row_valid[:, None] & col_valid[None, :]
+        block = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+        first = tl.load(x_base + cols, mask=col_valid, other=0.0)
+        shifted = tl.where(row_valid[:, None], block.to(tl.float32) - first.to(tl.float32)[None, :], 0.0)
+        dx = tl.dot(m, shifted, input_precision="ieee")
+        tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------
+
+
+def _check_samples(x):
+    if x.dim() != 3:
+        raise ValueError(f"the Triton CKA kernels take x of shape (g, n, p), got {tuple(x.shape)}")
+    n = x.shape[1]
+    if n > MAX_SAMPLES:
+        raise ValueError(
+            f"backend='triton' holds the n samples of a CKA in one register tile and supports "
+            f"n <= {MAX_SAMPLES}; got x of shape {tuple(x.shape)} (n = {n}). "
+            "Use backend='reference' (or 'cpu') for more samples."
+        )
+
+
+def _unit_stride_columns(x):
+    """x itself when its feature dimension is contiguous (any other strides are fine), else a copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _blocks(n):
+    block_n = max(16, triton.next_power_of_2(n))
+    block_k = max(64, min(512, _TILE_ELEMENTS // block_n))
+    num_warps = 4 if block_n <= 32 else 8
+    return block_n, block_k, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device):
+    if device.type == "cuda" and not triton_interpreting():
+        return _PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER_PROGRAMS
+
+
+def _column_split(g, p, block_k, device):
+    """(programs per group, tiles per program): enough programs to fill the device, whole tiles each."""
+    n_tiles = triton.cdiv(p, block_k)
+    wanted = max(1, min(n_tiles, triton.cdiv(_target_programs(device), g)))
+    tiles_per_program = triton.cdiv(n_tiles, wanted)
+    return triton.cdiv(n_tiles, tiles_per_program), tiles_per_program
+
+
+def centered_gram(x):
+    """Kc = Xc Xc^T (g, n, n) float32 of x (g, n, p), Xc = x centered over its n samples."""
+    _check_samples(x)
+    x = _unit_stride_columns(x)
+    g, n, p = x.shape
+    block_n, block_k, num_warps = _blocks(n)
+    splits, tiles_per_split = _column_split(g, p, block_k, x.device)
+    partial = torch.empty((g, splits, n, n), dtype=torch.float32, device=x.device)
+    _centered_gram_kernel[(g, splits)](
+        x,
+        partial,
+        n,
+        p,
+        x.stride(0),
+        x.stride(1),
+        tiles_per_split,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return partial[:, 0] if splits == 1 else partial.sum(dim=1)
+
+
+def centered_gram_backward(x, m):
+    """dx = m (x - x_0) for x (g, n, p) and m (g, n, n): the shape and dtype of x."""
+    _check_samples(x)
+    g, n, p = x.shape
+    if m.shape != (g, n, n):
+        raise ValueError(f"m of shape {tuple(m.shape)} does not match x of shape {tuple(x.shape)}: expected {(g, n, n)}")
+    x = _unit_stride_columns(x)
+    m = m.to(torch.float32).contiguous()
+    dx = torch.empty((g, n, p), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = _blocks(n)
+    programs, tiles_per_program = _column_split(g, p, block_k, x.device)
+    _centered_gram_backward_kernel[(g, programs)](
+        x,
+        m,
+        dx,
+        n,
+        p,
+        x.stride(0),
+        x.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+        tiles_per_program,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return dx
