@@ -122,6 +122,8 @@ class BenchSession:
             "device": device_name(case.device), **versions(),
         }
         self.rows.append(row)
+        # Written after every case, so a run cut short (a timeout) still leaves its results.
+        self.save()
         benchmark.extra_info.update({k: v for k, v in row.items() if k in ("peak_mem_mib", "floor_ms", "first_call_ms", "device")})
 
     def _peak_bytes(self, case, fn, workload):
@@ -139,11 +141,14 @@ class BenchSession:
                 self._memory_cache[case.id] = None
         return self._memory_cache[case.id]
 
+    def save(self):
+        add_speedups(self.rows)
+        self.paths = write_results(self.rows, self.option("--bench-results-dir"))
+
     def finish(self):
         self.memory_worker.close()
         if self.rows:
-            add_speedups(self.rows)
-            self.paths = write_results(self.rows, self.option("--bench-results-dir"))
+            self.save()
 
 
 def _quantiles(values):
