@@ -16,6 +16,7 @@
 // race) and dQ into per-thread buffers that are summed at the end. Memory is
 // linear in N: tiles of at most kBlock x kBlock plus the per-thread dQ.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/extension.h>
 
@@ -189,10 +190,16 @@ std::vector<Cell> read_cells(const at::Tensor& cells) {
   return out;
 }
 
-// Near-equal blocks of at most kBlock positions (338 -> 169 + 169, not 256 + 82).
+// Near-equal blocks of at most kBlock positions (600 -> 200 x 3, not 256 + 256 + 88). A
+// cell of up to kSingleBlock positions (a 13 x 26 grid cell is 338) is one block: its
+// score tile still fits in L2, and the cell is then gathered, and its softmax
+// normalised, once instead of once per block.
+constexpr int64_t kSingleBlock = 512;
+
 struct Blocking {
   int64_t count, size;
-  Blocking(int64_t n) : count((n + kBlock - 1) / kBlock), size((n + count - 1) / count) {}
+  Blocking(int64_t n)
+      : count(n <= kSingleBlock ? 1 : (n + kBlock - 1) / kBlock), size((n + count - 1) / count) {}
   int64_t begin(int64_t i) const { return i * size; }
   int64_t length(int64_t i, int64_t n) const { return std::min(size, n - i * size); }
 };
@@ -304,7 +311,8 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* lp = lse.data_ptr<scalar_t>();
   const int64_t ntasks = tasks.size();
-#pragma omp parallel for schedule(dynamic, 1)
+  // torch.set_num_threads governs this op too (the extension's OpenMP runtime may not be torch's)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t];
     forward_tile<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw, op + task.b * cv * hw,
@@ -433,7 +441,7 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
   // Delta_i = sum_c dO[c, i] O[c, i]: one linear pass, accumulated in the compute dtype.
   const at::Tensor delta = (dout * out).sum(1).contiguous();
-  const int threads = omp_get_max_threads();
+  const int threads = at::get_num_threads();
   // Each thread accumulates dQ for the query blocks it visits; summed after the loop.
   at::Tensor dq_partials = at::zeros({threads, B, d, H, W}, q.options());
 
