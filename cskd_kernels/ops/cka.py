@@ -113,7 +113,11 @@ def _fused(x, y, unbiased, grouped, backend, head):
     if name == "reference":
         out = head(reference.centered_gram(xg.to(acc)), reference.centered_gram(yg.to(acc)))
     else:
-        out = head(centered_gram(xg, name).to(acc), centered_gram(yg, name).to(acc))
+        # The n x n algebra runs in float64: the unbiased estimator cancels terms
+        # of order p (the Gram entries) down to the signal, which float32 loses.
+        kc = centered_gram(xg, name).double()
+        lc = centered_gram(yg, name).double()
+        out = head(kc, lc).to(acc)
     return out if grouped else out[0]
 
 
