@@ -212,6 +212,18 @@ scalar_t row_kl(const scalar_t* s, const scalar_t* t, int64_t n, scalar_t inv_t,
   return row_kl_scalar(s, t, n, inv_t, grad_scale, ds);
 }
 
+// One row per iteration; a row is independent of the others.
+template <typename scalar_t>
+void run_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t n, double temperature, double grad_scale,
+              scalar_t* ds, scalar_t* kl_rows) {
+  const scalar_t inv_t = static_cast<scalar_t>(1.0 / temperature);
+  const scalar_t scale = static_cast<scalar_t>(grad_scale);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    kl_rows[r] = row_kl<scalar_t>(s + r * n, t + r * n, n, inv_t, scale, ds == nullptr ? nullptr : ds + r * n);
+  }
+}
+
 // s, t: (R, N) contiguous, same dtype. Returns (kl_rows (R,), ds (R, N) or an
 // empty tensor): kl_rows[r] = sum p_t (log p_t - log p_s) of row r (unscaled),
 // ds = grad_scale * (p_s - p_t).
@@ -227,17 +239,8 @@ std::vector<at::Tensor> cwd_forward(const at::Tensor& s, const at::Tensor& t, do
   at::Tensor kl_rows = at::empty({rows}, s.options());
   at::Tensor ds = compute_grad ? at::empty_like(s) : at::empty({0}, s.options());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "cwd_forward", [&] {
-    const scalar_t* s_ptr = s.data_ptr<scalar_t>();
-    const scalar_t* t_ptr = t.data_ptr<scalar_t>();
-    scalar_t* ds_ptr = compute_grad ? ds.data_ptr<scalar_t>() : nullptr;
-    scalar_t* kl_ptr = kl_rows.data_ptr<scalar_t>();
-    const scalar_t inv_t = static_cast<scalar_t>(1.0 / temperature);
-    const scalar_t scale = static_cast<scalar_t>(grad_scale);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      kl_ptr[r] = row_kl<scalar_t>(s_ptr + r * n, t_ptr + r * n, n, inv_t, scale,
-                                   ds_ptr == nullptr ? nullptr : ds_ptr + r * n);
-    }
+    run_rows<scalar_t>(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), rows, n, temperature, grad_scale,
+                       compute_grad ? ds.data_ptr<scalar_t>() : nullptr, kl_rows.data_ptr<scalar_t>());
   });
   return {kl_rows, ds};
 }
