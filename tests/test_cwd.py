@@ -228,6 +228,22 @@ def test_backward_twice_with_retain_graph(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())
+def test_gradient_accumulates_over_retained_backwards(backend, device):
+    # The CPU backward hands the saved gradient to autograd without a copy when
+    # grad_out is 1: accumulating into s.grad must not alter what is saved.
+    s, t = _make_logits((2, 3, 5, 9), torch.float32, device)
+    _, expected_grad = _reference_value_and_grad(s, t, 2.0)
+    s.requires_grad_(True)
+    loss = cwd_loss(s, t, temperature=2.0, backend=backend)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    torch.testing.assert_close(s.grad.double().cpu(), 3 * expected_grad.cpu(), rtol=2e-4, atol=1e-7)
+    loss_again = cwd_loss(s, t, temperature=2.0, backend=backend)
+    loss_again.backward()
+    torch.testing.assert_close(s.grad.double().cpu(), 4 * expected_grad.cpu(), rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
 def test_output_dtype_and_shape(backend, device):
     s, t = _make_logits((2, 3, 5, 9), torch.float32, device)
     loss = cwd_loss(s, t, backend=backend)

@@ -59,14 +59,10 @@ class CWDFunction(torch.autograd.Function):
         (ds,) = ctx.saved_tensors
         grad_s = None
         if ctx.needs_input_grad[0]:
-            if grad_out.device.type == "cpu" and grad_out.item() == 1.0:
-                # The usual case (the loss is backpropagated directly). Returning ds
-                # itself saves a copy: autograd takes it over as s.grad when the graph
-                # is freed, and copies it when the graph is retained. Reading grad_out
-                # costs nothing on the CPU; on a GPU it would be a sync, so there we scale.
-                grad_s = ds
-            else:
-                grad_s = ds * grad_out.to(ds.dtype)
+            # A new tensor, never ds itself: autograd may adopt the returned
+            # gradient as s.grad and accumulate into it in place, which would
+            # corrupt the saved ds for a retained graph.
+            grad_s = ds * grad_out.to(ds.dtype)
         return grad_s, None, None, None, None
 
 
