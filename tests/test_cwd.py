@@ -63,10 +63,13 @@ def test_matches_reference_float32(backend, device, shape, temperature):
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())
-def test_long_rows_cross_several_blocks(backend, device):
-    # N = 4099 > 4096 (the Triton block) and 8 * 512 + 3 (the C++ blocks): the online rescaling runs.
-    s, t = _make_logits((1, 2, 1, 4099), torch.float32, device)
-    s[0, 0, 0, 4098] = 12.0  # the row max arrives in the last block
+@pytest.mark.parametrize("n", [4099, 12289])
+def test_long_rows_cross_several_blocks(backend, device, n):
+    # 4099: 8 C++ blocks of 512 plus a tail, one Triton block held in registers.
+    # 12289 = 3 * 4096 + 1: the Triton kernel's two-pass loop, with a one-lane last block.
+    s, t = _make_logits((1, 2, 1, n), torch.float32, device)
+    s[0, 0, 0, n - 1] = 12.0  # the row max arrives in the last block: the running sum is rescaled
+    t[0, 1, 0, n - 1] = 12.0
     _assert_matches_reference(s, t, 2.0, backend, torch.float32)
 
 
