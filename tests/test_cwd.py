@@ -221,6 +221,14 @@ def test_non_contiguous_input(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())
+def test_mixed_dtypes(backend, device):
+    # A float32 student against a float64 teacher (cpu) or a float16 one (triton).
+    s, t = _make_logits((2, 3, 5, 9), torch.float32, device)
+    t = t.to(torch.float64 if backend == "cpu" else torch.float16)
+    _assert_matches_reference(s, t, 2.0, backend, torch.float32 if backend == "cpu" else torch.float16)
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
 def test_backward_twice_with_retain_graph(backend, device):
     s, t = _make_logits((2, 3, 5, 9), torch.float32, device)
     s.requires_grad_(True)
