@@ -39,10 +39,15 @@ def cka_loss(x, y):
 
 
 def cwd_loss(preds_s, preds_t, temperature=1.0):
-    """The released channel-wise distillation loss on logits (CIRKD's CriterionCWD, norm_type="channel", divergence="kl").
+    """The released channel-wise distillation loss on logits.
+
+    CIRKD's CriterionCWD with norm_type="channel" and divergence="kl", as the
+    released CSKD training script builds it (the 1x1 conv it holds only runs
+    when the channel counts differ, never for logits).
 
     Softmax over the H*W positions of each channel, then softmax().log() for
-    the student: -inf (and a NaN loss) once a student probability underflows.
+    the student: -inf once a student probability underflows, an infinite loss
+    and NaN gradients.
     KLDivLoss(reduction="sum"), divided by n*c, times T^2.
     """
     n, c, h, w = preds_s.shape

@@ -229,8 +229,8 @@ void run_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t n, dou
 // ds = grad_scale * (p_s - p_t).
 std::vector<at::Tensor> cwd_forward(const at::Tensor& s, const at::Tensor& t, double temperature, double grad_scale,
                                     bool compute_grad) {
-  TORCH_CHECK(s.dim() == 2 && t.dim() == 2 && s.sizes() == t.sizes(), "cwd_forward: s and t must be (R, N) of one shape, got ",
-              s.sizes(), " and ", t.sizes());
+  TORCH_CHECK(s.dim() == 2 && t.dim() == 2 && s.sizes() == t.sizes(),
+              "cwd_forward: s and t must be (R, N) of one shape, got ", s.sizes(), " and ", t.sizes());
   TORCH_CHECK(s.scalar_type() == t.scalar_type(), "cwd_forward: s and t must have one dtype");
   TORCH_CHECK(s.is_contiguous() && t.is_contiguous(), "cwd_forward: s and t must be contiguous");
   TORCH_CHECK(temperature > 0, "cwd_forward: temperature must be > 0");

@@ -84,7 +84,8 @@ def _check_inputs(s, t, temperature):
 def _check_temperature(temperature):
     if isinstance(temperature, torch.Tensor):
         raise TypeError("temperature must be a Python number, not a tensor")
-    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+    is_number = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+    if not (is_number and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
