@@ -22,7 +22,7 @@ import torch
 from benchmarks import harness
 from benchmarks.machine import device_name, measure_rates, versions
 from benchmarks.memory import MIB, CpuMemoryWorker, cuda_peak_bytes
-from benchmarks.results import add_speedups, summary_lines, write_results
+from benchmarks.results import add_speedups, now, summary_lines, write_results
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MIN_ROUNDS = 3
@@ -90,6 +90,7 @@ class BenchSession:
         reason = harness.skip_reason(case)
         if reason:
             pytest.skip(reason)
+        load = os.getloadavg()[0]  # other work on the machine while this case ran (recorded: it skews the times)
         rates = measure_rates(case.device)  # once per session and device, before the first case there
         fn, workload = harness.build_callable(case)
 
@@ -119,7 +120,8 @@ class BenchSession:
             "floor_fraction": None if floor_s is None else 1e3 * floor_s / median,
             "speedup_vs_released": None,
             "copy_gbps": rates.copy_bytes_per_s / 1e9, "matmul_gflops": rates.matmul_flops_per_s / 1e9,
-            "device": device_name(case.device), **versions(),
+            "load_avg_1min": load,
+            "device": device_name(case.device), **versions(), "date": now(),
         }
         self.rows.append(row)
         # Written after every case, so a run cut short (a timeout) still leaves its results.

@@ -38,16 +38,23 @@ def _x_label(row):
     return f"{row['x_name']} = {row['x']}"
 
 
+def _number(value):
+    """Three significant digits without exponents: 0.0703, 4.02, 45.7, 1201."""
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}" if value >= 0.001 else "0"
+
+
 def _cell(row):
     if row is None:
         return "-"
-    parts = [f"{_float(row['median_ms']):.3g} ms"]
+    parts = [f"{_number(_float(row['median_ms']))} ms"]
     speedup = _float(row["speedup_vs_released"])
     if speedup is not None and row["provider"] != "released":
         parts.append(f"**{speedup:.2f}x**")
     memory = _float(row["peak_mem_mib"])
     if memory is not None:
-        parts.append(f"{memory:.3g} MiB")
+        parts.append(f"{_number(memory)} MiB")
     return " / ".join(parts)
 
 
@@ -75,7 +82,7 @@ def table(rows):
     for cells in by_x.values():
         first = next(iter(cells.values()))
         floors = [_float(row["floor_ms"]) for row in cells.values() if _float(row["floor_ms"]) is not None]
-        floor = f"{min(floors):.3g} ms" if floors else "-"
+        floor = f"{_number(min(floors))} ms" if floors else "-"
         lines.append("| " + " | ".join([_x_label(first), *(_cell(cells.get(p)) for p in providers), floor]) + " |")
     return lines
 
@@ -86,7 +93,9 @@ def _first_call_notes(rows):
     first = [value for value in first if value is not None]
     if not first:
         return []
-    return [f"compile: first call (compilation, excluded from the medians) {min(first) / 1e3:.1f} to {max(first) / 1e3:.1f} s.", ""]
+    span = f"{min(first) / 1e3:.1f} s" if len(first) == 1 else f"{min(first) / 1e3:.1f} to {max(first) / 1e3:.1f} s"
+    # The on-disk inductor cache of earlier runs shortens it: this is the first call of this run.
+    return [f"compile: first call of the run (compilation; excluded from the medians) {span}.", ""]
 
 
 def report(rows):
@@ -104,6 +113,10 @@ def report(rows):
             + (f" to {dates[-1]}" if len(dates) > 1 else "")
             + f"; copy bandwidth {_float(any_row['copy_gbps']):.3g} GB/s, float32 matmul {_float(any_row['matmul_gflops']):.3g} GFLOP/s."
         )
+        loads = [_float(row.get("load_avg_1min")) for rows_ in by_case.values() for row in rows_]
+        loads = [value for value in loads if value is not None]
+        if loads:
+            lines.append(f"1-minute load average while the cases ran: {min(loads):.1f} to {max(loads):.1f}.")
         lines.append("Cells: median time / speedup over the released code in the same run / peak memory beyond the inputs.")
         lines.append("")
         for (op, case, mode), case_rows in sorted(by_case.items()):

@@ -17,7 +17,7 @@ COLUMNS = (
     "op", "case", "provider", "mode", "x_name", "x",
     "median_ms", "q20_ms", "q80_ms", "rounds", "first_call_ms",
     "peak_mem_mib", "floor_ms", "floor_fraction", "speedup_vs_released",
-    "copy_gbps", "matmul_gflops", "device", "torch", "triton", "date",
+    "copy_gbps", "matmul_gflops", "load_avg_1min", "device", "torch", "triton", "date",
 )
 KEY = ("op", "case", "provider", "mode", "x", "device")
 BASELINE = "released"
@@ -61,13 +61,17 @@ def _sort_key(row):
     return (row["op"], row["case"], row["mode"], x, row["provider"])
 
 
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def write_results(rows, directory):
     """Merge ``rows`` into ``directory/<device-slug>.csv`` (one file per device); return the paths written."""
     os.makedirs(directory, exist_ok=True)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = now()
     by_device = {}
     for row in rows:
-        by_device.setdefault(row["device"], []).append({**row, "date": date})
+        by_device.setdefault(row["device"], []).append({**row, "date": row.get("date") or date})
     paths = []
     for device, new_rows in sorted(by_device.items()):
         path = os.path.join(directory, f"{slug(device)}.csv")
