@@ -36,3 +36,24 @@ def cka_loss(x, y):
     """The released loss on flattened features: -log(mean |CKA|) + 1e-8 (the 1e-8 is outside the log)."""
     cka = linear_cka(x.flatten(1), y.flatten(1))
     return -torch.log(torch.mean(torch.abs(cka))) + 1e-8
+
+
+def cwd_loss(preds_s, preds_t, temperature=1.0):
+    """The released channel-wise distillation loss on logits.
+
+    CIRKD's CriterionCWD with norm_type="channel" and divergence="kl", as the
+    released CSKD training script builds it (the 1x1 conv it holds only runs
+    when the channel counts differ, never for logits).
+
+    Softmax over the H*W positions of each channel, then softmax().log() for
+    the student: -inf once a student probability underflows, an infinite loss
+    and NaN gradients.
+    KLDivLoss(reduction="sum"), divided by n*c, times T^2.
+    """
+    n, c, h, w = preds_s.shape
+    norm_s = (preds_s / temperature).reshape((n, c, -1)).softmax(dim=-1)
+    norm_t = (preds_t.detach() / temperature).reshape((n, c, -1)).softmax(dim=-1)
+    norm_s = norm_s.log()
+    loss = torch.nn.KLDivLoss(reduction="sum")(norm_s, norm_t)
+    loss /= n * c
+    return loss * (temperature**2)

@@ -3,3 +3,4 @@
 #include <torch/extension.h>
 
 void register_cka(pybind11::module& m);
+void register_cwd(pybind11::module& m);
