@@ -3,3 +3,4 @@
 #include <torch/extension.h>
 
 void register_cka(pybind11::module& m);
+void register_channel_attention(pybind11::module& m);
