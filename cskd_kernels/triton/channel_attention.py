@@ -44,6 +44,16 @@ _INTERPRETER_SPLITS = 2
 
 
 @triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation; UPCAST multiplies in float32 (the interpreter's bfloat16 dot is wrong)."""
+    if UPCAST:
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a, b, input_precision="ieee")
+    return product
+
+
+@triton.jit
 def _nt_product_kernel(
     a_ptr,
     b_ptr,
@@ -53,6 +63,7 @@ def _nt_product_kernel(
     n,
     tiles_per_split,
     SYMMETRIC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -89,7 +100,7 @@ def _nt_product_kernel(
         valid_k = ks < n
         a = tl.load(a_rows + ks[None, :], mask=valid_i[:, None] & valid_k[None, :], other=0.0)
         b = tl.load(b_rows + ks[None, :], mask=valid_j[:, None] & valid_k[None, :], other=0.0)
-        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+        acc += _dot(a, tl.trans(b), UPCAST)
 
     out = partial_ptr + (split.to(tl.int64) * tl.num_programs(2) + image) * rows * cols
     mask = valid_i[:, None] & valid_j[None, :]
@@ -128,6 +139,7 @@ def _attend_residual_kernel(
     out_ptr,
     channels,
     n,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -150,7 +162,7 @@ def _attend_residual_kernel(
         valid_k = ks < channels
         a = tl.load(a_rows + ks[None, :], mask=valid_m[:, None] & valid_k[None, :], other=0.0)
         xk = tl.load(x_image + ks.to(tl.int64)[:, None] * n + offs_n[None, :], mask=valid_k[:, None] & valid_n[None, :], other=0.0)
-        acc += tl.dot(a.to(xk.dtype), xk, input_precision="ieee")
+        acc += _dot(a.to(xk.dtype), xk, UPCAST)
 
     gamma = tl.load(gamma_ptr)
     tile = offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
@@ -200,6 +212,7 @@ def _input_grad_kernel(
     grad_x_ptr,
     channels,
     n,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -233,8 +246,8 @@ def _input_grad_kernel(
         kn_mask = valid_k[:, None] & valid_n[None, :]
         grad_k = tl.load(grad_out_image + kn, mask=kn_mask, other=0.0)
         x_k = tl.load(x_image + kn, mask=kn_mask, other=0.0)
-        acc += tl.dot(a_t.to(grad_k.dtype), grad_k, input_precision="ieee")
-        acc += tl.dot(m_sym.to(x_k.dtype), x_k, input_precision="ieee")
+        acc += _dot(a_t.to(grad_k.dtype), grad_k, UPCAST)
+        acc += _dot(m_sym.to(x_k.dtype), x_k, UPCAST)
 
     tile = offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
     mask = valid_m[:, None] & valid_n[None, :]
@@ -246,6 +259,11 @@ def _input_grad_kernel(
 # --------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------
+
+
+def _upcast(x):
+    """Only under the interpreter, whose bfloat16 tl.dot returns garbage; GPUs multiply bfloat16 natively."""
+    return triton_interpreting() and x.dtype == torch.bfloat16
 
 
 def _product_tiles(x):
@@ -291,7 +309,7 @@ def _nt_product_partials(a, b, symmetric):
     partials = torch.empty((splits, batch, channels, channels), dtype=torch.float32, device=a.device)
     _nt_product_kernel[(tiles * tiles, splits, batch)](
         a, b, partials, channels, channels, n, tiles_per_split,
-        SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        SYMMETRIC=symmetric, UPCAST=_upcast(a), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )
     return partials
 
@@ -313,7 +331,7 @@ def channel_attention_forward(x, gamma, temperature):
     grid = (triton.cdiv(n, block_n), triton.cdiv(channels, block_m), batch)
     _attend_residual_kernel[grid](
         attention, x, gamma, out, channels, n,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        UPCAST=_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return out, attention
 
@@ -337,6 +355,6 @@ def channel_attention_backward(grad_out, x, attention, gamma, temperature, need_
     grid = (triton.cdiv(n, block_n), triton.cdiv(channels, block_m), batch)
     _input_grad_kernel[grid](
         attention, grad_energy, grad_out, x, gamma, grad_x, channels, n,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        UPCAST=_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return grad_x, grad_gamma
