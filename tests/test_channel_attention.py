@@ -7,8 +7,9 @@ import cskd_kernels
 from cskd_kernels import reference, released
 from conftest import TOLERANCES, fused_backends, requires_cuda, requires_extension
 
-# The sizes: odd C and N, C above a tile, C = 300 not a power of two, a CamVid 45x45 map.
-FULL_SHAPES = [(2, 7, 5, 9), (3, 128, 13, 26), (2, 300, 8, 8), (1, 64, 45, 45)]
+# The sizes (odd C and N, C above a tile, C = 300 not a power of two, a CamVid 45x45 map)
+# and C = 520, which the CPU Gram cuts into four uneven panels.
+FULL_SHAPES = [(2, 7, 5, 9), (3, 128, 13, 26), (2, 300, 8, 8), (1, 64, 45, 45), (1, 520, 3, 5)]
 # The Triton interpreter runs every program in Python: small maps, still odd and over one tile.
 INTERPRETER_SHAPES = [(2, 7, 5, 9), (1, 33, 4, 5)]
 GAMMA = 0.7
