@@ -69,7 +69,7 @@ def _nt_product_kernel(
 ):
     """partial[split, image] = A[:, cols of split] B[:, cols of split]^T, with A and B (rows, n) per image.
 
-    SYMMETRIC (A is B): only tiles with tile_j >= tile_i run, each stored
+    SYMMETRIC (A is B): only tiles with tile_j >= tile_i do work, each stored
     at (i, j) and transposed at (j, i).
     """
     tile = tl.program_id(0)
@@ -79,8 +79,8 @@ def _nt_product_kernel(
     tiles = tl.cdiv(rows, BLOCK_M)
     tile_i = tile // tiles
     tile_j = tile % tiles
-    if SYMMETRIC and tile_j < tile_i:
-        return
+    # SYMMETRIC: tiles below the diagonal do no work (an empty loop, a fully masked store).
+    live = (tile_j >= tile_i) | (not SYMMETRIC)
 
     offs_i = tile_i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = tile_j * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,7 +93,7 @@ def _nt_product_kernel(
 
     n_tiles = tl.cdiv(n, BLOCK_K)
     k_begin = split * tiles_per_split
-    k_end = tl.minimum(k_begin + tiles_per_split, n_tiles)
+    k_end = tl.where(live, tl.minimum(k_begin + tiles_per_split, n_tiles), k_begin)
     acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
     for k_tile in range(k_begin, k_end):
         ks = k_tile * BLOCK_K + offs_k
@@ -103,10 +103,10 @@ def _nt_product_kernel(
         acc += _dot(a, tl.trans(b), UPCAST)
 
     out = partial_ptr + (split.to(tl.int64) * tl.num_programs(2) + image) * rows * cols
-    mask = valid_i[:, None] & valid_j[None, :]
+    mask = valid_i[:, None] & valid_j[None, :] & live
     tl.store(out + offs_i[:, None] * cols + offs_j[None, :], acc, mask=mask)
-    if SYMMETRIC and tile_j > tile_i:
-        tl.store(out + offs_j[None, :] * cols + offs_i[:, None], acc, mask=mask)
+    if SYMMETRIC:
+        tl.store(out + offs_j[None, :] * cols + offs_i[:, None], acc, mask=mask & (tile_j > tile_i))
 
 
 @triton.jit
