@@ -110,6 +110,22 @@ def test_gamma_gradient_without_x_gradient(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", fused_backends())
+def test_x_gradient_with_a_fixed_gamma(backend, device):
+    """gamma as a plain tensor (no gradient): dx alone, gamma * A^T dOut + (dE + dE^T) X + dOut."""
+    shape = (1, 33, 4, 5)
+    x = _features(shape, torch.float32, device).requires_grad_(True)
+    gamma = torch.tensor([-1.3], device=device)
+    grad_out = torch.randn(shape, device=device)
+    (grad_x,) = torch.autograd.grad(
+        cskd_kernels.channel_attention(x, gamma, temperature=2.0, backend=backend), (x,), grad_out
+    )
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    expected = reference.channel_attention(x64, gamma.double().cpu(), temperature=2.0)
+    (ref_grad_x,) = torch.autograd.grad(expected, (x64,), grad_out.double().cpu())
+    _assert_close(grad_x.cpu(), ref_grad_x, torch.float32, "grad x")
+
+
+@pytest.mark.parametrize("backend,device", fused_backends())
 def test_large_energies_stay_finite(backend, device):
     """Energies of 1e6 and more: the softmax must shift by the row extreme, not overflow to NaN."""
     shape = (2, 7, 5, 9)
