@@ -23,8 +23,8 @@ Backward, with G = dOut X^T (see the op module for the algebra):
    and dE = -(gamma / T) A * (G - r).
 3. dX = (gamma A^T) dOut + (dE + dE^T) X + dOut as one tiled product over
    [A^T | M] and [dOut; X], M = dE + dE^T formed while loading its tiles, the
-   + dOut in the epilogue. dOut and X are read twice in all (steps 1 and 3),
-   the least the math allows: G needs all of N before dX can start.
+   + dOut in the epilogue. Two passes over dOut and X (steps 1 and 3), the
+   least the math allows: G needs all of N before dX can start.
 
 float32 inputs use IEEE float32 dots (TF32 would cost the softmax about
 three digits); float16/bfloat16 operands go to the tensor cores as they are,
