@@ -57,3 +57,20 @@ def cwd_loss(preds_s, preds_t, temperature=1.0):
     loss = torch.nn.KLDivLoss(reduction="sum")(norm_s, norm_t)
     loss /= n * c
     return loss * (temperature**2)
+
+
+def channel_attention(x, gamma, temperature=1.0):
+    """The released CAM (DANet's CAM_Module with CSKD's temperature): materialises E, rowmax(E) - E, A and A X.
+
+    gamma is passed in (the released module holds it as a parameter initialised to 0).
+    """
+    m_batchsize, c, height, width = x.size()
+    proj_query = x.contiguous().view(m_batchsize, c, -1)
+    proj_key = x.contiguous().view(m_batchsize, c, -1).permute(0, 2, 1)
+    energy = torch.bmm(proj_query, proj_key)
+    energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+    attention = torch.softmax(energy_new / temperature, dim=-1)
+    proj_value = x.contiguous().view(m_batchsize, c, -1)
+    out = torch.bmm(attention, proj_value)
+    out = out.contiguous().view(m_batchsize, c, height, width)
+    return gamma * out + x
