@@ -55,9 +55,15 @@ def hsic(kc, lc, *, unbiased=False):
     return (trace_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ones_k_l_ones) / (n * (n - 3))
 
 
-def cka_from_grams(kc, lc, *, unbiased=False):
-    """CKA from centered Grams; the denominator is clamped so a zero-variance side gives 0."""
-    tiny = torch.finfo(kc.dtype).tiny
+def cka_from_grams(kc, lc, *, unbiased=False, tiny=None):
+    """CKA from centered Grams; the denominator is clamped so a zero-variance side gives 0.
+
+    ``tiny``, the clamp, defaults to the smallest normal number of the Grams'
+    dtype; pass the input precision's when the Grams are held wider, so the
+    gradient of a zero-variance side stays finite in the input dtype.
+    """
+    if tiny is None:
+        tiny = torch.finfo(kc.dtype).tiny
     hkl = hsic(kc, lc, unbiased=unbiased)
     hkk = hsic(kc, kc, unbiased=unbiased).clamp_min(tiny)
     hll = hsic(lc, lc, unbiased=unbiased).clamp_min(tiny)

@@ -111,13 +111,13 @@ def _fused(x, y, unbiased, grouped, backend, head):
     name = resolve_backend(backend, xg, yg)
     acc = accumulation_dtype(xg.dtype, yg.dtype)
     if name == "reference":
-        out = head(reference.centered_gram(xg.to(acc)), reference.centered_gram(yg.to(acc)))
+        out = head(reference.centered_gram(xg.to(acc)), reference.centered_gram(yg.to(acc)), torch.finfo(acc).tiny)
     else:
         # The n x n algebra runs in float64: the unbiased estimator cancels terms
         # of order p (the Gram entries) down to the signal, which float32 loses.
         kc = centered_gram(xg, name).double()
         lc = centered_gram(yg, name).double()
-        out = head(kc, lc).to(acc)
+        out = head(kc, lc, torch.finfo(acc).tiny).to(acc)
     return out if grouped else out[0]
 
 
@@ -130,8 +130,8 @@ def linear_cka(x, y, *, unbiased=False, grouped=False, backend=None):
     (n >= 4). A side with no variance gives 0 with finite gradients.
     """
 
-    def head(kc, lc):
-        return reference.cka_from_grams(kc, lc, unbiased=unbiased)
+    def head(kc, lc, tiny):
+        return reference.cka_from_grams(kc, lc, unbiased=unbiased, tiny=tiny)
 
     return _fused(x, y, unbiased, grouped, backend, head)
 
@@ -139,7 +139,7 @@ def linear_cka(x, y, *, unbiased=False, grouped=False, backend=None):
 def cka_loss(x, y, *, unbiased=False, eps=1e-8, grouped=False, backend=None):
     """-log(max(|CKA(x, y)|, eps)), the CSKD similarity loss (same arguments as linear_cka)."""
 
-    def head(kc, lc):
-        return reference.cka_loss_from_cka(reference.cka_from_grams(kc, lc, unbiased=unbiased), eps)
+    def head(kc, lc, tiny):
+        return reference.cka_loss_from_cka(reference.cka_from_grams(kc, lc, unbiased=unbiased, tiny=tiny), eps)
 
     return _fused(x, y, unbiased, grouped, backend, head)
