@@ -2,12 +2,13 @@
 
 Public ops (each takes ``backend=``, see cskd_kernels.backend):
     linear_cka, cka_loss, channel_attention, cwd_loss, position_attention
-Modules: ChannelAttention, CWDLoss, PositionAttention
+Modules: ChannelAttention, CWDLoss, PositionAttention, CSKDLoss (the whole distillation loss)
 The plain PyTorch definitions of every op live in cskd_kernels.reference.
 """
 
 from cskd_kernels.backend import BACKENDS, BackendError, resolve_backend
 from cskd_kernels.modules.channel_attention import ChannelAttention
+from cskd_kernels.modules.cskd_loss import CSKDLoss, CSKDOutput
 from cskd_kernels.modules.cwd import CWDLoss
 from cskd_kernels.modules.position_attention import PositionAttention
 from cskd_kernels.ops.channel_attention import channel_attention
@@ -20,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "CSKDLoss",
+    "CSKDOutput",
     "CWDLoss",
     "ChannelAttention",
     "PositionAttention",

@@ -109,3 +109,26 @@ def position_attention_grid(x, gamma, *, grid=(5, 5), reduction=8, temperature=1
                  for cell in torch.chunk(row, grid[1], dim=3)]
         rows.append(torch.cat(cells, dim=3))
     return torch.cat(rows, dim=2)
+
+
+def cskd_loss(feat_s, feat_t, gamma_cam, gamma_pam, *, temperature=2.0, lambda_cam=0.3, lambda_pam=0.8,
+              grid=(5, 5), reduction=8):
+    """The released CSKD loss: CAM and the four-Gram CKA, then a Python loop over the grid cells
+    with a freshly built PAM_Module (new Conv2d layers) per cell and side."""
+    feat_t = feat_t.detach()
+    cam = cka_loss(channel_attention(feat_s, gamma_cam, temperature), channel_attention(feat_t, gamma_cam, temperature))
+    if grid is None:
+        pairs = [(feat_s, feat_t)]
+    else:
+        pairs = [
+            (cell_s, cell_t)
+            for row_s, row_t in zip(torch.chunk(feat_s, grid[0], dim=2), torch.chunk(feat_t, grid[0], dim=2))
+            for cell_s, cell_t in zip(torch.chunk(row_s, grid[1], dim=3), torch.chunk(row_t, grid[1], dim=3))
+        ]
+    losses = [
+        cka_loss(position_attention_module(s, gamma_pam, reduction=reduction, temperature=temperature),
+                 position_attention_module(t, gamma_pam, reduction=reduction, temperature=temperature))
+        for s, t in pairs
+    ]
+    pam = sum(losses) / len(losses)
+    return lambda_cam * cam + lambda_pam * pam

@@ -1,0 +1,170 @@
+"""CSKDLoss against the reference composition of SPEC section 5 (one cell at a time)."""
+
+import math
+
+import pytest
+import torch
+
+from cskd_kernels import CSKDLoss, reference
+from cskd_kernels.grid import CellLayout, chunk_sizes
+from cskd_kernels.modules.cskd_loss import draw_projections
+from conftest import fused_backends
+
+
+def _backends():
+    """Backends that run float64 (the exact comparison) here: the reference and the C++ extension."""
+    names = [pytest.param("reference", id="reference")]
+    names += [pytest.param(p.values[0], id=p.id) for p in fused_backends() if p.values[0] == "cpu"]
+    return names
+
+
+def _reference_projections(loss, projection, side, feat, cells, generator_seed):
+    """The projection a cell gets, as a callable for reference.cskd_loss."""
+    if projection == "resample":
+        generator = torch.Generator().manual_seed(generator_seed)
+        student = draw_projections(loss.student_channels, 8, cells, generator=generator, dtype=feat.dtype)
+        teacher = draw_projections(loss.teacher_channels, 8, cells, generator=generator, dtype=feat.dtype)
+        drawn = student if side == "student" else teacher
+        return lambda i: tuple(t[i] for t in drawn)
+    module = loss.student_projection if side == "student" else loss.teacher_projection
+    return lambda i: tuple(getattr(module, name)[0] for name in module.NAMES)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("projection", ["fixed", "learned", "resample"])
+@pytest.mark.parametrize("grid", [(5, 5), (2, 3), None], ids=["grid5x5", "grid2x3", "global"])
+def test_matches_the_reference_composition(backend, projection, grid):
+    b, cs, ct, h, w = 4, 16, 24, 13, 11
+    feat_s = torch.randn(b, cs, h, w, dtype=torch.float64, requires_grad=True)
+    feat_t = torch.randn(b, ct, h, w, dtype=torch.float64)
+    loss = CSKDLoss(cs, ct, grid=grid, projection=projection, backend=backend,
+                    generator=torch.Generator().manual_seed(11)).double()
+    with torch.no_grad():
+        loss.gamma_cam.fill_(0.5)
+        loss.gamma_pam.fill_(0.7)
+    out = loss(feat_s, feat_t)
+
+    cells = CellLayout(h, w, grid or (1, 1)).num_cells
+    projections_s = _reference_projections(loss, projection, "student", feat_s, cells, 11)
+    projections_t = _reference_projections(loss, projection, "teacher", feat_t, cells, 11)
+    gamma_cam = loss.gamma_cam.detach().clone().requires_grad_(True)
+    gamma_pam = loss.gamma_pam.detach().clone().requires_grad_(True)
+    feat_s_ref = feat_s.detach().clone().requires_grad_(True)
+    expected = reference.cskd_loss(feat_s_ref, feat_t, gamma_cam, gamma_pam, projections_s, projections_t, grid=grid)
+
+    for name, actual, wanted in zip(out._fields, out, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+    out.loss.backward()
+    expected[0].backward()
+    torch.testing.assert_close(feat_s.grad, feat_s_ref.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(loss.gamma_cam.grad, gamma_cam.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(loss.gamma_pam.grad, gamma_pam.grad, rtol=1e-8, atol=1e-10)
+    assert loss.gamma_cam.grad.abs().item() > 0 and loss.gamma_pam.grad.abs().item() > 0
+    if projection == "learned":
+        assert loss.student_projection.wq.grad is not None
+        assert loss.teacher_projection.wq.grad is not None  # through gamma-scaled teacher attention
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_zero_gammas_give_the_cka_of_the_raw_maps_and_cells(backend):
+    b, c, h, w = 5, 16, 12, 14
+    feat_s, feat_t = torch.randn(b, c, h, w, dtype=torch.float64), torch.randn(b, 2 * c, h, w, dtype=torch.float64)
+    out = CSKDLoss(c, 2 * c, backend=backend).double()(feat_s, feat_t)
+    torch.testing.assert_close(out.cam, reference.cka_loss(feat_s, feat_t))
+    cells_s = [cell for row in reference.grid_cells(feat_s, (5, 5)) for cell in row]
+    cells_t = [cell for row in reference.grid_cells(feat_t, (5, 5)) for cell in row]
+    expected_pam = torch.stack([reference.cka_loss(s, t) for s, t in zip(cells_s, cells_t)]).mean()
+    torch.testing.assert_close(out.pam, expected_pam)
+    torch.testing.assert_close(out.loss, 0.3 * out.cam + 0.8 * out.pam)
+
+
+def test_float32_fused_close_to_float64_reference():
+    b, cs, ct, h, w = 4, 32, 64, 16, 20
+    feat_s = torch.randn(b, cs, h, w, requires_grad=True)
+    feat_t = torch.randn(b, ct, h, w)
+    loss = CSKDLoss(cs, ct, projection="fixed")
+    with torch.no_grad():
+        loss.gamma_cam.fill_(0.3)
+        loss.gamma_pam.fill_(0.4)
+    out = loss(feat_s, feat_t)
+    out.loss.backward()
+    reference_loss = CSKDLoss(cs, ct, projection="fixed", backend="reference").double()
+    reference_loss.load_state_dict(loss.state_dict())
+    feat_s64 = feat_s.detach().double().requires_grad_(True)
+    expected = reference_loss(feat_s64, feat_t.double())
+    expected.loss.backward()
+    torch.testing.assert_close(out.loss.double(), expected.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feat_s.grad.double(), feat_s64.grad, rtol=1e-3, atol=1e-4 * feat_s64.grad.abs().max().item())
+
+
+def test_teacher_features_get_no_gradient():
+    feat_s = torch.randn(2, 16, 10, 10, requires_grad=True)
+    feat_t = torch.randn(2, 16, 10, 10, requires_grad=True)
+    CSKDLoss(16, 16)(feat_s, feat_t).loss.backward()
+    assert feat_t.grad is None
+    assert feat_s.grad is not None
+
+
+def test_resample_draws_fresh_projections_every_call():
+    feat_s, feat_t = torch.randn(4, 16, 10, 10), torch.randn(4, 16, 10, 10)
+    loss = CSKDLoss(16, 16, grid=None)
+    with torch.no_grad():
+        loss.gamma_pam.fill_(1.0)
+    assert loss(feat_s, feat_t).pam.item() != loss(feat_s, feat_t).pam.item()
+    fixed = CSKDLoss(16, 16, grid=None, projection="fixed")
+    with torch.no_grad():
+        fixed.gamma_pam.fill_(1.0)
+    assert fixed(feat_s, feat_t).pam.item() == fixed(feat_s, feat_t).pam.item()
+
+
+def test_projection_init_matches_conv2d_default_bounds():
+    wq, bq, wk, bk, wv, bv = draw_projections(64, 8, cells=3)
+    assert wq.shape == (3, 8, 64) and bv.shape == (3, 64)
+    bound = 1 / math.sqrt(64)
+    for t in (wq, bq, wk, bk, wv, bv):
+        assert t.abs().max().item() <= bound
+        assert t.abs().max().item() > 0.9 * bound
+
+
+@pytest.mark.parametrize("size,parts", [(64, 5), (128, 5), (6, 5), (13, 4), (5, 5), (7, 1)])
+def test_chunk_sizes_match_torch_chunk(size, parts):
+    assert chunk_sizes(size, parts) == [len(c) for c in torch.chunk(torch.arange(size), parts)]
+
+
+def test_cell_layout_round_trip():
+    x = torch.randn(2, 3, 13, 26)
+    layout = CellLayout(13, 26, (5, 5))
+    torch.testing.assert_close(layout.from_cells(layout.to_cells(x)), x)
+
+
+@pytest.mark.parametrize(
+    "kwargs,shapes,pattern",
+    [
+        ({}, ((2, 16, 8, 8), (3, 16, 8, 8)), r"\(2, 16, 8, 8\).*\(3, 16, 8, 8\).*batch or spatial"),
+        ({}, ((2, 16, 8, 8), (2, 16, 8, 9)), r"batch or spatial"),
+        ({}, ((2, 8, 8, 8), (2, 16, 8, 8)), r"feat_s \(2, 8, 8, 8\) has 8 channels.*16"),
+        ({}, ((2, 16, 8, 8), (2, 32, 8, 8)), r"feat_t \(2, 32, 8, 8\) has 32 channels.*16"),
+        ({}, ((2, 16, 4, 8), (2, 16, 4, 8)), r"grid \(5, 5\) is larger than the feature map \(4, 8\)"),
+        ({}, ((2, 16, 8), (2, 16, 8)), r"4-D"),
+    ],
+)
+def test_bad_feature_maps(kwargs, shapes, pattern):
+    loss = CSKDLoss(16, 16, **kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        loss(torch.randn(shapes[0]), torch.randn(shapes[1]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"lambda_cam": float("nan")}, "lambda_cam"),
+        ({"lambda_pam": float("inf")}, "lambda_pam"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"grid": (0, 5)}, "grid"),
+        ({"grid": (5,)}, "grid"),
+        ({"projection": "random"}, "projection"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        CSKDLoss(16, 16, **kwargs)
