@@ -451,11 +451,11 @@ class Trainer:
 
 def error_line(error):
     """One line for the user; errors re-raised from loader workers carry a traceback text: keep its last line."""
-    lines = str(error).strip().splitlines()
-    if len(lines) > 1:
-        last = lines[-1]
+    text = str(error).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the cause is the last line
+        last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
-    return lines[0] if lines else type(error).__name__
+    return text or type(error).__name__
 
 
 def main(argv=None):

@@ -1,0 +1,166 @@
+"""cskd-demo: teacher, baseline student and CSKD student on the synthetic scenes, then a table.
+
+On 2 CPU cores it trains (defaults):
+  1. the teacher, DeepLabV3-ResNet18, for --teacher-iterations;
+  2. the baseline student, DeepLabV3-MobileNetV2, with CE (+ aux) only;
+  3. the CSKD student, the same network and schedule, with the released
+     objective (CE + 3 CWD(T=2) + CSKDLoss(T=2, 0.3, 0.8, grid 5x5));
+then evaluates all three on the synthetic validation scenes and times one
+step (forward + backward) of the CSKD loss at the demo's feature shapes with
+the fused kernels against the released formulation (cskd_kernels.released).
+Results go to OUTPUT_DIR/results.json and the table to stdout.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from cskd_train import train
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="cskd-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--teacher-model", default="deeplabv3_resnet18")
+    p.add_argument("--student-model", default="deeplabv3_mobilenetv2")
+    p.add_argument("--teacher-iterations", type=int, default=600)
+    p.add_argument("--student-iterations", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=64, help="synthetic image side = crop side")
+    p.add_argument("--train-images", type=int, default=512)
+    p.add_argument("--val-images", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--timing-repeats", type=int, default=20)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def common_flags(args):
+    return [
+        "--dataset", "synthetic", "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+        "--crop-size", str(args.image_size), str(args.image_size), "--synthetic-size", str(args.image_size),
+        "--synthetic-images", str(args.train_images), "--synthetic-val-images", str(args.val_images),
+        "--val-batch-size", "16", "--lr", str(args.lr), "--log-every", "10", "--no-plot",
+        *(["--no-progress"] if args.no_progress else []),
+    ]
+
+
+def run_training(name, flags, output_dir):
+    print(f"\n== {name} ==", flush=True)
+    started = time.perf_counter()
+    rc = train.main([*flags, "--output-dir", output_dir])
+    if rc != 0:
+        raise SystemExit(f"cskd-demo: training the {name} failed (exit code {rc})")
+    seconds = time.perf_counter() - started
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    final_miou = [r["miou"] for r in rows if "miou" in r][-1]
+    return {"miou": final_miou, "seconds": seconds}
+
+
+def time_loss_step(loss_fn, feat_s, feat_t, repeats):
+    """Median seconds of one forward + backward of loss_fn(feat_s, feat_t)."""
+    times = []
+    for i in range(repeats + 2):
+        student = feat_s.clone().requires_grad_(True)
+        started = time.perf_counter()
+        out = loss_fn(student, feat_t)
+        (out.loss if hasattr(out, "loss") else out).backward()
+        if i >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - started)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def distillation_timing(args, student_channels, teacher_channels):
+    """Per-step time of the CSKD loss: fused kernels (cskd_kernels.CSKDLoss) vs the released formulation."""
+    import cskd_kernels
+    import cskd_kernels.released as released
+
+    side = args.image_size // 8
+    generator = torch.Generator().manual_seed(args.seed)
+    feat_s = torch.randn(args.batch_size, student_channels, side, side, generator=generator)
+    feat_t = torch.randn(args.batch_size, teacher_channels, side, side, generator=generator)
+    fused = cskd_kernels.CSKDLoss(student_channels, teacher_channels)
+    result = {"shape_student": list(feat_s.shape), "shape_teacher": list(feat_t.shape)}
+    result["fused_ms"] = 1000 * time_loss_step(fused, feat_s, feat_t, args.timing_repeats)
+    released_loss = getattr(released, "CSKDLoss", None)
+    if released_loss is None:
+        result["released_ms"] = None
+    else:
+        module = released_loss(student_channels, teacher_channels)
+        result["released_ms"] = 1000 * time_loss_step(module, feat_s, feat_t, args.timing_repeats)
+    return result
+
+
+def format_table(results, timing):
+    lines = [
+        "",
+        f"{'model':<34} {'val mIoU':>9} {'train time':>11}",
+        f"{'-' * 34} {'-' * 9} {'-' * 11}",
+    ]
+    for label, key in (("teacher", "teacher"), ("baseline student (CE)", "baseline"), ("CSKD student", "cskd")):
+        entry = results[key]
+        lines.append(f"{label + ' ' + entry['model']:<34} {entry['miou']:>9.4f} {entry['seconds']:>10.0f}s")
+    lines.append("")
+    shapes = f"student {tuple(timing['shape_student'])}, teacher {tuple(timing['shape_teacher'])}"
+    lines.append(f"CSKD loss, one forward + backward step ({shapes}):")
+    lines.append(f"  fused kernels (cskd_kernels.CSKDLoss): {timing['fused_ms']:8.2f} ms")
+    if timing["released_ms"] is None:
+        lines.append("  released formulation: not available in cskd_kernels.released")
+    else:
+        speedup = timing["released_ms"] / timing["fused_ms"]
+        lines.append(f"  released formulation:                 {timing['released_ms']:8.2f} ms  ({speedup:.1f}x)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    started = time.perf_counter()
+    common = common_flags(args)
+    out = args.output_dir
+    teacher_dir = os.path.join(out, "teacher")
+    results = {
+        "teacher": run_training(
+            "teacher", [*common, "--model", args.teacher_model, "--max-iterations", str(args.teacher_iterations),
+                        "--val-every", str(args.teacher_iterations)], teacher_dir),
+    }
+    student = [*common, "--model", args.student_model, "--max-iterations", str(args.student_iterations),
+               "--val-every", str(args.student_iterations)]
+    results["baseline"] = run_training("baseline student", [*student, "--distill", "none"],
+                                       os.path.join(out, "baseline"))
+    results["cskd"] = run_training(
+        "CSKD student",
+        [*student, "--distill", "cskd", "--teacher-model", args.teacher_model,
+         "--teacher-checkpoint", os.path.join(teacher_dir, "last.pt")],
+        os.path.join(out, "cskd"),
+    )
+    results["teacher"]["model"] = args.teacher_model
+    results["baseline"]["model"] = results["cskd"]["model"] = args.student_model
+    from cskd_train.models import HEAD_WIDTHS, build_model  # noqa: F401
+
+    timing = distillation_timing(args, train_feature_width(args.student_model), train_feature_width(args.teacher_model))
+    total = time.perf_counter() - started
+    print(format_table(results, timing))
+    print(f"\ntotal demo time: {total:.0f} s on {torch.get_num_threads()} thread(s)")
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump({"results": results, "loss_timing": timing, "total_seconds": total, "args": vars(args)}, handle,
+                  indent=2)
+    return 0
+
+
+def train_feature_width(model_name):
+    from cskd_train.models import build_model, feature_channels
+
+    return feature_channels(build_model(model_name, 2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
