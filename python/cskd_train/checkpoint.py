@@ -8,7 +8,9 @@ either the old file or the new one, never a torn one.
 """
 
 import os
+import pickle
 import tempfile
+import warnings
 
 import torch
 
@@ -44,7 +46,8 @@ def save_atomic(obj, path):
 
 def first_line(error):
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def load_file(path):
@@ -52,8 +55,17 @@ def load_file(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for truncated, corrupt or unsafe files
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects other than tensors and plain containers "
+                "(checkpoints are read with weights_only=True)"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(error)}") from None
+    except Exception as error:  # torch raises many types for truncated or corrupt files
         raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {first_line(error)}") from None
 
 

@@ -77,3 +77,22 @@ def sum_across_ranks(tensor, context):
 def barrier(context):
     if context.distributed:
         dist.barrier()
+
+
+def broadcast_buffers(module, context):
+    """Rank 0's BatchNorm statistics to every rank, so all ranks validate the model that is saved."""
+    if context.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def replicas_in_sync(module, context):
+    """True when every rank holds the same parameters (checked once at the end of a DDP run)."""
+    if not context.distributed:
+        return True
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+        low, high = flat.clone(), flat.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))

@@ -256,6 +256,8 @@ class Trainer:
                 f"not a {args.model} with {self.num_classes}"
             )
 
+        if args.sync_bn and context.distributed and context.device.type != "cuda":
+            raise TrainingError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
         torch.manual_seed(args.seed)
         self.teacher = load_teacher(args, self.num_classes, context.device) if args.distill != "none" else None
         student = build_model(args.model, self.num_classes, sync_bn=args.sync_bn and context.distributed)
@@ -363,6 +365,7 @@ class Trainer:
         return {name: float(value.detach()) for name, value in parts.items()}
 
     def validate(self):
+        distributed.broadcast_buffers(self.student, self.context)
         miou, iou = evaluate(self.student, self.val_loader, self.num_classes, self.context,
                              mode=self.args.val_mode, crop_size=self.args.crop_size)
         self.log.write({"iteration": self.iteration, "miou": miou, "iou": iou})
@@ -430,6 +433,8 @@ class Trainer:
                     raise StopRequested(signals.signum or signal.SIGTERM)
         if progress is not None:
             progress.close()
+        if not distributed.replicas_in_sync(self.step_module, context):
+            raise TrainingError("the student or loss-module parameters differ across ranks after training")
         if context.is_main and self.iteration == args.max_iterations and not args.no_plot:
             from cskd_train.plot import plot_curves
 
