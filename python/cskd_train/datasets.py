@@ -187,6 +187,11 @@ PALETTE = np.array(
 )
 
 
+NOISE_STD = 12.0  # per-pixel texture noise, shared by all classes
+RADIUS_RANGE = (0.15, 0.3)  # object radius as a fraction of the image side
+OBJECTS_RANGE = (3, 6)  # objects per scene: from, to (exclusive)
+
+
 def shape_mask(kind, u, v, radius):
     """Pixels inside a shape, in coordinates (u, v) centred on it and rotated."""
     distance = np.sqrt(u**2 + v**2)
@@ -216,9 +221,9 @@ def synthetic_scene(seed, size):
     label = np.zeros((size, size), dtype=np.int64)
     # Objects take colours the background does not use (and each its own), so every object is visible.
     object_colours = rng.permutation([c for c in range(len(PALETTE)) if c not in colours])
-    for colour in object_colours[: rng.integers(2, 5)]:
+    for colour in object_colours[: rng.integers(*OBJECTS_RANGE)]:
         kind = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
-        radius = rng.uniform(0.12, 0.24) * size
+        radius = rng.uniform(*RADIUS_RANGE) * size
         cx, cy = rng.uniform(radius * 0.5, size - radius * 0.5, size=2)
         angle = rng.uniform(0, 2 * np.pi)
         u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
@@ -226,7 +231,7 @@ def synthetic_scene(seed, size):
         inside = shape_mask(kind, u, v, radius)
         image[inside] = PALETTE[colour]
         label[inside] = kind
-    image = image + rng.normal(0, 25, size=image.shape)  # texture noise shared by all classes
+    image = image + rng.normal(0, NOISE_STD, size=image.shape)
     image = np.clip(image, 0, 255).astype(np.float32)
     return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy(label)
 

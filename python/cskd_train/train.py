@@ -25,6 +25,7 @@ from cskd_train import distributed
 from cskd_train.checkpoint import (
     FORMAT,
     CheckpointError,
+    is_training_checkpoint,
     load_file,
     load_state_dict_checked,
     load_training_checkpoint,
@@ -154,7 +155,12 @@ def objective_config(args):
 
 def load_teacher(args, num_classes, device):
     model = build_model(args.teacher_model, num_classes)
-    state = teacher_state_dict(load_file(args.teacher_checkpoint), args.teacher_checkpoint)
+    obj = load_file(args.teacher_checkpoint)
+    if is_training_checkpoint(obj) and obj.get("model_name") != args.teacher_model:
+        raise CheckpointError(
+            f"{args.teacher_checkpoint} holds a {obj.get('model_name')}, not the --teacher-model {args.teacher_model}"
+        )
+    state = teacher_state_dict(obj, args.teacher_checkpoint)
     load_state_dict_checked(model, state, args.teacher_checkpoint)
     model.to(device).eval()
     for parameter in model.parameters():
@@ -208,6 +214,11 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as out:
                 out.write(json.dumps(row) + "\n")
+
+
+def ignore_interrupts(worker_id):
+    """Loader workers ignore Ctrl-C (sent to the whole process group): the main process saves and stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class SignalFlag:
@@ -279,11 +290,13 @@ class Trainer:
         self.nonfinite_total = 0
         if resume is not None:
             self.restore(resume, args.resume)
-        self.ddp = (
-            DistributedDataParallel(self.step_module, device_ids=[context.device.index] if context.device.type == "cuda" else None)
-            if context.distributed
-            else self.step_module
-        )
+        self.ddp = self.step_module
+        if context.distributed:
+            self.ddp = DistributedDataParallel(
+                self.step_module,
+                device_ids=[context.device.index] if context.device.type == "cuda" else None,
+                find_unused_parameters=args.aux_weight == 0,  # an unweighted aux head gets no gradient
+            )
         self.train_loader, self.sampler = self.make_train_loader()
         self.val_loader = eval_loader(self.val_set, args.normalization, context, args.val_batch_size, args.workers)
         self.start_iteration = self.iteration
@@ -318,6 +331,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=args.workers,
             generator=torch.Generator().manual_seed(args.seed), pin_memory=context.device.type == "cuda",
+            worker_init_fn=ignore_interrupts,
         )
         return loader, sampler
 
@@ -471,7 +485,11 @@ def main(argv=None):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    context = distributed.setup(args.device)
+    try:
+        context = distributed.setup(args.device)
+    except RuntimeError as error:
+        print(f"cskd-train: error: {error}", file=sys.stderr)
+        return 2
     try:
         trainer = Trainer(args, context)
         best = trainer.run()
