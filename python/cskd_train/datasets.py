@@ -187,8 +187,8 @@ PALETTE = np.array(
 )
 
 
-NOISE_STD = 12.0  # per-pixel texture noise, shared by all classes
-RADIUS_RANGE = (0.15, 0.3)  # object radius as a fraction of the image side
+NOISE_STD = 8.0  # per-pixel texture noise, shared by all classes
+RADIUS_RANGE = (0.2, 0.35)  # object radius as a fraction of the image side
 OBJECTS_RANGE = (3, 6)  # objects per scene: from, to (exclusive)
 
 
