@@ -52,7 +52,9 @@ def test_two_process_gloo_cskd_run_matches_single_process_eval(tmp_path):
 
 def test_eval_prints_per_class_iou_and_the_logged_miou(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main(["--max-iterations", "2", "--val-every", "2", "--output-dir", str(out), *TINY]) == 0
+    with_plot = [a for a in TINY if a != "--no-plot"]
+    assert train.main(["--max-iterations", "2", "--val-every", "2", "--output-dir", str(out), *with_plot]) == 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = [r["miou"] for r in read_metrics(out) if "miou" in r][-1]
     rc = evaluate.main(["--model", "deeplabv3_resnet18", "--checkpoint", str(out / "best.pt"),
                         "--synthetic-size", "40", "--synthetic-images", "2"])
