@@ -24,7 +24,7 @@ if os.environ.get("CSKD_SKIP_EXTENSION", "0") != "1":
         CppExtension(
             name="cskd_kernels._C",
             sources=sorted(glob.glob("csrc/*.cpp")),
-            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++20"]},
             extra_link_args=["-fopenmp"],
         )
     )

@@ -1,13 +1,28 @@
 """cskd_kernels: fused kernels for Channel-Spatial Knowledge Distillation.
 
 Public ops (each takes ``backend=``, see cskd_kernels.backend):
-    linear_cka, cka_loss
+    linear_cka, cka_loss, channel_attention, cwd_loss
+Modules: ChannelAttention, CWDLoss
 The plain PyTorch definitions of every op live in cskd_kernels.reference.
 """
 
 from cskd_kernels.backend import BACKENDS, BackendError, resolve_backend
+from cskd_kernels.modules.channel_attention import ChannelAttention
+from cskd_kernels.modules.cwd import CWDLoss
+from cskd_kernels.ops.channel_attention import channel_attention
 from cskd_kernels.ops.cka import cka_loss, linear_cka
+from cskd_kernels.ops.cwd import cwd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendError", "cka_loss", "linear_cka", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "CWDLoss",
+    "ChannelAttention",
+    "channel_attention",
+    "cka_loss",
+    "cwd_loss",
+    "linear_cka",
+    "resolve_backend",
+]

@@ -55,9 +55,15 @@ def hsic(kc, lc, *, unbiased=False):
     return (trace_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ones_k_l_ones) / (n * (n - 3))
 
 
-def cka_from_grams(kc, lc, *, unbiased=False):
-    """CKA from centered Grams; the denominator is clamped so a zero-variance side gives 0."""
-    tiny = torch.finfo(kc.dtype).tiny
+def cka_from_grams(kc, lc, *, unbiased=False, tiny=None):
+    """CKA from centered Grams; the denominator is clamped so a zero-variance side gives 0.
+
+    ``tiny``, the clamp, defaults to the smallest normal number of the Grams'
+    dtype; pass the input precision's when the Grams are held wider, so the
+    gradient of a zero-variance side stays finite in the input dtype.
+    """
+    if tiny is None:
+        tiny = torch.finfo(kc.dtype).tiny
     hkl = hsic(kc, lc, unbiased=unbiased)
     hkk = hsic(kc, kc, unbiased=unbiased).clamp_min(tiny)
     hll = hsic(lc, lc, unbiased=unbiased).clamp_min(tiny)
@@ -152,3 +158,46 @@ def cwd_loss(s, t, *, temperature=1.0):
     log_p_s = F.log_softmax(student, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
     return kl * temperature**2 / (b * c)
+
+
+# --------------------------------------------------------------------------
+# The CSKD loss (SPEC section 5), composed from the reference ops
+# --------------------------------------------------------------------------
+
+
+def position_attention_module(x, gamma, projection, *, temperature=1.0):
+    """PAM(x) = gamma * position_attention(Wq x + bq, Wk x + bk, Wv x + bv) + x, global attention.
+
+    ``projection`` is (wq, bq, wk, bk, wv, bv) with 2-D weights (out, in).
+    """
+    wq, bq, wk, bk, wv, bv = projection
+    q = F.conv2d(x, wq[:, :, None, None], bq)
+    k = F.conv2d(x, wk[:, :, None, None], bk)
+    v = F.conv2d(x, wv[:, :, None, None], bv)
+    return gamma * position_attention(q, k, v, temperature=temperature) + x
+
+
+def cskd_loss(feat_s, feat_t, gamma_cam, gamma_pam, projections_s, projections_t, *, temperature=2.0,
+              lambda_cam=0.3, lambda_pam=0.8, grid=(5, 5)):
+    """lambda_cam * cam + lambda_pam * pam, as SPEC section 5 states it, one cell at a time.
+
+    ``projections_s`` / ``projections_t``: a callable ``cell_index -> (wq, bq, wk, bk, wv, bv)``
+    (cell_index is 0 in global mode), so fixed, learned and per-cell resampled
+    projections all fit. Returns (loss, cam, pam).
+    """
+    feat_t = feat_t.detach()
+    cam = cka_loss(channel_attention(feat_s, gamma_cam, temperature=temperature),
+                   channel_attention(feat_t, gamma_cam, temperature=temperature))
+    if grid is None:
+        pam = cka_loss(position_attention_module(feat_s, gamma_pam, projections_s(0), temperature=temperature),
+                       position_attention_module(feat_t, gamma_pam, projections_t(0), temperature=temperature))
+    else:
+        cells_s = [cell for row in grid_cells(feat_s, grid) for cell in row]
+        cells_t = [cell for row in grid_cells(feat_t, grid) for cell in row]
+        losses = [
+            cka_loss(position_attention_module(cs, gamma_pam, projections_s(i), temperature=temperature),
+                     position_attention_module(ct, gamma_pam, projections_t(i), temperature=temperature))
+            for i, (cs, ct) in enumerate(zip(cells_s, cells_t))
+        ]
+        pam = torch.stack(losses).mean()
+    return lambda_cam * cam + lambda_pam * pam, cam, pam

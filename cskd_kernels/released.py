@@ -36,3 +36,41 @@ def cka_loss(x, y):
     """The released loss on flattened features: -log(mean |CKA|) + 1e-8 (the 1e-8 is outside the log)."""
     cka = linear_cka(x.flatten(1), y.flatten(1))
     return -torch.log(torch.mean(torch.abs(cka))) + 1e-8
+
+
+def cwd_loss(preds_s, preds_t, temperature=1.0):
+    """The released channel-wise distillation loss on logits.
+
+    CIRKD's CriterionCWD with norm_type="channel" and divergence="kl", as the
+    released CSKD training script builds it (the 1x1 conv it holds only runs
+    when the channel counts differ, never for logits).
+
+    Softmax over the H*W positions of each channel, then softmax().log() for
+    the student: -inf once a student probability underflows, an infinite loss
+    and NaN gradients.
+    KLDivLoss(reduction="sum"), divided by n*c, times T^2.
+    """
+    n, c, h, w = preds_s.shape
+    norm_s = (preds_s / temperature).reshape((n, c, -1)).softmax(dim=-1)
+    norm_t = (preds_t.detach() / temperature).reshape((n, c, -1)).softmax(dim=-1)
+    norm_s = norm_s.log()
+    loss = torch.nn.KLDivLoss(reduction="sum")(norm_s, norm_t)
+    loss /= n * c
+    return loss * (temperature**2)
+
+
+def channel_attention(x, gamma, temperature=1.0):
+    """The released CAM (DANet's CAM_Module with CSKD's temperature): materialises E, rowmax(E) - E, A and A X.
+
+    gamma is passed in (the released module holds it as a parameter initialised to 0).
+    """
+    m_batchsize, c, height, width = x.size()
+    proj_query = x.contiguous().view(m_batchsize, c, -1)
+    proj_key = x.contiguous().view(m_batchsize, c, -1).permute(0, 2, 1)
+    energy = torch.bmm(proj_query, proj_key)
+    energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+    attention = torch.softmax(energy_new / temperature, dim=-1)
+    proj_value = x.contiguous().view(m_batchsize, c, -1)
+    out = torch.bmm(attention, proj_value)
+    out = out.contiguous().view(m_batchsize, c, height, width)
+    return gamma * out + x

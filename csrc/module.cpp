@@ -6,4 +6,6 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cskd_kernels C++ CPU kernels";
   register_cka(m);
+  register_cwd(m);
+  register_channel_attention(m);
 }

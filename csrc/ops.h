@@ -3,3 +3,5 @@
 #include <torch/extension.h>
 
 void register_cka(pybind11::module& m);
+void register_cwd(pybind11::module& m);
+void register_channel_attention(pybind11::module& m);

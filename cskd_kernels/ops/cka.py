@@ -4,7 +4,8 @@ The heavy work is one pass over each input: the kernels compute the centered
 Gram matrix Kc = (H x)(H x)^T of each group directly (float32 or float64
 accumulation), so x x^T is formed once and never recomputed for the three
 HSIC terms. Everything after that is algebra on tiny n x n matrices, done in
-PyTorch. The backward needs dL/dKc = G (n x n) and then one pass over x:
+PyTorch and differentiated by autograd. The backward of a Gram needs
+dL/dKc = G (n x n) and then one pass over x:
 
     dL/dx = H (G + G^T) H x = M (x - x_0)     (M centered, x_0 the first sample)
 
@@ -40,44 +41,47 @@ def _centering_matrix(n, dtype, device):
     return torch.eye(n, dtype=dtype, device=device) - 1.0 / n
 
 
-class FusedCKAFunction(torch.autograd.Function):
-    """head(Kc, Lc) for fused centered Grams; ``head`` is the small n x n algebra (CKA or its loss)."""
-
-    @staticmethod
-    def forward(ctx, x, y, head, backend):
-        gram, _ = _KERNELS[backend]()
-        acc = accumulation_dtype(x.dtype, y.dtype)
-        kc = gram(x).to(acc)
-        lc = gram(y).to(acc)
-        ctx.head = head
-        ctx.backend = backend
-        ctx.save_for_backward(x, y, kc, lc)
-        return head(kc, lc)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, y, kc, lc = ctx.saved_tensors
-        _, gram_backward = _KERNELS[ctx.backend]()
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # The n x n algebra is differentiated by autograd: it is tiny and this
-        # keeps one definition of it. The passes over x and y are the kernels'.
-        with torch.enable_grad():
-            kc = kc.detach().requires_grad_(need_x)
-            lc = lc.detach().requires_grad_(need_y)
-            out = ctx.head(kc, lc)
-            wanted = [t for t, need in ((kc, need_x), (lc, need_y)) if need]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        dx = _gram_input_grad(gram_backward, x, next(grads)) if need_x else None
-        dy = _gram_input_grad(gram_backward, y, next(grads)) if need_y else None
-        return dx, dy, None, None
+# The two passes are PyTorch custom ops with a registered autograd formula (an
+# autograd Function with a custom backward that torch.compile sees as one op).
 
 
-def _gram_input_grad(gram_backward, x, grad_gram):
-    n = x.shape[1]
-    h = _centering_matrix(n, grad_gram.dtype, grad_gram.device)
+@torch.library.custom_op("cskd::cka_centered_gram", mutates_args=())
+def centered_gram(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Kc = (H x)(H x)^T per group, x (g, n, p) -> (g, n, n) in float32 (float64 for float64 x)."""
+    return _KERNELS[backend]()[0](x)
+
+
+@centered_gram.register_fake
+def _centered_gram_fake(x, backend):
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("cskd::cka_centered_gram_backward", mutates_args=())
+def centered_gram_backward(x: torch.Tensor, m: torch.Tensor, backend: str) -> torch.Tensor:
+    """M (x - x_0) for a centered n x n matrix M per group: one pass over x."""
+    return _KERNELS[backend]()[1](x, m)
+
+
+@centered_gram_backward.register_fake
+def _centered_gram_backward_fake(x, m, backend):
+    return torch.empty_like(x)
+
+
+def _centered_gram_setup(ctx, inputs, output):
+    x, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.backend = backend
+
+
+def _centered_gram_grad(ctx, grad_gram):
+    (x,) = ctx.saved_tensors
+    # dL/dx = H (G + G^T) H x, and H x = H (x - x_0): the kernel applies M to x - x_0.
+    h = _centering_matrix(x.shape[1], grad_gram.dtype, grad_gram.device)
     m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
-    return gram_backward(x, m.contiguous())
+    return centered_gram_backward(x, m.contiguous(), ctx.backend), None
+
+
+centered_gram.register_autograd(_centered_gram_grad, setup_context=_centered_gram_setup)
 
 
 def _prepare(x, y, unbiased, grouped):
@@ -105,11 +109,15 @@ def _prepare(x, y, unbiased, grouped):
 def _fused(x, y, unbiased, grouped, backend, head):
     xg, yg = _prepare(x, y, unbiased, grouped)
     name = resolve_backend(backend, xg, yg)
+    acc = accumulation_dtype(xg.dtype, yg.dtype)
     if name == "reference":
-        acc = accumulation_dtype(xg.dtype, yg.dtype)
-        out = head(reference.centered_gram(xg.to(acc)), reference.centered_gram(yg.to(acc)))
+        out = head(reference.centered_gram(xg.to(acc)), reference.centered_gram(yg.to(acc)), torch.finfo(acc).tiny)
     else:
-        out = FusedCKAFunction.apply(xg, yg, head, name)
+        # The n x n algebra runs in float64: the unbiased estimator cancels terms
+        # of order p (the Gram entries) down to the signal, which float32 loses.
+        kc = centered_gram(xg, name).double()
+        lc = centered_gram(yg, name).double()
+        out = head(kc, lc, torch.finfo(acc).tiny).to(acc)
     return out if grouped else out[0]
 
 
@@ -122,8 +130,8 @@ def linear_cka(x, y, *, unbiased=False, grouped=False, backend=None):
     (n >= 4). A side with no variance gives 0 with finite gradients.
     """
 
-    def head(kc, lc):
-        return reference.cka_from_grams(kc, lc, unbiased=unbiased)
+    def head(kc, lc, tiny):
+        return reference.cka_from_grams(kc, lc, unbiased=unbiased, tiny=tiny)
 
     return _fused(x, y, unbiased, grouped, backend, head)
 
@@ -131,7 +139,7 @@ def linear_cka(x, y, *, unbiased=False, grouped=False, backend=None):
 def cka_loss(x, y, *, unbiased=False, eps=1e-8, grouped=False, backend=None):
     """-log(max(|CKA(x, y)|, eps)), the CSKD similarity loss (same arguments as linear_cka)."""
 
-    def head(kc, lc):
-        return reference.cka_loss_from_cka(reference.cka_from_grams(kc, lc, unbiased=unbiased), eps)
+    def head(kc, lc, tiny):
+        return reference.cka_loss_from_cka(reference.cka_from_grams(kc, lc, unbiased=unbiased, tiny=tiny), eps)
 
     return _fused(x, y, unbiased, grouped, backend, head)

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The one command a session with a lent GPU runs, from the repository root:
+#
+#     bash benchmarks/gpu_check.sh [OUTDIR]        (default: $OUT if set, else benchmarks/out)
+#
+# 1. prints nvidia-smi and the versions; 2. installs the package (building the C++
+# extension), tolerating no internet; 3. runs the tests on CUDA; 4. runs the
+# benchmarks; 5. prints the results table last. A failing step does not stop the
+# others; the exit status is non-zero if any step failed.
+#
+# Writes at most 7 files, at most 2 folder levels under OUTDIR: env.txt,
+# install.log, tests.log, tests.xml, bench.log, results/<device>.csv (1 or 2).
+# Environment: SKIP_INSTALL=1 (the package is already installed), TESTS_ARGS and
+# BENCH_ARGS (extra pytest arguments), BENCH_DEVICE (cuda | cpu | all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT /
+# BENCH_TIMEOUT in seconds (default 120 / 200 / 240: the whole script fits in 10 minutes;
+# the benchmarks write their CSV after every case, so a timeout keeps what was measured).
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+OUTDIR="${1:-${OUT:-benchmarks/out}}"
+mkdir -p "$OUTDIR/results"
+PY="${PYTHON:-python3}"
+FAILED=()
+
+step() { printf '\n===== %s =====\n' "$1"; }
+
+step "device"
+{
+  nvidia-smi || echo "nvidia-smi failed"
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
+  "$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton not importable"
+  nproc
+} 2>&1 | tee "$OUTDIR/env.txt"
+"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || FAILED+=("no CUDA device visible to torch")
+
+step "install"
+if [ "${SKIP_INSTALL:-0}" = 1 ]; then echo "skipped (SKIP_INSTALL=1)" > "$OUTDIR/install.log"; else {
+  # A fresh GPU machine may lack these; it may also have no internet (then this fails quickly and we go on).
+  for module in ninja pytest_benchmark psutil; do
+    "$PY" -c "import $module" 2>/dev/null || timeout 60 "$PY" -m pip install --timeout 10 --retries 0 "${module//_/-}" \
+      || echo "could not install $module"
+  done
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  timeout "${INSTALL_TIMEOUT:-120}" "$PY" -m pip install --no-build-isolation -e ".[test,bench]" \
+    || timeout "${INSTALL_TIMEOUT:-120}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
+    || timeout "${INSTALL_TIMEOUT:-120}" "$PY" setup.py build_ext --inplace
+} > "$OUTDIR/install.log" 2>&1; fi
+tail -n 3 "$OUTDIR/install.log"
+"$PY" -c 'import cskd_kernels._C' 2>/dev/null && echo "C++ extension: importable" \
+  || { echo "C++ extension: NOT importable (see install.log)"; FAILED+=("install (extension not importable)"); }
+
+step "tests (pytest tests/)"
+# shellcheck disable=SC2086
+timeout "${TESTS_TIMEOUT:-200}" "$PY" -m pytest tests/ -q -rfEs --junitxml="$OUTDIR/tests.xml" ${TESTS_ARGS:-} \
+  > "$OUTDIR/tests.log" 2>&1
+status=$?
+grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -n 20
+tail -n 1 "$OUTDIR/tests.log"
+[ "$status" -eq 0 ] || FAILED+=("tests (exit $status$([ "$status" -eq 124 ] && echo ', timed out'))")
+
+step "benchmarks (pytest benchmarks/)"
+marker="$OUTDIR/.bench-start"
+touch "$marker"
+# shellcheck disable=SC2086
+timeout "${BENCH_TIMEOUT:-240}" "$PY" -m pytest benchmarks/ -q -rfEs --bench-device "${BENCH_DEVICE:-cuda}" ${BENCH_ARGS:-} \
+  > "$OUTDIR/bench.log" 2>&1
+status=$?
+grep -E "^(FAILED|ERROR)" "$OUTDIR/bench.log" | head -n 20
+tail -n 1 "$OUTDIR/bench.log"
+[ "$status" -eq 0 ] || FAILED+=("benchmarks (exit $status$([ "$status" -eq 124 ] && echo ', timed out'))")
+find benchmarks/results -name '*.csv' -newer "$marker" -exec cp {} "$OUTDIR/results/" \;
+rm -f "$marker"
+
+step "results"
+# The table of this run (its terminal summary), then the README table of the CSVs it wrote.
+sed -n '/cskd benchmarks (speedup/,$p' "$OUTDIR/bench.log" | head -n 60
+"$PY" -m benchmarks.report "$OUTDIR/results" || FAILED+=("report")
+
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo
+  printf 'FAILED: %s\n' "${FAILED[@]}"
+  exit 1
+fi
+echo "gpu_check: all steps passed"

@@ -1,0 +1,1 @@
+"""nn.Module wrappers of the public ops, one op per file."""

@@ -1,0 +1,147 @@
+"""CSKDLoss: the channel-spatial distillation loss (SPEC section 5) on the fused ops.
+
+    loss = lambda_cam * cka_loss(CAM(s), CAM(t)) + lambda_pam * pam
+    pam  = mean over grid cells of cka_loss(PAM(cell_s), PAM(cell_t))   (grid mode)
+         = cka_loss(PAM(s), PAM(t))                                     (grid=None)
+
+No Python loop over cells: the cells of a side are one padded tensor
+(CellLayout), the per-cell 1x1 projections are one batched product, the
+attention is one grid-mode position_attention call per side (it attends
+inside each torch.chunk cell), and the per-cell CKAs are one grouped
+cka_loss call. Zero padding does not change the math (see CellLayout).
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from cskd_kernels._validation import check_float_tensor, check_same_device
+from cskd_kernels.grid import CellLayout
+from cskd_kernels.ops.channel_attention import channel_attention
+from cskd_kernels.ops.cka import cka_loss
+from cskd_kernels.ops.position_attention import position_attention
+
+PROJECTIONS = ("resample", "fixed", "learned")
+
+
+class CSKDOutput(NamedTuple):
+    loss: torch.Tensor
+    cam: torch.Tensor
+    pam: torch.Tensor
+
+
+def draw_projections(channels, reduction, cells=1, *, generator=None, device=None, dtype=torch.float32):
+    """Fresh 1x1 projections (wq, bq, wk, bk, wv, bv) for ``cells`` cells, weights (cells, out, in).
+
+    PyTorch's default Conv2d initialisation, which the released code gets by
+    building new layers: weights and biases uniform in +-1/sqrt(fan_in).
+    Drawn in this order: wq, bq, wk, bk, wv, bv.
+    """
+    bound = 1.0 / math.sqrt(channels)
+    reduced = channels // reduction
+    shapes = [(cells, reduced, channels), (cells, reduced), (cells, reduced, channels), (cells, reduced),
+              (cells, channels, channels), (cells, channels)]
+    return tuple(
+        (torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2.0 - 1.0) * bound for shape in shapes
+    )
+
+
+class PositionProjection(nn.Module):
+    """The q, k, v 1x1 projections of one side: resampled each call, fixed buffers, or learned parameters."""
+
+    NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
+
+    def __init__(self, channels, reduction, mode):
+        super().__init__()
+        self.channels, self.reduction, self.mode = channels, reduction, mode
+        if mode == "resample":
+            return
+        for name, tensor in zip(self.NAMES, draw_projections(channels, reduction)):
+            if mode == "learned":
+                self.register_parameter(name, nn.Parameter(tensor))
+            else:
+                self.register_buffer(name, tensor)
+
+    def weights(self, cells, generator, like):
+        """(wq, bq, wk, bk, wv, bv), leading dim ``cells`` (resample) or 1 (shared by every cell)."""
+        if self.mode == "resample":
+            return draw_projections(self.channels, self.reduction, cells, generator=generator,
+                                    device=like.device, dtype=like.dtype)
+        return tuple(getattr(self, name).to(like.dtype) for name in self.NAMES)
+
+
+def _project(weight, bias, cells):
+    """Per-cell 1x1 convolution: (G|1, out, in) x (G, B, in, P) -> (G, B, out, P)."""
+    return weight[:, None] @ cells + bias[:, None, :, None]
+
+
+class CSKDLoss(nn.Module):
+    """Channel-spatial distillation loss between student and teacher feature maps (B, C, H, W).
+
+    ``feat_t`` is treated as detached; the shared gammas (initial 0) get
+    gradients through both sides. ``generator`` (a torch.Generator, optional)
+    seeds the per-call projections of projection="resample".
+    """
+
+    def __init__(self, student_channels, teacher_channels, *, temperature=2.0, lambda_cam=0.3, lambda_pam=0.8,
+                 grid=(5, 5), projection="resample", reduction=8, backend=None, generator=None):
+        super().__init__()
+        for name, channels in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
+            if not isinstance(channels, int) or channels < reduction:
+                raise ValueError(f"{name}={channels!r} must be an int >= reduction ({reduction})")
+        if not (isinstance(reduction, int) and reduction >= 1):
+            raise ValueError(f"reduction={reduction!r} must be a positive int")
+        for name, value in (("temperature", temperature), ("lambda_cam", lambda_cam), ("lambda_pam", lambda_pam)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be finite")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} must be > 0")
+        if grid is not None and (len(grid) != 2 or any(not isinstance(g, int) or g < 1 for g in grid)):
+            raise ValueError(f"grid={grid!r} must be None or two positive ints (rows, columns)")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection={projection!r} is not one of {PROJECTIONS}")
+        self.student_channels, self.teacher_channels = student_channels, teacher_channels
+        self.temperature, self.lambda_cam, self.lambda_pam = temperature, lambda_cam, lambda_pam
+        self.grid = None if grid is None else tuple(grid)
+        self.backend, self.generator = backend, generator
+        self.gamma_cam = nn.Parameter(torch.zeros(1))
+        self.gamma_pam = nn.Parameter(torch.zeros(1))
+        self.student_projection = PositionProjection(student_channels, reduction, projection)
+        self.teacher_projection = PositionProjection(teacher_channels, reduction, projection)
+
+    def forward(self, feat_s, feat_t):
+        self._check(feat_s, feat_t)
+        feat_t = feat_t.detach()
+        cam = cka_loss(self._channel_attention(feat_s), self._channel_attention(feat_t), backend=self.backend)
+        layout = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1))
+        pam_s = self._position_attention_cells(feat_s, self.student_projection, layout)
+        pam_t = self._position_attention_cells(feat_t, self.teacher_projection, layout)
+        pam = cka_loss(pam_s, pam_t, grouped=True, backend=self.backend).mean()
+        return CSKDOutput(self.lambda_cam * cam + self.lambda_pam * pam, cam, pam)
+
+    def _channel_attention(self, x):
+        return channel_attention(x, self.gamma_cam, temperature=self.temperature, backend=self.backend)
+
+    def _position_attention_cells(self, x, projection, layout):
+        """PAM of every cell of x, as (cells, B, C, cell positions) zero-padded for the grouped CKA."""
+        cells = layout.to_cells(x)
+        wq, bq, wk, bk, wv, bv = projection.weights(layout.num_cells, self.generator, x)
+        q, k, v = (layout.from_cells(_project(w, b, cells)) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        attention = position_attention(q, k, v, temperature=self.temperature, grid=self.grid, backend=self.backend)
+        return layout.to_cells(self.gamma_pam * attention + x)
+
+    def _check(self, feat_s, feat_t):
+        check_float_tensor("feat_s", feat_s)
+        check_float_tensor("feat_t", feat_t)
+        check_same_device(feat_s=feat_s, feat_t=feat_t)
+        if feat_s.dim() != 4 or feat_t.dim() != 4:
+            raise ValueError(f"feat_s {tuple(feat_s.shape)} and feat_t {tuple(feat_t.shape)} must be 4-D (B, C, H, W)")
+        if feat_s.shape[0] != feat_t.shape[0] or feat_s.shape[2:] != feat_t.shape[2:]:
+            raise ValueError(f"feat_s {tuple(feat_s.shape)} and feat_t {tuple(feat_t.shape)} differ in batch or spatial size")
+        for name, t, expected in (("feat_s", feat_s, self.student_channels), ("feat_t", feat_t, self.teacher_channels)):
+            if t.shape[1] != expected:
+                raise ValueError(f"{name} {tuple(t.shape)} has {t.shape[1]} channels, the loss was built for {expected}")
+        if self.grid is not None and (self.grid[0] > feat_s.shape[2] or self.grid[1] > feat_s.shape[3]):
+            raise ValueError(f"grid {self.grid} is larger than the feature map {tuple(feat_s.shape[2:])}")

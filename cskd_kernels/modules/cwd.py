@@ -1,0 +1,25 @@
+"""CWDLoss: the nn.Module form of cwd_loss (SPEC section 4)."""
+
+from torch import nn
+
+from cskd_kernels.ops.cwd import _check_temperature, cwd_loss
+
+
+class CWDLoss(nn.Module):
+    """Channel-wise distillation loss on logits: ``CWDLoss(temperature)(s, t)``.
+
+    s and t are student and teacher logits (B, C, H, W); no gradient flows to
+    t. ``backend`` is passed to cwd_loss (None: CSKD_BACKEND, default "auto").
+    """
+
+    def __init__(self, temperature=1.0, backend=None):
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = float(temperature)
+        self.backend = backend
+
+    def forward(self, s, t):
+        return cwd_loss(s, t, temperature=self.temperature, backend=self.backend)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}"

@@ -1,0 +1,111 @@
+"""Channel self-attention, CAM (SPEC section 2), fused.
+
+Per image X (C x N, N = H*W): E = X X^T, A = softmax_rows(-E / T) (which is
+softmax((rowmax(E) - E) / T), computed stably), out = gamma * (A X) + X.
+
+The forward saves only A (C x C per image, small) next to x; the backward
+needs neither the Gram matrix nor Y = A X again. With G = dOut X^T (C x C):
+
+    d gamma = sum(dOut * A X) = sum(A * G)
+    r       = rowsum(A * G)                       (softmax backward's rowsum(dA * A) / gamma)
+    dE      = -(gamma / T) * A * (G - r)
+    dX      = gamma * A^T dOut + (dE + dE^T) X + dOut
+
+so the backward is three C x C x N products (G, A^T dOut, (dE + dE^T) X) and
+no C x N temporary besides dX itself; without a gradient for x (the
+teacher's side in CSKD) it is the one product G.
+
+Kernels per backend (same contract everywhere), x is contiguous (B, C, N):
+    channel_attention_forward(x, gamma, temperature)
+        -> (out (B, C, N) in x's dtype, attention (B, C, C) float32/float64)
+    channel_attention_backward(grad_out, x, attention, gamma, temperature, need_x)
+        -> (dx or None, dgamma shaped like gamma)
+"""
+
+import numbers
+
+import torch
+
+from cskd_kernels import reference
+from cskd_kernels._validation import check_float_tensor, check_positive, check_same_device
+from cskd_kernels.backend import extension, resolve_backend, triton_kernels
+
+
+def _cpu_kernels():
+    ext = extension()
+    return ext.channel_attention_forward, ext.channel_attention_backward
+
+
+def _triton_kernels():
+    module = triton_kernels("channel_attention")
+    return module.channel_attention_forward, module.channel_attention_backward
+
+
+_KERNELS = {"cpu": _cpu_kernels, "triton": _triton_kernels}
+
+
+class ChannelAttentionFunction(torch.autograd.Function):
+    """gamma * softmax_rows(-X X^T / T) X + X on (B, C, N) features, with a custom backward."""
+
+    @staticmethod
+    def forward(ctx, features, gamma, temperature, backend):
+        forward_kernel, _ = _KERNELS[backend]()
+        gamma_kernel = gamma.detach()
+        out, attention = forward_kernel(features, gamma_kernel, float(temperature))
+        ctx.temperature = float(temperature)
+        ctx.backend = backend
+        ctx.save_for_backward(features, gamma_kernel, attention)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        features, gamma, attention = ctx.saved_tensors
+        need_x, need_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_x or need_gamma):
+            return None, None, None, None
+        _, backward_kernel = _KERNELS[ctx.backend]()
+        grad_x, grad_gamma = backward_kernel(
+            grad_out.contiguous(), features, attention, gamma, ctx.temperature, bool(need_x)
+        )
+        return (grad_x if need_x else None), (grad_gamma if need_gamma else None), None, None
+
+
+def _check_inputs(x, gamma, temperature):
+    check_float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D feature map (B, C, H, W), got shape {tuple(x.shape)}")
+    if not isinstance(gamma, torch.Tensor):
+        raise TypeError(f"gamma must be a 1-element torch.Tensor, got {type(gamma).__name__}")
+    if gamma.numel() != 1:
+        raise ValueError(f"gamma must be a 1-element tensor, got shape {tuple(gamma.shape)} (x {tuple(x.shape)})")
+    if not gamma.is_floating_point():
+        raise TypeError(f"gamma must be a floating-point tensor, got dtype {gamma.dtype} (shape {tuple(gamma.shape)})")
+    check_same_device(x=x, gamma=gamma)
+    if isinstance(temperature, bool) or not isinstance(temperature, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
+        temperature = temperature.item()  # a hyperparameter, read once at the boundary
+    check_positive("temperature", temperature)
+    return float(temperature)
+
+
+def channel_attention(x, gamma, *, temperature=1.0, backend=None):
+    """DANet/CSKD channel attention: gamma * softmax_rows((rowmax(E) - E) / T) X + X, E = X X^T per image.
+
+    ``x`` is (B, C, H, W) and ``gamma`` a 1-element tensor (the module's
+    learnable scale); the result has x's shape and dtype. Gradients flow to x
+    and gamma. ``temperature`` > 0 divides the energies before the softmax.
+    """
+    temperature = _check_inputs(x, gamma, temperature)
+    name = resolve_backend(backend, x)
+    if name == "reference":
+        return reference.channel_attention(x, gamma, temperature=temperature)
+    b, c, h, w = x.shape
+    features = x.reshape(b, c, h * w).contiguous()
+    # Kernels take gamma in the accumulation dtype; autograd casts its gradient back.
+    gamma_acc = gamma.reshape(1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    out = ChannelAttentionFunction.apply(features, gamma_acc, temperature, name)
+    return out.reshape(b, c, h, w)
