@@ -117,12 +117,12 @@ def distillation_timing(args, student_channels, teacher_channels):
 def format_table(results, timing):
     lines = [
         "",
-        f"{'model':<34} {'val mIoU':>9} {'train time':>11}",
-        f"{'-' * 34} {'-' * 9} {'-' * 11}",
+        f"{'model':<46} {'val mIoU':>9} {'train time':>11}",
+        f"{'-' * 46} {'-' * 9} {'-' * 11}",
     ]
     for label, key in (("teacher", "teacher"), ("baseline student (CE)", "baseline"), ("CSKD student", "cskd")):
         entry = results[key]
-        lines.append(f"{label + ' ' + entry['model']:<34} {entry['miou']:>9.4f} {entry['seconds']:>10.0f}s")
+        lines.append(f"{label + ' ' + entry['model']:<46} {entry['miou']:>9.4f} {entry['seconds']:>10.0f}s")
     lines.append("")
     lines.append("CSKD loss, one forward + backward step (median), fused kernels vs released formulation:")
     for row in timing:
