@@ -74,3 +74,38 @@ def channel_attention(x, gamma, temperature=1.0):
     out = torch.bmm(attention, proj_value)
     out = out.contiguous().view(m_batchsize, c, height, width)
     return gamma * out + x
+# --------------------------------------------------------------------------
+# Position attention (DANet's PAM_Module, as the released CSKD code runs it)
+# --------------------------------------------------------------------------
+
+
+def position_attention_module(x, gamma, *, reduction=8, temperature=1.0):
+    """DANet's PAM_Module forward with its 1x1 convolutions created inside the call.
+
+    The released code builds a new PAM_Module (so new, default-initialised
+    query/key/value Conv2d layers) every time it computes the loss; only gamma
+    is shared. The HW x HW energy and attention maps are materialised, and the
+    attention is transposed for the value product, as in DANet.
+    """
+    batch, channels, height, width = x.shape
+    query_conv = torch.nn.Conv2d(channels, channels // reduction, kernel_size=1).to(device=x.device, dtype=x.dtype)
+    key_conv = torch.nn.Conv2d(channels, channels // reduction, kernel_size=1).to(device=x.device, dtype=x.dtype)
+    value_conv = torch.nn.Conv2d(channels, channels, kernel_size=1).to(device=x.device, dtype=x.dtype)
+    proj_query = query_conv(x).view(batch, -1, width * height).permute(0, 2, 1)
+    proj_key = key_conv(x).view(batch, -1, width * height)
+    energy = torch.bmm(proj_query, proj_key) / temperature
+    attention = torch.softmax(energy, dim=-1)
+    proj_value = value_conv(x).view(batch, -1, width * height)
+    out = torch.bmm(proj_value, attention.permute(0, 2, 1))
+    out = out.view(batch, channels, height, width)
+    return gamma * out + x
+
+
+def position_attention_grid(x, gamma, *, grid=(5, 5), reduction=8, temperature=1.0):
+    """The released grid mode: a Python loop over the torch.chunk cells, a fresh PAM_Module per cell."""
+    rows = []
+    for row in torch.chunk(x, grid[0], dim=2):
+        cells = [position_attention_module(cell, gamma, reduction=reduction, temperature=temperature)
+                 for cell in torch.chunk(row, grid[1], dim=3)]
+        rows.append(torch.cat(cells, dim=3))
+    return torch.cat(rows, dim=2)

@@ -8,4 +8,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cka(m);
   register_cwd(m);
   register_channel_attention(m);
+  register_position_attention(m);
 }

@@ -1,0 +1,155 @@
+"""Position (spatial) self-attention, PAM's core (SPEC section 3), fused.
+
+    out[:, i] = sum_j softmax_j(q[:, i] . k[:, j] / T) v[:, j]
+
+over all H*W positions (grid=None) or inside each torch.chunk grid cell. The
+fused backends never store the N x N affinity map: the forward runs an
+online softmax over key blocks and saves only the row log-sum-exp; the
+backward recomputes the probabilities blockwise (flash-attention style).
+Memory is linear in N.
+
+Cells are described by a small int32 table, one row per cell:
+(row start, height, column start, width), computed on the host from
+torch.chunk's sizes; global mode is the single cell covering the map. Every
+cell of every image is handled in one kernel launch.
+
+Kernels per backend (same contract everywhere):
+    forward(q, k, v, cells, largest_cell, scale)                        -> (out, lse)
+    backward(q, k, v, out, lse, grad_out, cells, largest_cell, scale)  -> (dq, dk, dv)
+with lse of shape (B, H, W) holding log sum_j exp(s_ij) of the scaled scores
+and largest_cell the size of the largest cell (a host int: the launch grid
+is sized from it without reading the device table).
+"""
+
+import functools
+import math
+import numbers
+
+import torch
+
+from cskd_kernels import reference
+from cskd_kernels._validation import check_float_tensor, check_same_device
+from cskd_kernels.backend import extension, resolve_backend, triton_kernels
+from cskd_kernels.grid import chunk_sizes
+
+
+def _cpu_kernels():
+    ext = extension()
+
+    # The C++ kernels read the cell table on the host; they need no size bound.
+    def forward(q, k, v, cells, largest_cell, scale):
+        return ext.position_attention_forward(q, k, v, cells, scale)
+
+    def backward(q, k, v, out, lse, grad_out, cells, largest_cell, scale):
+        return ext.position_attention_backward(q, k, v, out, lse, grad_out, cells, scale)
+
+    return forward, backward
+
+
+def _triton_kernels():
+    module = triton_kernels("position_attention")
+    return module.position_attention_forward, module.position_attention_backward
+
+
+_KERNELS = {"cpu": _cpu_kernels, "triton": _triton_kernels}
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_table_host(height, width, grid):
+    if grid is None:
+        return torch.tensor([[0, height, 0, width]], dtype=torch.int32)
+    rows, cols = chunk_sizes(height, grid[0]), chunk_sizes(width, grid[1])
+    row_starts = [sum(rows[:i]) for i in range(len(rows))]
+    col_starts = [sum(cols[:j]) for j in range(len(cols))]
+    table = [[r0, h, c0, w] for r0, h in zip(row_starts, rows) for c0, w in zip(col_starts, cols)]
+    return torch.tensor(table, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_table_on(height, width, grid, device):
+    return _cell_table_host(height, width, grid).to(device)
+
+
+def largest_cell(height, width, grid):
+    """Positions in the largest cell: torch.chunk's first chunk is never shorter than the others."""
+    if grid is None:
+        return height * width
+    return chunk_sizes(height, grid[0])[0] * chunk_sizes(width, grid[1])[0]
+
+
+def cell_table(height, width, grid, device="cpu"):
+    """(cells, 4) int32: row start, height, column start, width of each torch.chunk cell, row-major."""
+    return _cell_table_on(height, width, None if grid is None else tuple(grid), torch.device(device))
+
+
+class PositionAttentionFunction(torch.autograd.Function):
+    """Fused position attention; saves q, k, v, out and the row log-sum-exp, never the map."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cells, largest_cell, scale, backend):
+        forward, _ = _KERNELS[backend]()
+        out, lse = forward(q, k, v, cells, largest_cell, scale)
+        ctx.scale, ctx.backend, ctx.largest_cell = scale, backend, largest_cell
+        ctx.save_for_backward(q, k, v, out, lse, cells)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cells = ctx.saved_tensors
+        _, backward = _KERNELS[ctx.backend]()
+        dq, dk, dv = backward(q, k, v, out, lse, grad_out.contiguous(), cells, ctx.largest_cell, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check_grid(grid, height, width):
+    if grid is None:
+        return None
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1 for g in grid)
+    ):
+        raise ValueError(f"grid={grid!r} must be None or two positive ints (rows, columns)")
+    return (int(grid[0]), int(grid[1]))
+
+
+def _check_inputs(q, k, v, temperature):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype} ({shapes})")
+    if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
+        raise ValueError(f"q, k and v must have the same batch size: {shapes}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must have the same width d (dim 1): {shapes}")
+    if q.shape[2:] != k.shape[2:] or q.shape[2:] != v.shape[2:]:
+        raise ValueError(f"q, k and v must have the same spatial size (H, W): {shapes}")
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def position_attention(q, k, v, *, temperature=1.0, grid=None, backend=None):
+    """softmax(Q^T K / temperature) applied to V over the H*W positions, or inside each grid cell.
+
+    q, k: (B, d, H, W); v: (B, Cv, H, W) (d and Cv may differ). grid=(gh, gw)
+    cuts the map as torch.chunk(x, gh, dim=2) then torch.chunk(cell, gw,
+    dim=3) do (uneven cells; fewer cells when torch.chunk gives fewer).
+    Returns (B, Cv, H, W); gradients flow to q, k and v.
+    """
+    _check_inputs(q, k, v, temperature)
+    grid = _check_grid(grid, q.shape[2], q.shape[3])
+    name = resolve_backend(backend, q, k, v)
+    if name == "reference":
+        return reference.position_attention(q, k, v, temperature=temperature, grid=grid)
+    height, width = q.shape[2], q.shape[3]
+    cells = cell_table(height, width, grid, q.device)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    scale = 1.0 / float(temperature)
+    return PositionAttentionFunction.apply(q, k, v, cells, largest_cell(height, width, grid), scale, name)

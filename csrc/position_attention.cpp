@@ -1,0 +1,474 @@
+// Position (spatial) self-attention, SPEC section 3: softmax(Q^T K / T) V,
+// globally or inside each grid cell, without ever storing the N x N map.
+//
+// Layout: q, k (B, d, H, W), v (B, Cv, H, W), contiguous. A cell is a
+// rectangle (row0, height, col0, width) of the map; global mode is the one
+// cell covering it. Position i of a cell is pixel (row0 + i / width,
+// col0 + i % width). When a cell spans the full width its positions are
+// contiguous in memory and the tiles are strided views of the inputs;
+// otherwise the cell is gathered once per task into thread-local buffers.
+//
+// Forward (per image, cell, query block): flash-attention's online softmax
+// over key blocks; the tile products are BLAS calls (at::mm_out / addmm_) on
+// cache-sized tiles, the softmax is a vectorised loop. Saves the row
+// log-sum-exp. Backward (per image, cell, key block): recompute P from the
+// log-sum-exp, accumulate dK and dV for the key block (owned by the task, no
+// race) and dQ into per-thread buffers that are summed at the end. Memory is
+// linear in N: tiles of at most kBlock x kBlock plus the per-thread dQ.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "ops.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CSKD_AVX2_PATH 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 256;  // tile edge: a 256 x 256 float tile is 256 KiB, L2-resident
+
+// ---------------------------------------------------------------------------
+// The softmax rows. One exp per score (N^2 per image): a scalar libm exp makes
+// the kernel exp-bound, so float rows run an AVX2/FMA polynomial exp (relative
+// error ~1.2e-7, float rounding level) when the CPU has it, chosen at run
+// time; GCC does not vectorise std::exp without -ffast-math.
+// ---------------------------------------------------------------------------
+
+#ifdef CSKD_AVX2_PATH
+
+#define CSKD_AVX2 __attribute__((target("avx2,fma")))
+
+CSKD_AVX2 inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln2, ln2 split in two
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+CSKD_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+
+CSKD_AVX2 inline float horizontal_max(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+
+CSKD_AVX2 float online_softmax_row_avx2(float* s, int64_t n, float scale, float& m) {
+  const int64_t n8 = n & ~int64_t(7);
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n8; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+  float row_max = horizontal_max(vmax);
+  for (int64_t j = n8; j < n; ++j) row_max = std::max(row_max, s[j]);
+  const float m_new = std::max(m, row_max * scale);
+  const __m256 vscale = _mm256_set1_ps(scale), vm = _mm256_set1_ps(m_new);
+  __m256 vsum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 p = exp256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vscale, vm));
+    _mm256_storeu_ps(s + j, p);
+    vsum = _mm256_add_ps(vsum, p);
+  }
+  float sum = horizontal_sum(vsum);
+  for (int64_t j = n8; j < n; ++j) {
+    s[j] = std::exp(s[j] * scale - m_new);
+    sum += s[j];
+  }
+  m = m_new;
+  return sum;
+}
+
+CSKD_AVX2 void softmax_grad_row_avx2(const float* s, float* p_out, float* dp, int64_t n, float scale, float lse,
+                                     float delta) {
+  const int64_t n8 = n & ~int64_t(7);
+  const __m256 vscale = _mm256_set1_ps(scale), vlse = _mm256_set1_ps(lse), vdelta = _mm256_set1_ps(delta);
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 p = exp256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vscale, vlse));
+    _mm256_storeu_ps(p_out + j, p);
+    const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + j), vdelta)), vscale);
+    _mm256_storeu_ps(dp + j, ds);
+  }
+  for (int64_t j = n8; j < n; ++j) {
+    p_out[j] = std::exp(s[j] * scale - lse);
+    dp[j] = p_out[j] * (dp[j] - delta) * scale;
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return available;
+}
+#endif
+
+// One key block of the online softmax for a row of scores, in place:
+// s <- exp(s * scale - m_new); returns the row sum; m is updated.
+template <typename scalar_t>
+scalar_t online_softmax_row_portable(scalar_t* s, int64_t n, scalar_t scale, scalar_t& m) {
+  scalar_t row_max = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
+  const scalar_t m_new = std::max(m, row_max * scale);
+  scalar_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] * scale - m_new);
+    sum += s[j];
+  }
+  m = m_new;
+  return sum;
+}
+
+// Backward, one row of a tile: p <- exp(s * scale - lse), ds <- p * (dp - delta) * scale (overwrites dp).
+template <typename scalar_t>
+void softmax_grad_row_portable(const scalar_t* s, scalar_t* p_out, scalar_t* dp, int64_t n, scalar_t scale,
+                               scalar_t lse, scalar_t delta) {
+  for (int64_t j = 0; j < n; ++j) {
+    p_out[j] = std::exp(s[j] * scale - lse);
+    dp[j] = p_out[j] * (dp[j] - delta) * scale;
+  }
+}
+
+float online_softmax_row(float* s, int64_t n, float scale, float& m) {
+#ifdef CSKD_AVX2_PATH
+  if (cpu_has_avx2()) return online_softmax_row_avx2(s, n, scale, m);
+#endif
+  return online_softmax_row_portable(s, n, scale, m);
+}
+
+double online_softmax_row(double* s, int64_t n, double scale, double& m) {
+  return online_softmax_row_portable(s, n, scale, m);
+}
+
+void softmax_grad_row(const float* s, float* p_out, float* dp, int64_t n, float scale, float lse, float delta) {
+#ifdef CSKD_AVX2_PATH
+  if (cpu_has_avx2()) return softmax_grad_row_avx2(s, p_out, dp, n, scale, lse, delta);
+#endif
+  softmax_grad_row_portable(s, p_out, dp, n, scale, lse, delta);
+}
+
+void softmax_grad_row(const double* s, double* p_out, double* dp, int64_t n, double scale, double lse, double delta) {
+  softmax_grad_row_portable(s, p_out, dp, n, scale, lse, delta);
+}
+
+// ---------------------------------------------------------------------------
+// Cells and tiles
+// ---------------------------------------------------------------------------
+
+struct Cell {
+  int64_t row0, height, col0, width;
+  int64_t size() const { return height * width; }
+};
+
+std::vector<Cell> read_cells(const at::Tensor& cells) {
+  auto c = cells.to(at::kLong).contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  std::vector<Cell> out(c.size(0));
+  for (int64_t i = 0; i < c.size(0); ++i) out[i] = {p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]};
+  return out;
+}
+
+// Near-equal blocks of at most kBlock positions (600 -> 200 x 3, not 256 + 256 + 88). A
+// cell of up to kSingleBlock positions (a 13 x 26 grid cell is 338) is one block: its
+// score tile still fits in L2, and the cell is then gathered, and its softmax
+// normalised, once instead of once per block.
+constexpr int64_t kSingleBlock = 512;
+
+struct Blocking {
+  int64_t count, size;
+  Blocking(int64_t n)
+      : count(n <= kSingleBlock ? 1 : (n + kBlock - 1) / kBlock), size((n + count - 1) / count) {}
+  int64_t begin(int64_t i) const { return i * size; }
+  int64_t length(int64_t i, int64_t n) const { return std::min(size, n - i * size); }
+};
+
+// A (channels x cell positions) matrix: element (c, i) at ptr[c * ld + i].
+// Points into the input when the cell's positions are contiguous, else into
+// a gathered copy owned by `storage`.
+template <typename scalar_t>
+struct CellMatrix {
+  scalar_t* ptr;
+  int64_t ld;
+  std::vector<scalar_t> storage;
+
+  CellMatrix(const scalar_t* image, int64_t channels, int64_t H, int64_t W, const Cell& cell) {
+    const int64_t hw = H * W;
+    if (cell.width == W) {
+      ptr = const_cast<scalar_t*>(image) + cell.row0 * W;
+      ld = hw;
+      return;
+    }
+    const int64_t n = cell.size();
+    storage.resize(channels * n);
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t r = 0; r < cell.height; ++r)
+        std::memcpy(&storage[c * n + r * cell.width], image + c * hw + (cell.row0 + r) * W + cell.col0,
+                    cell.width * sizeof(scalar_t));
+    ptr = storage.data();
+    ld = n;
+  }
+
+  // Columns [i0, i0 + len) as an at::Tensor view (channels x len), no copy.
+  at::Tensor block(int64_t channels, int64_t i0, int64_t len, const at::TensorOptions& options) const {
+    return at::from_blob(ptr + i0, {channels, len}, {ld, 1}, options);
+  }
+};
+
+// Per-position vector (the log-sum-exp, Delta) of one image restricted to a cell.
+template <typename acc_t>
+std::vector<acc_t> gather_positions(const acc_t* image, int64_t W, const Cell& cell) {
+  std::vector<acc_t> out(cell.size());
+  for (int64_t r = 0; r < cell.height; ++r)
+    std::memcpy(&out[r * cell.width], image + (cell.row0 + r) * W + cell.col0, cell.width * sizeof(acc_t));
+  return out;
+}
+
+inline int64_t pixel(const Cell& cell, int64_t W, int64_t i) {
+  return (cell.row0 + i / cell.width) * W + cell.col0 + i % cell.width;
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+void forward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse,
+                  int64_t d, int64_t cv, int64_t H, int64_t W, const Cell& cell, int64_t q0, int64_t nq,
+                  scalar_t scale, const at::TensorOptions& options) {
+  const int64_t n = cell.size();
+  const CellMatrix<scalar_t> Q(q, d, H, W, cell), K(k, d, H, W, cell), V(v, cv, H, W, cell);
+  const Blocking keys(n);
+  at::Tensor scores = at::empty({nq, keys.size}, options);
+  at::Tensor acc = at::zeros({cv, nq}, options);  // output tile, transposed to the (Cv, N) layout
+  std::vector<scalar_t> m(nq, -std::numeric_limits<scalar_t>::infinity()), l(nq, 0), alpha(nq);
+  const at::Tensor q_block = Q.block(d, q0, nq, options);
+  scalar_t* s = scores.data_ptr<scalar_t>();
+  scalar_t* a = acc.data_ptr<scalar_t>();
+  for (int64_t kb = 0; kb < keys.count; ++kb) {
+    const int64_t k0 = keys.begin(kb), nk = keys.length(kb, n);
+    at::Tensor s_tile = scores.narrow(1, 0, nk);
+    at::mm_out(s_tile, q_block.t(), K.block(d, k0, nk, options));
+    const int64_t ld = scores.stride(0);
+    for (int64_t i = 0; i < nq; ++i) {
+      const scalar_t m_old = m[i];
+      const scalar_t row_sum = online_softmax_row(s + i * ld, nk, scale, m[i]);
+      alpha[i] = std::exp(m_old - m[i]);  // 0 on the first block (m_old = -inf)
+      l[i] = l[i] * alpha[i] + row_sum;
+    }
+    if (kb > 0) {
+      for (int64_t c = 0; c < cv; ++c) {
+        scalar_t* row = a + c * nq;
+#pragma omp simd
+        for (int64_t i = 0; i < nq; ++i) row[i] *= alpha[i];
+      }
+    }
+    acc.addmm_(V.block(cv, k0, nk, options), s_tile.t());
+  }
+  const int64_t hw = H * W;
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t p = pixel(cell, W, q0 + i);
+    const scalar_t inv = scalar_t(1) / l[i];
+    for (int64_t c = 0; c < cv; ++c) out[c * hw + p] = a[c * nq + i] * inv;
+    lse[p] = m[i] + std::log(l[i]);
+  }
+}
+
+// One unit of work: an image, a cell and a block [start, start + length) of its positions.
+struct Task {
+  int64_t b, cell, start, length;
+};
+
+template <typename scalar_t>
+void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                 const std::vector<Cell>& cells, const std::vector<Task>& tasks, double scale) {
+  const int64_t d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
+  const auto options = q.options();
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* lp = lse.data_ptr<scalar_t>();
+  const int64_t ntasks = tasks.size();
+  // torch.set_num_threads governs this op too (the extension's OpenMP runtime may not be torch's)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t t = 0; t < ntasks; ++t) {
+    const Task& task = tasks[t];
+    forward_tile<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw, op + task.b * cv * hw,
+                           lp + task.b * hw, d, cv, H, W, cells[task.cell], task.start, task.length,
+                           static_cast<scalar_t>(scale), options);
+  }
+}
+
+std::vector<at::Tensor> position_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                   const at::Tensor& v_in, const at::Tensor& cells_in,
+                                                   double scale) {
+  TORCH_CHECK(q_in.device().is_cpu(), "position_attention_forward: CPU tensors only");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
+  const std::vector<Cell> cells = read_cells(cells_in);
+  at::Tensor out = at::empty_like(v);
+  at::Tensor lse = at::empty({B, H, W}, q.options());
+
+  // Tasks: (image, cell, query block), flattened so OpenMP balances them.
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < static_cast<int64_t>(cells.size()); ++c) {
+      const Blocking queries(cells[c].size());
+      for (int64_t qb = 0; qb < queries.count; ++qb)
+        tasks.push_back({b, c, queries.begin(qb), queries.length(qb, cells[c].size())});
+    }
+
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "position_attention_forward", [&] {
+    run_forward<scalar_t>(q, k, v, out, lse, cells, tasks, scale);
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+void backward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* dout,
+                   const scalar_t* lse, const scalar_t* delta, scalar_t* dq_acc, scalar_t* dk, scalar_t* dv,
+                   int64_t d, int64_t cv, int64_t H, int64_t W, const Cell& cell, int64_t k0, int64_t nk,
+                   scalar_t scale, const at::TensorOptions& options) {
+  const int64_t n = cell.size(), hw = H * W;
+  const CellMatrix<scalar_t> Q(q, d, H, W, cell), K(k, d, H, W, cell), V(v, cv, H, W, cell),
+      dO(dout, cv, H, W, cell);
+  const std::vector<scalar_t> cell_lse = gather_positions(lse, W, cell);
+  const std::vector<scalar_t> cell_delta = gather_positions(delta, W, cell);
+  const Blocking queries(n);
+  const at::Tensor k_block = K.block(d, k0, nk, options);
+  const at::Tensor v_block = V.block(cv, k0, nk, options);
+  at::Tensor scores = at::empty({queries.size, nk}, options);
+  at::Tensor probs = at::empty({queries.size, nk}, options);
+  at::Tensor dscores = at::empty({queries.size, nk}, options);
+  at::Tensor dq_tile = at::empty({d, queries.size}, options);
+  at::Tensor dk_acc = at::zeros({d, nk}, options);
+  at::Tensor dv_acc = at::zeros({cv, nk}, options);
+  for (int64_t qb = 0; qb < queries.count; ++qb) {
+    const int64_t q0 = queries.begin(qb), nq = queries.length(qb, n);
+    const at::Tensor q_block = Q.block(d, q0, nq, options);
+    const at::Tensor do_block = dO.block(cv, q0, nq, options);
+    at::Tensor s = scores.narrow(0, 0, nq), p = probs.narrow(0, 0, nq), ds = dscores.narrow(0, 0, nq);
+    at::mm_out(s, q_block.t(), k_block);
+    at::mm_out(ds, do_block.t(), v_block);  // dP, turned into dS in place below
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* dsp = ds.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < nq; ++i)
+      softmax_grad_row(sp + i * nk, pp + i * nk, dsp + i * nk, nk, scale, cell_lse[q0 + i], cell_delta[q0 + i]);
+    dv_acc.addmm_(do_block, p);
+    dk_acc.addmm_(q_block, ds);
+    at::Tensor dq_part = dq_tile.narrow(1, 0, nq);
+    at::mm_out(dq_part, k_block, ds.t());
+    const scalar_t* part = dq_tile.data_ptr<scalar_t>();
+    const int64_t ldp = dq_tile.stride(0);
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t px = pixel(cell, W, q0 + i);
+      for (int64_t c = 0; c < d; ++c) dq_acc[c * hw + px] += part[c * ldp + i];
+    }
+  }
+  const scalar_t* dka = dk_acc.data_ptr<scalar_t>();
+  const scalar_t* dva = dv_acc.data_ptr<scalar_t>();
+  for (int64_t j = 0; j < nk; ++j) {
+    const int64_t px = pixel(cell, W, k0 + j);
+    for (int64_t c = 0; c < d; ++c) dk[c * hw + px] = dka[c * nk + j];
+    for (int64_t c = 0; c < cv; ++c) dv[c * hw + px] = dva[c * nk + j];
+  }
+}
+
+template <typename scalar_t>
+void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                  const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_partials, at::Tensor& dk,
+                  at::Tensor& dv, const std::vector<Cell>& cells, const std::vector<Task>& tasks, double scale,
+                  int threads) {
+  const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
+  const auto options = q.options();
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const scalar_t* dop = dout.data_ptr<scalar_t>();
+  const scalar_t* lp = lse.data_ptr<scalar_t>();
+  const scalar_t* dp = delta.data_ptr<scalar_t>();
+  scalar_t* dqp = dq_partials.data_ptr<scalar_t>();
+  scalar_t* dkp = dk.data_ptr<scalar_t>();
+  scalar_t* dvp = dv.data_ptr<scalar_t>();
+  const int64_t ntasks = tasks.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t t = 0; t < ntasks; ++t) {
+    const Task& task = tasks[t];
+    scalar_t* dq_acc = dqp + (static_cast<int64_t>(omp_get_thread_num()) * B + task.b) * d * hw;
+    backward_tile<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
+                            dop + task.b * cv * hw, lp + task.b * hw, dp + task.b * hw, dq_acc,
+                            dkp + task.b * d * hw, dvp + task.b * cv * hw, d, cv, H, W, cells[task.cell], task.start,
+                            task.length, static_cast<scalar_t>(scale), options);
+  }
+}
+
+std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    const at::Tensor& v_in, const at::Tensor& out_in,
+                                                    const at::Tensor& lse_in, const at::Tensor& grad_in,
+                                                    const at::Tensor& cells_in, double scale) {
+  TORCH_CHECK(q_in.device().is_cpu(), "position_attention_backward: CPU tensors only");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous(), dout = grad_in.contiguous();
+  const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
+  const std::vector<Cell> cells = read_cells(cells_in);
+  at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
+  // Delta_i = sum_c dO[c, i] O[c, i]: one linear pass, accumulated in the compute dtype.
+  const at::Tensor delta = (dout * out).sum(1).contiguous();
+  const int threads = at::get_num_threads();
+  // Each thread accumulates dQ for the query blocks it visits; summed after the loop.
+  at::Tensor dq_partials = at::zeros({threads, B, d, H, W}, q.options());
+
+  // Tasks: (image, cell, key block); each key position belongs to exactly one task.
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < static_cast<int64_t>(cells.size()); ++c) {
+      const Blocking keys(cells[c].size());
+      for (int64_t kb = 0; kb < keys.count; ++kb)
+        tasks.push_back({b, c, keys.begin(kb), keys.length(kb, cells[c].size())});
+    }
+
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "position_attention_backward", [&] {
+    run_backward<scalar_t>(q, k, v, dout, lse, delta, dq_partials, dk, dv, cells, tasks, scale, threads);
+  });
+  at::Tensor dq = dq_partials.sum(0);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+void register_position_attention(pybind11::module& m) {
+  m.def("position_attention_forward", &position_attention_forward,
+        "Fused position attention forward: (q, k, v, cells, scale) -> (out, lse)", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cells"), pybind11::arg("scale"));
+  m.def("position_attention_backward", &position_attention_backward,
+        "Fused position attention backward by recomputation: -> (dq, dk, dv)", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
+        pybind11::arg("grad_out"), pybind11::arg("cells"), pybind11::arg("scale"));
+}
