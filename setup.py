@@ -38,13 +38,22 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=find_packages(include=["cskd_kernels", "cskd_kernels.*"]),
+    packages=find_packages(include=["cskd_kernels", "cskd_kernels.*"]) + ["cskd_train"],
+    # The training application lives in python/ and installs as the package cskd_train.
+    package_dir={"cskd_train": "python/cskd_train"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "test": ["pytest>=7", "psutil"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "psutil"],
-        # Filled by the training application (python/).
-        "train": [],
+        # The training application (python/cskd_train): cskd-train, cskd-eval, cskd-demo.
+        "train": ["timm>=1.0", "torchvision", "torchmetrics>=1.0", "tqdm", "matplotlib", "Pillow"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cskd-train=cskd_train.train:main",
+            "cskd-eval=cskd_train.evaluate:main",
+            "cskd-demo=cskd_train.demo:main",
+        ]
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,1 @@
+"""cskd_train: the training application of cskd-kernels (cskd-train, cskd-eval, cskd-demo)."""

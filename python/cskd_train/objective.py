@@ -1,0 +1,84 @@
+"""The training objective: CE, the auxiliary CE, and the distillation terms from cskd_kernels.
+
+``--distill cskd`` is the released objective:
+CE + 0.4 aux CE + 3 CWD(T=2) + CSKDLoss(T=2, lambda_cam=0.3, lambda_pam=0.8, grid 5x5);
+``cwd`` drops the CSKD term, ``none`` both distillation terms. The loss math
+lives in cskd_kernels only; this module wires it to the networks' outputs.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cskd_kernels
+from cskd_train.datasets import IGNORE_INDEX
+
+DISTILL_MODES = ("none", "cwd", "cskd")
+
+
+@dataclass
+class ObjectiveConfig:
+    distill: str = "none"
+    aux_weight: float = 0.4
+    cwd_weight: float = 3.0
+    cwd_temperature: float = 2.0
+    cskd_weight: float = 1.0
+    cskd_temperature: float = 2.0
+    lambda_cam: float = 0.3
+    lambda_pam: float = 0.8
+    grid: Optional[Tuple[int, int]] = (5, 5)
+    projection: str = "resample"
+    reduction: int = 8
+
+
+def segmentation_ce(logits, labels):
+    """Cross-entropy with the logits upsampled to the label size (as the released criterion does)."""
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=True)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+
+class Objective(nn.Module):
+    """Loss parts for one step; holds the CSKD module, whose parameters train with the student."""
+
+    def __init__(self, config, student_channels, teacher_channels=None):
+        super().__init__()
+        if config.distill not in DISTILL_MODES:
+            raise ValueError(f"unknown distill mode {config.distill!r}; choose one of {DISTILL_MODES}")
+        self.config = config
+        self.cskd = None
+        if config.distill == "cskd":
+            self.cskd = cskd_kernels.CSKDLoss(
+                student_channels,
+                teacher_channels,
+                temperature=config.cskd_temperature,
+                lambda_cam=config.lambda_cam,
+                lambda_pam=config.lambda_pam,
+                grid=config.grid,
+                projection=config.projection,
+                reduction=config.reduction,
+            )
+
+    @property
+    def needs_teacher(self):
+        return self.config.distill != "none"
+
+    def forward(self, student, labels, teacher=None):
+        """student/teacher: SegmentationOutput. Returns a dict of scalar tensors with the "loss" total."""
+        cfg = self.config
+        parts = {"ce": segmentation_ce(student.logits, labels)}
+        total = parts["ce"]
+        if student.aux_logits is not None and cfg.aux_weight:
+            parts["aux"] = segmentation_ce(student.aux_logits, labels)
+            total = total + cfg.aux_weight * parts["aux"]
+        if cfg.distill in ("cwd", "cskd"):
+            parts["cwd"] = cskd_kernels.cwd_loss(student.logits, teacher.logits.detach(), temperature=cfg.cwd_temperature)
+            total = total + cfg.cwd_weight * parts["cwd"]
+        if cfg.distill == "cskd":
+            out = self.cskd(student.features, teacher.features.detach())
+            parts["cam"], parts["pam"], parts["cskd"] = out.cam, out.pam, out.loss
+            total = total + cfg.cskd_weight * out.loss
+        parts["loss"] = total
+        return parts

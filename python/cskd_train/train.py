@@ -1,0 +1,515 @@
+"""cskd-train: train a segmentation student, alone or distilled from a teacher (CWD, CSKD).
+
+Run ``cskd-train --help`` for the flags. Data parallel with
+``torchrun --nproc_per_node=N -m cskd_train.train ...``.
+
+The output directory holds last.pt (everything a resume needs), best.pt (the
+best validation mIoU), metrics.jsonl (one JSON object per logged step and per
+validation), config.json and curves.png.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cskd_train import distributed
+from cskd_train.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    is_training_checkpoint,
+    load_file,
+    load_state_dict_checked,
+    load_training_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from cskd_train.convert import backbone_state_dict, teacher_state_dict
+from cskd_train.datasets import DATASET_NAMES, NUM_CLASSES, DatasetError, build_dataset
+from cskd_train.evaluate import eval_loader, evaluate
+from cskd_train.models import MODEL_NAMES, build_model, feature_channels
+from cskd_train.objective import DISTILL_MODES, Objective, ObjectiveConfig
+from cskd_train.transforms import NORMALIZATIONS, SeededSampler, TrainTransform, Transformed
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (bad flags, too many non-finite losses); reported in one line."""
+
+
+class StopRequested(Exception):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="cskd-train", description=__doc__.split("\n\n")[0])
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASET_NAMES, default="synthetic")
+    data.add_argument("--data-root", default=None, help="dataset directory (not needed for synthetic)")
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--val-split", default="val")
+    data.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), default=(64, 64))
+    data.add_argument("--no-scale-aug", action="store_true", help="turn off the random scale 0.5..2.0")
+    data.add_argument("--normalization", choices=NORMALIZATIONS, default="imagenet",
+                      help="'released': BGR minus the Caffe means, as the released teachers were trained")
+    data.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--synthetic-size", type=int, default=64, help="synthetic image side")
+    data.add_argument("--synthetic-images", type=int, default=None, help="synthetic training images (512)")
+    data.add_argument("--synthetic-val-images", type=int, default=None, help="synthetic validation images (64)")
+
+    model = p.add_argument_group("models")
+    model.add_argument("--model", choices=MODEL_NAMES, default="deeplabv3_resnet18")
+    model.add_argument("--backbone-weights", default=None, help="local ImageNet backbone state dict")
+    model.add_argument("--teacher-model", choices=MODEL_NAMES, default=None)
+    model.add_argument("--teacher-checkpoint", default=None,
+                       help="our last.pt/best.pt, or a released (CIRKD code base) state dict")
+    model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the student (DDP)")
+
+    loss = p.add_argument_group("objective")
+    loss.add_argument("--distill", choices=DISTILL_MODES, default="none")
+    loss.add_argument("--aux-weight", type=float, default=0.4)
+    loss.add_argument("--cwd-weight", type=float, default=3.0)
+    loss.add_argument("--cwd-temperature", type=float, default=2.0)
+    loss.add_argument("--cskd-weight", type=float, default=1.0)
+    loss.add_argument("--cskd-temperature", type=float, default=2.0)
+    loss.add_argument("--lambda-cam", type=float, default=0.3)
+    loss.add_argument("--lambda-pam", type=float, default=0.8)
+    loss.add_argument("--grid", type=int, nargs=2, metavar=("GH", "GW"), default=(5, 5))
+    loss.add_argument("--global-pam", action="store_true", help="one PAM over the whole map instead of a grid")
+    loss.add_argument("--projection", choices=("resample", "fixed", "learned"), default="resample")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--max-iterations", type=int, default=40000)
+    opt.add_argument("--batch-size", type=int, default=8, help="per process")
+    opt.add_argument("--lr", type=float, default=0.02)
+    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
+    opt.add_argument("--max-nonfinite", type=int, default=10,
+                     help="stop after this many non-finite losses in a row")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--output-dir", default="runs/cskd")
+    run.add_argument("--resume", default=None, help="a last.pt to continue from")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--val-every", type=int, default=1000, help="validate every K iterations (and at the end)")
+    run.add_argument("--val-batch-size", type=int, default=1)
+    run.add_argument("--val-mode", choices=("whole", "slide"), default="whole")
+    run.add_argument("--checkpoint-every", type=int, default=None, help="default: --val-every")
+    run.add_argument("--stop-after", type=int, default=None,
+                     help="save and exit after this many iterations of this invocation (time-sliced jobs)")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    run.add_argument("--no-plot", action="store_true", help="no curves.png at the end")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.distill != "none" and (args.teacher_model is None or args.teacher_checkpoint is None):
+        raise TrainingError(f"--distill {args.distill} needs --teacher-model and --teacher-checkpoint")
+    for name in ("max_iterations", "batch_size", "log_every", "val_every", "max_nonfinite"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.checkpoint_every is None:
+        args.checkpoint_every = args.val_every
+    return args
+
+
+def objective_config(args):
+    return ObjectiveConfig(
+        distill=args.distill,
+        aux_weight=args.aux_weight,
+        cwd_weight=args.cwd_weight,
+        cwd_temperature=args.cwd_temperature,
+        cskd_weight=args.cskd_weight,
+        cskd_temperature=args.cskd_temperature,
+        lambda_cam=args.lambda_cam,
+        lambda_pam=args.lambda_pam,
+        grid=None if args.global_pam else tuple(args.grid),
+        projection=args.projection,
+    )
+
+
+# --------------------------------------------------------------------------
+# Pieces of a run
+# --------------------------------------------------------------------------
+
+
+def load_teacher(args, num_classes, device):
+    model = build_model(args.teacher_model, num_classes)
+    obj = load_file(args.teacher_checkpoint)
+    if is_training_checkpoint(obj) and obj.get("model_name") != args.teacher_model:
+        raise CheckpointError(
+            f"{args.teacher_checkpoint} holds a {obj.get('model_name')}, not the --teacher-model {args.teacher_model}"
+        )
+    state = teacher_state_dict(obj, args.teacher_checkpoint)
+    load_state_dict_checked(model, state, args.teacher_checkpoint)
+    model.to(device).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def load_backbone_weights(model, path):
+    backbone = model.backbone
+    state = backbone_state_dict(load_file(path), set(backbone.state_dict()), path)
+    load_state_dict_checked(backbone, state, path)
+
+
+class StudentStep(nn.Module):
+    """Student and loss module in one Module, so DDP also averages the loss module's gradients."""
+
+    def __init__(self, student, objective):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+
+    def forward(self, images, labels, teacher_out=None):
+        return self.objective(self.student(images), labels, teacher_out)
+
+
+def train_batches(loader, sampler, start_iteration, batches_per_epoch):
+    """Batches from iteration start_iteration on, epoch after epoch (the order a fresh run would see)."""
+    epoch, offset = divmod(start_iteration, batches_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.set_start(offset * loader.batch_size)
+        yield from loader
+        epoch, offset = epoch + 1, 0
+
+
+class MetricsLog:
+    """metrics.jsonl, written by rank 0; on resume the rows after the checkpoint's iteration are dropped."""
+
+    def __init__(self, path, enabled, resume_iteration=None):
+        self.path = path
+        self.enabled = enabled
+        if enabled and resume_iteration is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as lines:
+                kept = [line for line in lines if line.strip() and json.loads(line)["iteration"] <= resume_iteration]
+            with open(path, "w", encoding="utf-8") as out:
+                out.writelines(kept)
+        elif enabled and resume_iteration is None:
+            open(path, "w").close()
+
+    def write(self, row):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(row) + "\n")
+
+
+def ignore_interrupts(worker_id):
+    """Loader workers ignore Ctrl-C (sent to the whole process group): the main process saves and stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class SignalFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, args, context):
+        self.args = args
+        self.context = context
+        self.num_classes = NUM_CLASSES[args.dataset]
+        self.output_dir = args.output_dir
+        self.last_path = os.path.join(args.output_dir, "last.pt")
+        self.best_path = os.path.join(args.output_dir, "best.pt")
+
+        # Everything that can fail on bad input is read before anything is written.
+        self.train_set = build_dataset(args.dataset, args.train_split, root=args.data_root, seed=args.seed,
+                                       synthetic_size=args.synthetic_size, synthetic_images=args.synthetic_images)
+        self.val_set = build_dataset(args.dataset, args.val_split, root=args.data_root, seed=args.seed,
+                                     synthetic_size=args.synthetic_size, synthetic_images=args.synthetic_val_images)
+        resume = load_training_checkpoint(args.resume) if args.resume else None
+        if resume is not None and (resume["model_name"], resume["num_classes"]) != (args.model, self.num_classes):
+            raise CheckpointError(
+                f"{args.resume} holds a {resume['model_name']} with {resume['num_classes']} classes, "
+                f"not a {args.model} with {self.num_classes}"
+            )
+
+        if args.sync_bn and context.distributed and context.device.type != "cuda":
+            raise TrainingError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
+        torch.manual_seed(args.seed)
+        self.teacher = load_teacher(args, self.num_classes, context.device) if args.distill != "none" else None
+        student = build_model(args.model, self.num_classes, sync_bn=args.sync_bn and context.distributed)
+        if args.backbone_weights and resume is None:
+            load_backbone_weights(student, args.backbone_weights)
+        teacher_channels = feature_channels(self.teacher) if self.teacher is not None else None
+        objective = Objective(objective_config(args), feature_channels(student), teacher_channels)
+        self.step_module = StudentStep(student, objective).to(context.device)
+        self.student = student
+        self.objective = objective
+        self.optimizer = torch.optim.SGD(
+            self.step_module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(
+            self.optimizer, total_iters=args.max_iterations, power=args.power
+        )
+        self.iteration = 0
+        self.best_miou = -1.0
+        self.nonfinite_total = 0
+        if resume is not None:
+            self.restore(resume, args.resume)
+        self.ddp = self.step_module
+        if context.distributed:
+            self.ddp = DistributedDataParallel(
+                self.step_module,
+                device_ids=[context.device.index] if context.device.type == "cuda" else None,
+                find_unused_parameters=args.aux_weight == 0,  # an unweighted aux head gets no gradient
+            )
+        self.train_loader, self.sampler = self.make_train_loader()
+        self.val_loader = eval_loader(self.val_set, args.normalization, context, args.val_batch_size, args.workers)
+        self.start_iteration = self.iteration
+        self.resumed = resume is not None
+        self.log = None
+
+    def restore(self, checkpoint, path):
+        load_state_dict_checked(self.student, checkpoint["model"], path)
+        try:
+            self.objective.load_state_dict(checkpoint["loss_module"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{path} does not fit this run's optimiser or loss: {error}".splitlines()[0]) from None
+        self.iteration = checkpoint["iteration"]
+        self.best_miou = checkpoint.get("best_miou", -1.0)
+        self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+        set_rng_state(checkpoint["rng"])
+
+    def make_train_loader(self):
+        args, context = self.args, self.context
+        transform = TrainTransform(args.crop_size, args.normalization, scale=not args.no_scale_aug)
+        dataset = Transformed(self.train_set, transform)
+        sampler = SeededSampler(dataset, num_replicas=context.world_size, rank=context.rank, seed=args.seed)
+        if sampler.num_samples < args.batch_size:
+            raise TrainingError(
+                f"the {args.train_split} split has {len(dataset)} images: too few for {context.world_size} "
+                f"process(es) with --batch-size {args.batch_size}"
+            )
+        # The loader's own generator: creating an epoch's iterator must not draw from the global RNG,
+        # or a resumed run (which creates one at a different moment) would diverge.
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=args.workers,
+            generator=torch.Generator().manual_seed(args.seed), pin_memory=context.device.type == "cuda",
+            worker_init_fn=ignore_interrupts,
+        )
+        return loader, sampler
+
+    # ---- checkpoints -------------------------------------------------------
+
+    def checkpoint(self):
+        return {
+            "format": FORMAT,
+            "iteration": self.iteration,
+            "model_name": self.args.model,
+            "num_classes": self.num_classes,
+            "model": self.student.state_dict(),
+            "loss_module": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "best_miou": self.best_miou,
+            "nonfinite_total": self.nonfinite_total,
+            "config": json.dumps(vars(self.args)),
+        }
+
+    def save(self, path):
+        if self.context.is_main:
+            save_atomic(self.checkpoint(), path)
+        distributed.barrier(self.context)
+
+    # ---- one step ----------------------------------------------------------
+
+    def step(self, images, labels):
+        """One optimisation step; returns the loss parts as floats, or None if the loss was not finite."""
+        teacher_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_out = self.teacher(images)
+        parts = self.ddp(images, labels, teacher_out)
+        nonfinite = distributed.any_across_ranks(not bool(torch.isfinite(parts["loss"])), self.context)
+        self.optimizer.zero_grad(set_to_none=True)
+        if nonfinite:
+            # Every rank skips together (a lone backward would hang DDP's gradient all-reduce).
+            self.scheduler.step()
+            return None
+        parts["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {name: float(value.detach()) for name, value in parts.items()}
+
+    def validate(self):
+        distributed.broadcast_buffers(self.student, self.context)
+        miou, iou = evaluate(self.student, self.val_loader, self.num_classes, self.context,
+                             mode=self.args.val_mode, crop_size=self.args.crop_size)
+        self.log.write({"iteration": self.iteration, "miou": miou, "iou": iou})
+        if miou > self.best_miou:
+            self.best_miou = miou
+            self.save(self.best_path)
+        return miou
+
+    # ---- the loop ----------------------------------------------------------
+
+    def run(self):
+        args, context = self.args, self.context
+        if context.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "config.json"), "w", encoding="utf-8") as out:
+                json.dump(vars(args), out, indent=2)
+        self.log = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"), context.is_main,
+                              resume_iteration=self.iteration if self.resumed else None)
+        batches_per_epoch = self.sampler.num_samples // args.batch_size
+        batches = train_batches(self.train_loader, self.sampler, self.iteration, batches_per_epoch)
+        progress = self.progress_bar()
+        consecutive_nonfinite = 0
+        stop_at = args.max_iterations if args.stop_after is None else min(
+            args.max_iterations, self.start_iteration + args.stop_after)
+        self.student.train()
+        with SignalFlag() as signals:
+            while self.iteration < stop_at:
+                images, labels = next(batches)
+                images, labels = images.to(context.device, non_blocking=True), labels.to(context.device)
+                started = time.perf_counter()
+                parts = self.step(images, labels)
+                seconds = time.perf_counter() - started
+                self.iteration += 1
+                if parts is None:
+                    consecutive_nonfinite += 1
+                    self.nonfinite_total += 1
+                    self.log.write({"iteration": self.iteration, "nonfinite": True,
+                                    "nonfinite_total": self.nonfinite_total})
+                    self.message(f"iteration {self.iteration}: non-finite loss, step skipped "
+                                 f"({consecutive_nonfinite} in a row, {self.nonfinite_total} in all)")
+                    if consecutive_nonfinite >= args.max_nonfinite:
+                        raise TrainingError(
+                            f"{consecutive_nonfinite} non-finite losses in a row at iteration {self.iteration}: "
+                            f"stopping; the last good checkpoint is {self.last_path}"
+                        )
+                else:
+                    consecutive_nonfinite = 0
+                    if self.iteration % args.log_every == 0 or self.iteration == args.max_iterations:
+                        row = distributed.mean_across_ranks(parts, context)
+                        row.update(iteration=self.iteration, lr=self.scheduler.get_last_lr()[0], seconds=seconds)
+                        self.log.write(row)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
+                if progress is not None:
+                    progress.update(1)
+                final = self.iteration == args.max_iterations
+                if self.iteration % args.val_every == 0 or final:
+                    self.validate()
+                stop = distributed.any_across_ranks(signals.signum is not None, context)
+                if self.iteration % args.checkpoint_every == 0 or final or stop or self.iteration == stop_at:
+                    self.save(self.last_path)
+                if stop:
+                    if progress is not None:
+                        progress.close()
+                    raise StopRequested(signals.signum or signal.SIGTERM)
+        if progress is not None:
+            progress.close()
+        if not distributed.replicas_in_sync(self.step_module, context):
+            raise TrainingError("the student or loss-module parameters differ across ranks after training")
+        if context.is_main and self.iteration == args.max_iterations and not args.no_plot:
+            from cskd_train.plot import plot_curves
+
+            plot_curves(self.log.path, os.path.join(self.output_dir, "curves.png"))
+        return self.best_miou
+
+    def progress_bar(self):
+        if self.args.no_progress or not self.context.is_main:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.args.max_iterations, initial=self.iteration, desc="train", unit="it",
+                    dynamic_ncols=True)
+
+    def message(self, text):
+        if self.context.is_main:
+            print(f"cskd-train: {text}", file=sys.stderr, flush=True)
+
+
+def error_line(error):
+    """One line for the user; errors re-raised from loader workers carry a traceback text: keep its last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the cause is the last line
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text or type(error).__name__
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except TrainingError as error:
+        print(f"cskd-train: error: {error}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        context = distributed.setup(args.device)
+    except RuntimeError as error:
+        print(f"cskd-train: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(args, context)
+        best = trainer.run()
+        if context.is_main:
+            state = "done" if trainer.iteration == args.max_iterations else "stopped (--stop-after)"
+            print(f"cskd-train: {state} at iteration {trainer.iteration} of {args.max_iterations}, "
+                  f"best mIoU {best:.4f}, outputs in {args.output_dir}")
+        return 0
+    except StopRequested as stop:
+        name = signal.Signals(stop.signum).name
+        if context.is_main:
+            print(f"cskd-train: {name} received: checkpoint saved to {os.path.join(args.output_dir, 'last.pt')}; "
+                  f"continue with --resume", file=sys.stderr)
+        return 128 + stop.signum
+    except (CheckpointError, DatasetError, TrainingError) as error:
+        print(f"cskd-train: error: {error_line(error)}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown(context)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
