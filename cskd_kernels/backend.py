@@ -13,7 +13,8 @@ Every public op takes ``backend=`` ("auto", "triton", "cpu", "reference");
   support (float64 on CUDA, float16 on the CPU) runs on the reference.
 
 Triton and the extension are imported on first use only, so the package
-imports on a machine without either.
+imports on a machine without either. ``kernels(op, backend)`` is the one place
+the ops get their kernel functions from.
 """
 
 import functools
@@ -61,13 +62,27 @@ def extension():
     return _load_extension()[0]
 
 
+# torch.compile cannot trace the import behind these answers (importlib), and
+# they never change within a process: dynamo calls them once and bakes the
+# result into the graph, so resolve_backend traces without a graph break.
+@torch.compiler.assume_constant_result
+def extension_built():
+    """True when the C++ extension imports."""
+    return extension() is not None
+
+
 def extension_error():
     """Why the extension could not be imported (None when it was)."""
     return _load_extension()[1]
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def triton_available():
+    return _triton_importable()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable():
     try:
         importlib.import_module("triton")
         return True
@@ -80,6 +95,63 @@ def triton_kernels(op):
     if not triton_available():
         raise BackendError("backend='triton' needs the triton package, which is not installed")
     return importlib.import_module(f"cskd_kernels.triton.{op}")
+
+
+def _without_autocast(kernel):
+    """``kernel`` run with autocast off on its tensors' device.
+
+    The kernels choose their own precision (float32 accumulation at least).
+    Under an active autocast the PyTorch calls inside them (the C++ kernels'
+    at::bmm, at::mm_out) would be re-dispatched to bfloat16: a dtype error
+    or a silent loss of precision.
+    """
+
+    @functools.wraps(kernel)
+    def run(*args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return kernel(*args)
+
+    return run
+
+
+class _Kernels:
+    """The kernel functions of one op on one fused backend, as attributes (resolved on first use)."""
+
+    def __init__(self, op, backend):
+        if backend == "cpu":
+            ext = extension()
+            if ext is None:
+                raise BackendError(f"backend='cpu' needs the C++ extension, which is not built ({extension_error()})")
+            self._source, self._names = ext, (f"{op}_{{}}",)
+        elif backend == "triton":
+            # Triton modules name their launchers with or without the op prefix.
+            self._source, self._names = triton_kernels(op), (f"{op}_{{}}", "{}")
+        else:
+            raise BackendError(f"{op} has no kernels for backend={backend!r} (fused backends: 'cpu', 'triton')")
+        self._op, self._backend = op, backend
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        for pattern in self._names:
+            kernel = getattr(self._source, pattern.format(name), None)
+            if kernel is not None:
+                kernel = _without_autocast(kernel)
+                setattr(self, name, kernel)  # later lookups skip __getattr__
+                return kernel
+        raise AttributeError(f"backend {self._backend!r} has no kernel {name!r} for op {self._op!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(op, backend):
+    """The kernels of ``op`` on ``backend`` ("cpu" or "triton"): ``kernels("cwd", "cpu").forward``.
+
+    A kernel ``name`` is the extension's ``<op>_<name>`` on "cpu" and
+    cskd_kernels.triton.<op>'s ``<op>_<name>`` (or ``<name>``) on "triton".
+    Every kernel runs with autocast disabled (see _without_autocast).
+    """
+    return _Kernels(op, backend)
 
 
 _warned_no_extension = False
@@ -105,7 +177,7 @@ def _auto(device, dtypes):
             return "triton"
         return "reference"
     if device.type == "cpu":
-        if extension() is None:
+        if not extension_built():
             _warn_no_extension_once()
             return "reference"
         if all(d in _DTYPES["cpu"] for d in dtypes):
@@ -123,7 +195,7 @@ def _check_runnable(name, device, dtypes):
     if name == "cpu":
         if device.type != "cpu":
             raise BackendError(f"backend='cpu' runs CPU tensors only, got a tensor on {device}")
-        if extension() is None:
+        if not extension_built():
             raise BackendError(
                 f"backend='cpu' needs the C++ extension, which is not built ({extension_error()}); "
                 "install with `pip install --no-build-isolation -e .`"

@@ -108,7 +108,9 @@ def channel_attention(x, gamma, *, temperature=1.0):
     # softmax((rowmax(E) - E) / T) == softmax(-E / T); softmax subtracts the row max itself.
     attention = torch.softmax(-energy / temperature, dim=-1)
     out = attention @ features
-    return (gamma * out + features).reshape(b, c, h, w)
+    # gamma is a float32 parameter while features may be bfloat16 (autocast, a
+    # half-precision student): the sum promotes, the result keeps x's dtype.
+    return (gamma * out + features).to(x.dtype).reshape(b, c, h, w)
 
 
 # --------------------------------------------------------------------------

@@ -27,48 +27,75 @@ import numbers
 import torch
 
 from cskd_kernels import reference
-from cskd_kernels._validation import check_float_tensor, check_positive, check_same_device
-from cskd_kernels.backend import extension, resolve_backend, triton_kernels
+from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_positive, check_same_device
+from cskd_kernels.backend import kernels, resolve_backend
+
+# The two kernels are PyTorch custom ops ("cskd" namespace) with fake
+# implementations and a registered autograd formula, so torch.compile sees
+# each as one op (no graph break) and autograd as one node.
 
 
-def _cpu_kernels():
-    ext = extension()
-    return ext.channel_attention_forward, ext.channel_attention_backward
+@torch.library.custom_op("cskd::channel_attention_forward", mutates_args=())
+def channel_attention_forward(
+    features: torch.Tensor, gamma: torch.Tensor, temperature: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, C, N) in the dtype of features, attention (B, C, C) in the accumulation dtype)."""
+    # The extension returns a list; a custom op must return a tuple (autograd ignores a list).
+    out, attention = kernels("channel_attention", backend).forward(features, gamma, temperature)
+    return out, attention
 
 
-def _triton_kernels():
-    module = triton_kernels("channel_attention")
-    return module.channel_attention_forward, module.channel_attention_backward
+@channel_attention_forward.register_fake
+def _channel_attention_forward_fake(features, gamma, temperature, backend):
+    b, c, _ = features.shape
+    return torch.empty_like(features), features.new_empty((b, c, c), dtype=accumulation_dtype(features.dtype))
 
 
-_KERNELS = {"cpu": _cpu_kernels, "triton": _triton_kernels}
+@torch.library.custom_op("cskd::channel_attention_backward", mutates_args=())
+def channel_attention_backward(
+    grad_out: torch.Tensor,
+    features: torch.Tensor,
+    attention: torch.Tensor,
+    gamma: torch.Tensor,
+    temperature: float,
+    need_x: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, or an empty tensor when not need_x, d gamma shaped like gamma)."""
+    grad_x, grad_gamma = kernels("channel_attention", backend).backward(
+        grad_out, features, attention, gamma, temperature, need_x
+    )
+    # A custom op returns tensors only: "no dx" is an empty one.
+    return (grad_x if need_x else features.new_empty(0)), grad_gamma
 
 
-class ChannelAttentionFunction(torch.autograd.Function):
-    """gamma * softmax_rows(-X X^T / T) X + X on (B, C, N) features, with a custom backward."""
+@channel_attention_backward.register_fake
+def _channel_attention_backward_fake(grad_out, features, attention, gamma, temperature, need_x, backend):
+    return (torch.empty_like(features) if need_x else features.new_empty(0)), torch.empty_like(gamma)
 
-    @staticmethod
-    def forward(ctx, features, gamma, temperature, backend):
-        forward_kernel, _ = _KERNELS[backend]()
-        gamma_kernel = gamma.detach()
-        out, attention = forward_kernel(features, gamma_kernel, float(temperature))
-        ctx.temperature = float(temperature)
-        ctx.backend = backend
-        ctx.save_for_backward(features, gamma_kernel, attention)
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        features, gamma, attention = ctx.saved_tensors
-        need_x, need_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_x or need_gamma):
-            return None, None, None, None
-        _, backward_kernel = _KERNELS[ctx.backend]()
-        grad_x, grad_gamma = backward_kernel(
-            grad_out.contiguous(), features, attention, gamma, ctx.temperature, bool(need_x)
-        )
-        return (grad_x if need_x else None), (grad_gamma if need_gamma else None), None, None
+def _setup_context(ctx, inputs, output):
+    features, gamma, temperature, backend = inputs
+    _, attention = output
+    ctx.mark_non_differentiable(attention)  # saved for the backward, not a result
+    ctx.save_for_backward(features, gamma, attention)
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+@torch.autograd.function.once_differentiable
+def _backward(ctx, grad_out, _grad_attention):
+    features, gamma, attention = ctx.saved_tensors
+    need_x, need_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_x or need_gamma):
+        return None, None, None, None
+    # Without need_x (the CAM teacher side) the kernel does only d gamma's work.
+    grad_x, grad_gamma = channel_attention_backward(
+        grad_out.contiguous(), features, attention, gamma, ctx.temperature, need_x, ctx.backend
+    )
+    return (grad_x if need_x else None), (grad_gamma if need_gamma else None), None, None
+
+
+channel_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(x, gamma, temperature):
@@ -107,5 +134,5 @@ def channel_attention(x, gamma, *, temperature=1.0, backend=None):
     features = x.reshape(b, c, h * w).contiguous()
     # Kernels take gamma in the accumulation dtype; autograd casts its gradient back.
     gamma_acc = gamma.reshape(1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    out = ChannelAttentionFunction.apply(features, gamma_acc, temperature, name)
+    out, _ = channel_attention_forward(features, gamma_acc, temperature, name)
     return out.reshape(b, c, h, w)

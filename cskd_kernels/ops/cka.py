@@ -21,20 +21,7 @@ import torch
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
-from cskd_kernels.backend import extension, resolve_backend, triton_kernels
-
-
-def _cpu_kernels():
-    ext = extension()
-    return ext.cka_centered_gram, ext.cka_centered_gram_backward
-
-
-def _triton_kernels():
-    module = triton_kernels("cka")
-    return module.centered_gram, module.centered_gram_backward
-
-
-_KERNELS = {"cpu": _cpu_kernels, "triton": _triton_kernels}
+from cskd_kernels.backend import kernels, resolve_backend
 
 
 def _centering_matrix(n, dtype, device):
@@ -48,7 +35,7 @@ def _centering_matrix(n, dtype, device):
 @torch.library.custom_op("cskd::cka_centered_gram", mutates_args=())
 def centered_gram(x: torch.Tensor, backend: str) -> torch.Tensor:
     """Kc = (H x)(H x)^T per group, x (g, n, p) -> (g, n, n) in float32 (float64 for float64 x)."""
-    return _KERNELS[backend]()[0](x)
+    return kernels("cka", backend).centered_gram(x)
 
 
 @centered_gram.register_fake
@@ -59,7 +46,7 @@ def _centered_gram_fake(x, backend):
 @torch.library.custom_op("cskd::cka_centered_gram_backward", mutates_args=())
 def centered_gram_backward(x: torch.Tensor, m: torch.Tensor, backend: str) -> torch.Tensor:
     """M (x - x_0) for a centered n x n matrix M per group: one pass over x."""
-    return _KERNELS[backend]()[1](x, m)
+    return kernels("cka", backend).centered_gram_backward(x, m)
 
 
 @centered_gram_backward.register_fake
