@@ -8,8 +8,8 @@ log-sum-exp statistics of s/T and t/T, one for the KL terms and
 
     dloss/ds = T^2/(B*C) * (p_s - p_t) / T = T/(B*C) * (p_s - p_t).
 
-The forward saves ds and the backward only scales it by grad_out. ds is
-computed only when s requires grad (a frozen student, or evaluation under
+The forward (one custom op, cskd::cwd_loss) saves ds and the backward only
+scales it by grad_out. ds is computed only when s requires grad (a frozen student, or evaluation under
 no_grad, costs the value alone). t never gets a gradient: the teacher is
 treated as detached, as in the reference.
 
@@ -27,43 +27,50 @@ import torch
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
-from cskd_kernels.backend import extension, resolve_backend, triton_kernels
+from cskd_kernels.backend import kernels, resolve_backend
+
+# The kernel is a PyTorch custom op ("cskd" namespace) with a fake
+# implementation and a registered autograd formula, so torch.compile sees one
+# op (no graph break) and autograd one node.
 
 
-def _cpu_forward(s, t, temperature, grad_scale, compute_grad):
-    kl_rows, ds = extension().cwd_forward(s, t, temperature, grad_scale, compute_grad)
-    return kl_rows, (ds if compute_grad else None)
+@torch.library.custom_op("cskd::cwd_loss", mutates_args=())
+def cwd_loss_rows(
+    s_rows: torch.Tensor, t_rows: torch.Tensor, temperature: float, pairs: int, compute_grad: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, 0-dim in the accumulation dtype, ds (R, N) in s's dtype or an empty tensor) on (B*C, N) rows."""
+    grad_scale = temperature / pairs
+    kl_rows, ds = kernels("cwd", backend).forward(s_rows, t_rows, temperature, grad_scale, compute_grad)
+    loss = kl_rows.sum() * (temperature * temperature / pairs)
+    # A custom op returns tensors only: "no ds" is an empty one.
+    return loss, (ds if compute_grad else s_rows.new_empty(0))
 
 
-def _triton_forward(s, t, temperature, grad_scale, compute_grad):
-    return triton_kernels("cwd").cwd_forward(s, t, temperature, grad_scale, compute_grad)
+@cwd_loss_rows.register_fake
+def _cwd_loss_rows_fake(s_rows, t_rows, temperature, pairs, compute_grad, backend):
+    loss = s_rows.new_empty((), dtype=accumulation_dtype(s_rows.dtype))
+    return loss, (torch.empty_like(s_rows) if compute_grad else s_rows.new_empty(0))
 
 
-_KERNELS = {"cpu": _cpu_forward, "triton": _triton_forward}
+def _setup_context(ctx, inputs, output):
+    _, ds = output
+    ctx.mark_non_differentiable(ds)  # the saved gradient, not a result
+    ctx.save_for_backward(ds)
 
 
-class CWDFunction(torch.autograd.Function):
-    """cwd_loss on (B*C, N) rows; the gradient is computed in the forward and scaled in the backward."""
+@torch.autograd.function.once_differentiable
+def _backward(ctx, grad_loss, _grad_ds):
+    (ds,) = ctx.saved_tensors
+    grad_s = None
+    if ctx.needs_input_grad[0]:
+        # A new tensor, never ds itself: autograd may adopt the returned
+        # gradient as s.grad and accumulate into it in place, which would
+        # corrupt the saved ds for a retained graph.
+        grad_s = ds * grad_loss.to(ds.dtype)
+    return grad_s, None, None, None, None, None
 
-    @staticmethod
-    def forward(ctx, s_rows, t_rows, temperature, pairs, backend):
-        compute_grad = ctx.needs_input_grad[0]
-        grad_scale = temperature / pairs
-        kl_rows, ds = _KERNELS[backend](s_rows, t_rows, temperature, grad_scale, compute_grad)
-        ctx.save_for_backward(ds if compute_grad else None)
-        return kl_rows.sum() * (temperature * temperature / pairs)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        (ds,) = ctx.saved_tensors
-        grad_s = None
-        if ctx.needs_input_grad[0]:
-            # A new tensor, never ds itself: autograd may adopt the returned
-            # gradient as s.grad and accumulate into it in place, which would
-            # corrupt the saved ds for a retained graph.
-            grad_s = ds * grad_out.to(ds.dtype)
-        return grad_s, None, None, None, None
+cwd_loss_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(s, t, temperature):
@@ -115,5 +122,7 @@ def cwd_loss(s, t, *, temperature=1.0, backend=None):
     if name == "cpu" and t_rows.dtype != s_rows.dtype:
         # The C++ kernel takes one dtype: run mixed float32/float64 input in float64.
         s_rows, t_rows = s_rows.to(acc), t_rows.to(acc)
-    out = CWDFunction.apply(s_rows, t_rows.detach(), temperature, b * c, name)
+    # The gradient is computed in the forward pass, so only when it will be asked for.
+    compute_grad = torch.is_grad_enabled() and s_rows.requires_grad
+    out, _ = cwd_loss_rows(s_rows, t_rows.detach(), temperature, b * c, compute_grad, name)
     return out.to(acc)

@@ -28,30 +28,9 @@ import numbers
 import torch
 
 from cskd_kernels import reference
-from cskd_kernels._validation import check_float_tensor, check_same_device
-from cskd_kernels.backend import extension, resolve_backend, triton_kernels
+from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels.backend import kernels, resolve_backend
 from cskd_kernels.grid import chunk_sizes
-
-
-def _cpu_kernels():
-    ext = extension()
-
-    # The C++ kernels read the cell table on the host; they need no size bound.
-    def forward(q, k, v, cells, largest_cell, scale):
-        return ext.position_attention_forward(q, k, v, cells, scale)
-
-    def backward(q, k, v, out, lse, grad_out, cells, largest_cell, scale):
-        return ext.position_attention_backward(q, k, v, out, lse, grad_out, cells, scale)
-
-    return forward, backward
-
-
-def _triton_kernels():
-    module = triton_kernels("position_attention")
-    return module.position_attention_forward, module.position_attention_backward
-
-
-_KERNELS = {"cpu": _cpu_kernels, "triton": _triton_kernels}
 
 
 @functools.lru_cache(maxsize=64)
@@ -82,24 +61,68 @@ def cell_table(height, width, grid, device="cpu"):
     return _cell_table_on(height, width, None if grid is None else tuple(grid), torch.device(device))
 
 
-class PositionAttentionFunction(torch.autograd.Function):
-    """Fused position attention; saves q, k, v, out and the row log-sum-exp, never the map."""
+# The two kernels are PyTorch custom ops ("cskd" namespace) with fake
+# implementations and a registered autograd formula, so torch.compile sees
+# each as one op (no graph break) and autograd as one node.
 
-    @staticmethod
-    def forward(ctx, q, k, v, cells, largest_cell, scale, backend):
-        forward, _ = _KERNELS[backend]()
-        out, lse = forward(q, k, v, cells, largest_cell, scale)
-        ctx.scale, ctx.backend, ctx.largest_cell = scale, backend, largest_cell
-        ctx.save_for_backward(q, k, v, out, lse, cells)
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cells = ctx.saved_tensors
-        _, backward = _KERNELS[ctx.backend]()
-        dq, dk, dv = backward(q, k, v, out, lse, grad_out.contiguous(), cells, ctx.largest_cell, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+def _launch(backend, name, *args, largest_cell):
+    # The C++ kernels read the cell table on the host and need no size bound;
+    # the Triton launchers size their launch grid from largest_cell.
+    if backend == "cpu":
+        return getattr(kernels("position_attention", backend), name)(*args)
+    return getattr(kernels("position_attention", backend), name)(*args[:-1], largest_cell, args[-1])
+
+
+@torch.library.custom_op("cskd::position_attention_forward", mutates_args=())
+def position_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cells: torch.Tensor, largest_cell: int, scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Cv, H, W) in the input dtype, lse (B, H, W) in the accumulation dtype)."""
+    out, lse = _launch(backend, "forward", q, k, v, cells, scale, largest_cell=largest_cell)
+    return out, lse
+
+
+@position_attention_forward.register_fake
+def _position_attention_forward_fake(q, k, v, cells, largest_cell, scale, backend):
+    b, _, h, w = q.shape
+    return torch.empty_like(v), q.new_empty((b, h, w), dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("cskd::position_attention_backward", mutates_args=())
+def position_attention_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+    cells: torch.Tensor, largest_cell: int, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the input dtype, by blockwise recomputation of the probabilities."""
+    dq, dk, dv = _launch(backend, "backward", q, k, v, out, lse, grad_out, cells, scale, largest_cell=largest_cell)
+    return dq, dk, dv
+
+
+@position_attention_backward.register_fake
+def _position_attention_backward_fake(q, k, v, out, lse, grad_out, cells, largest_cell, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cells, largest_cell, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # saved for the backward, not a result
+    ctx.save_for_backward(q, k, v, out, lse, cells)
+    ctx.largest_cell, ctx.scale, ctx.backend = largest_cell, scale, backend
+
+
+@torch.autograd.function.once_differentiable
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cells = ctx.saved_tensors
+    dq, dk, dv = position_attention_backward(
+        q, k, v, out, lse, grad_out.contiguous(), cells, ctx.largest_cell, ctx.scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+position_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_grid(grid, height, width):
@@ -152,4 +175,5 @@ def position_attention(q, k, v, *, temperature=1.0, grid=None, backend=None):
     cells = cell_table(height, width, grid, q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     scale = 1.0 / float(temperature)
-    return PositionAttentionFunction.apply(q, k, v, cells, largest_cell(height, width, grid), scale, name)
+    out, _ = position_attention_forward(q, k, v, cells, largest_cell(height, width, grid), scale, name)
+    return out
