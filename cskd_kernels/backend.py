@@ -62,10 +62,21 @@ def extension():
     return _load_extension()[0]
 
 
-# torch.compile cannot trace the import behind these answers (importlib), and
-# they never change within a process: dynamo calls them once and bakes the
-# result into the graph, so resolve_backend traces without a graph break.
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """Mark ``fn`` as torch.compiler.assume_constant_result does: dynamo calls it once, bakes in the result.
+
+    torch.compile cannot trace the imports behind the availability checks
+    (importlib), and their answers never change within a process, so
+    resolve_backend traces with no graph break. This sets the decorator's
+    marker directly: importing torch.compiler's decorator imports
+    torch._dynamo, and with it triton, at package import.
+    tests/test_compile.py fails (fullgraph=True) if the marker stops working.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def extension_built():
     """True when the C++ extension imports."""
     return extension() is not None
@@ -76,7 +87,7 @@ def extension_error():
     return _load_extension()[1]
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def triton_available():
     return _triton_importable()
 
