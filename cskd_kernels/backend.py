@@ -112,9 +112,9 @@ def _without_autocast(kernel):
     """``kernel`` run with autocast off on its tensors' device.
 
     The kernels choose their own precision (float32 accumulation at least).
-    Under an active autocast the PyTorch calls inside them (the C++ kernels'
-    at::bmm, at::mm_out) would be re-dispatched to bfloat16: a dtype error
-    or a silent loss of precision.
+    Under an active autocast the PyTorch calls inside them would be
+    re-dispatched to bfloat16 (the C++ CAM kernel's at::bmm: a dtype error)
+    or lose precision.
     """
 
     @functools.wraps(kernel)

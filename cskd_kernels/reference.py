@@ -30,9 +30,15 @@ def centered_features(x):
 
 
 def centered_gram(x):
-    """Hc K Hc with K = x x^T, for x of shape (..., n, p); equals (H x)(H x)^T."""
+    """Hc K Hc with K = x x^T, for x of shape (..., n, p); equals (H x)(H x)^T, in x's dtype.
+
+    Autocast is turned off for the product: it would run it in bfloat16,
+    and the Gram entries must accumulate in the dtype the caller chose
+    (float32 at least).
+    """
     xc = centered_features(x)
-    return xc @ xc.transpose(-1, -2)
+    with torch.autocast(x.device.type, enabled=False):
+        return xc @ xc.transpose(-1, -2)
 
 
 def hsic(kc, lc, *, unbiased=False):
