@@ -21,16 +21,24 @@ from cskd_kernels.ops import channel_attention as cam_ops
 from cskd_kernels.ops import cka as cka_ops
 from cskd_kernels.ops import cwd as cwd_ops
 from cskd_kernels.ops import position_attention as pam_ops
-from conftest import HAS_EXTENSION, requires_extension
+from conftest import HAS_CUDA, HAS_EXTENSION, fused_backends, requires_extension
 
 pytestmark = pytest.mark.compile
 
-COMPILER = {"cpu": "inductor", "reference": "aot_eager"}
+# Interpreted Triton (no GPU) goes through aot_eager: inductor adds nothing
+# around an opaque custom op but minutes of compiling.
+COMPILER = {"cpu": "inductor", "reference": "aot_eager", "triton": "inductor" if HAS_CUDA else "aot_eager"}
 
 
 def _backends():
+    """The backends CSKDLoss is compiled on: the C++ extension and the reference (CPU, float32)."""
     cpu = pytest.param("cpu", marks=requires_extension, id="cpu")
     return [cpu, pytest.param("reference", id="reference")]
+
+
+def _op_backends():
+    """(backend, device) for the single ops: every fused backend that runs here, and the reference."""
+    return [*fused_backends(), pytest.param("reference", "cpu", id="reference")]
 
 
 @pytest.fixture(autouse=True)
@@ -49,21 +57,19 @@ def _leaves(tensors):
     return [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
 
 
-def _run(fn, inputs, weight):
-    """fn's output and the gradients of sum(weight * output) for the inputs that require grad."""
-    out = fn(*inputs)
-    wanted = [t for t in inputs if t.requires_grad]
-    grads = torch.autograd.grad((out * weight).sum(), wanted)
-    return out.detach(), grads
+def _grads(out, inputs, weight):
+    """The gradients of sum(weight * out) for the inputs that require grad."""
+    return torch.autograd.grad((out * weight).sum(), [t for t in inputs if t.requires_grad])
 
 
 def _assert_compiled_matches_eager(fn, inputs, backend):
     """Same inputs through eager and torch.compile(fullgraph=True): values and every gradient."""
     eager_inputs, compiled_inputs = _leaves(inputs), _leaves(inputs)
-    probe = fn(*_leaves(inputs))
-    weight = torch.randn(probe.shape, dtype=probe.dtype)  # a random grad_out, not all-ones
-    expected, expected_grads = _run(fn, eager_inputs, weight)
-    actual, actual_grads = _run(_compile(fn, backend), compiled_inputs, weight)
+    expected = fn(*eager_inputs)
+    weight = torch.randn_like(expected)  # a random grad_out, not all-ones
+    expected_grads = _grads(expected, eager_inputs, weight)
+    actual = _compile(fn, backend)(*compiled_inputs)
+    actual_grads = _grads(actual, compiled_inputs, weight)
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     assert len(actual_grads) == len(expected_grads) > 0
@@ -76,37 +82,37 @@ def _assert_compiled_matches_eager(fn, inputs, backend):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend,device", _op_backends())
 @pytest.mark.parametrize("op", [linear_cka, cka_loss], ids=["linear_cka", "cka_loss"])
-def test_cka(backend, op):
-    x = torch.randn(5, 3, 4, 3, requires_grad=True)
-    y = torch.randn(5, 7, 2, requires_grad=True)
+def test_cka(backend, device, op):
+    x = torch.randn(5, 3, 4, 3, device=device, requires_grad=True)
+    y = torch.randn(5, 7, 2, device=device, requires_grad=True)
     _assert_compiled_matches_eager(lambda a, b: op(a, b, backend=backend), [x, y], backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend,device", _op_backends())
 @pytest.mark.parametrize("x_grad", [True, False], ids=["student", "teacher"])
-def test_channel_attention(backend, x_grad):
+def test_channel_attention(backend, device, x_grad):
     # The teacher side (x without grad) takes the kernel's d-gamma-only backward.
-    x = torch.randn(2, 5, 3, 4, requires_grad=x_grad)
-    gamma = torch.tensor([0.6], requires_grad=True)
+    x = torch.randn(2, 5, 3, 4, device=device, requires_grad=x_grad)
+    gamma = torch.tensor([0.6], device=device, requires_grad=True)
     fn = lambda a, g: channel_attention(a, g, temperature=2.0, backend=backend)  # noqa: E731
     _assert_compiled_matches_eager(fn, [x, gamma], backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_cwd_loss(backend):
-    s = torch.randn(2, 3, 4, 5, requires_grad=True)
-    t = torch.randn(2, 3, 4, 5)
+@pytest.mark.parametrize("backend,device", _op_backends())
+def test_cwd_loss(backend, device):
+    s = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    t = torch.randn(2, 3, 4, 5, device=device)
     _assert_compiled_matches_eager(lambda a, b: cwd_loss(a, b, temperature=2.0, backend=backend), [s, t], backend)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend,device", _op_backends())
 @pytest.mark.parametrize("grid", [None, (2, 3)], ids=["global", "grid2x3"])
-def test_position_attention(backend, grid):
-    q = torch.randn(2, 3, 5, 7, requires_grad=True)
-    k = torch.randn(2, 3, 5, 7, requires_grad=True)
-    v = torch.randn(2, 6, 5, 7, requires_grad=True)
+def test_position_attention(backend, device, grid):
+    q = torch.randn(2, 3, 5, 7, device=device, requires_grad=True)
+    k = torch.randn(2, 3, 5, 7, device=device, requires_grad=True)
+    v = torch.randn(2, 6, 5, 7, device=device, requires_grad=True)
     fn = lambda a, b, c: position_attention(a, b, c, temperature=2.0, grid=grid, backend=backend)  # noqa: E731
     _assert_compiled_matches_eager(fn, [q, k, v], backend)
 
