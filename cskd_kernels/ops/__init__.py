@@ -1,1 +1,1 @@
-"""Public ops: validation, backend dispatch and autograd Functions, one op per file."""
+"""Public ops: validation, backend dispatch and the kernels as PyTorch custom ops ("cskd::"), one op per file."""

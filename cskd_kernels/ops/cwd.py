@@ -8,10 +8,10 @@ log-sum-exp statistics of s/T and t/T, one for the KL terms and
 
     dloss/ds = T^2/(B*C) * (p_s - p_t) / T = T/(B*C) * (p_s - p_t).
 
-The forward (one custom op, cskd::cwd_loss) saves ds and the backward only
-scales it by grad_out. ds is computed only when s requires grad (a frozen student, or evaluation under
-no_grad, costs the value alone). t never gets a gradient: the teacher is
-treated as detached, as in the reference.
+The forward (one custom op, cskd::cwd_loss_rows) saves ds and the backward
+only scales it by grad_out. ds is computed only when s requires grad (a
+frozen student, or evaluation under no_grad, costs the value alone). t never
+gets a gradient: the teacher is treated as detached, as in the reference.
 
 Kernels per backend (same contract everywhere):
     cwd_forward(s, t, temperature, grad_scale, compute_grad)
@@ -34,7 +34,7 @@ from cskd_kernels.backend import kernels, resolve_backend
 # op (no graph break) and autograd one node.
 
 
-@torch.library.custom_op("cskd::cwd_loss", mutates_args=())
+@torch.library.custom_op("cskd::cwd_loss_rows", mutates_args=())
 def cwd_loss_rows(
     s_rows: torch.Tensor, t_rows: torch.Tensor, temperature: float, pairs: int, compute_grad: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
