@@ -117,6 +117,36 @@ def test_position_attention(backend, device, grid):
     _assert_compiled_matches_eager(fn, [q, k, v], backend)
 
 
+DYNAMIC_CASES = {
+    "cka_loss": (lambda b, x, y: cka_loss(x, y, backend=b), lambda n: [(n + 2, 3, n), (n + 2, 4)]),
+    "channel_attention": (lambda b, x: channel_attention(x, torch.tensor([0.6]), temperature=2.0, backend=b),
+                          lambda n: [(n, 3, n, 4)]),
+    "cwd_loss": (lambda b, s: cwd_loss(s, s.detach().flip(0), temperature=2.0, backend=b), lambda n: [(n, 3, n, 4)]),
+    "position_attention_grid": (
+        lambda b, q, v: position_attention(q, q * 2, v, temperature=2.0, grid=(2, 2), backend=b),
+        lambda n: [(n, 2, n + 1, 4), (n, 5, n + 1, 4)],
+    ),
+}
+
+
+@pytest.mark.parametrize("backend,device", fused_backends())
+@pytest.mark.parametrize("case", DYNAMIC_CASES)
+def test_dynamic_shapes(backend, device, case):
+    """dynamic=True: the fakes take symbolic sizes; one compiled graph serves inputs of several sizes."""
+    op, shapes = DYNAMIC_CASES[case]
+    fn = lambda *t: op(backend, *t)  # noqa: E731
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
+    for n in (6, 7):  # no size equal to another: duck sizing would tie them in the first graph
+        inputs = [torch.randn(shape, device=device, requires_grad=True) for shape in shapes(n)]
+        expected = fn(*inputs)
+        actual = compiled(*inputs)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        for got, want in zip(torch.autograd.grad(actual.sum(), inputs), torch.autograd.grad(expected.sum(), inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1, "recompiled for a new size"
+
+
 # --------------------------------------------------------------------------
 # The whole CSKD loss
 # --------------------------------------------------------------------------

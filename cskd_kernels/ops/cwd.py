@@ -92,7 +92,8 @@ def _check_temperature(temperature):
     if isinstance(temperature, torch.Tensor):
         raise TypeError("temperature must be a Python number, not a tensor")
     is_number = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-    if not (is_number and math.isfinite(temperature) and temperature > 0):
+    # A chained comparison, not math.isfinite: dynamo (dynamic=True) cannot trace isfinite on a float.
+    if not (is_number and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 

@@ -154,7 +154,8 @@ def _check_inputs(q, k, v, temperature):
         raise ValueError(f"q, k and v must have the same spatial size (H, W): {shapes}")
     if isinstance(temperature, torch.Tensor) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    # A chained comparison, not math.isfinite: dynamo (dynamic=True) cannot trace isfinite on a float.
+    if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
