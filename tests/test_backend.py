@@ -98,3 +98,33 @@ def test_package_imports_without_triton_or_extension_loaded():
 
     code = "import sys, cskd_kernels; assert 'triton' not in sys.modules, 'triton imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kernels_finds_each_ops_functions_by_name():
+    """kernels(op, backend).<name>: the extension's <op>_<name>, the Triton module's <op>_<name> or <name>."""
+    if HAS_EXTENSION:
+        assert backend_module.kernels("cwd", "cpu").forward.__wrapped__ is backend_module.extension().cwd_forward
+    if backend_module.triton_available():
+        cka_triton = backend_module.triton_kernels("cka")
+        assert backend_module.kernels("cka", "triton").centered_gram.__wrapped__ is cka_triton.centered_gram
+        cwd_triton = backend_module.triton_kernels("cwd")
+        assert backend_module.kernels("cwd", "triton").forward.__wrapped__ is cwd_triton.cwd_forward
+
+
+def test_kernels_reject_unknown_names_and_backends():
+    with pytest.raises(BackendError, match="no kernels for backend='reference'"):
+        backend_module.kernels("cwd", "reference")
+    if HAS_EXTENSION:
+        with pytest.raises(AttributeError, match="no kernel 'sideways' for op 'cwd'"):
+            backend_module.kernels("cwd", "cpu").sideways
+
+
+@requires_extension
+def test_kernels_run_with_autocast_off():
+    """Under autocast the C++ CAM kernel got bfloat16 from its own at::bmm and raised; now it runs in float32."""
+    x, gamma = torch.randn(2, 5, 7), torch.tensor([0.5])
+    expected, _ = backend_module.kernels("channel_attention", "cpu").forward(x, gamma, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, attention = backend_module.kernels("channel_attention", "cpu").forward(x, gamma, 1.0)
+    assert out.dtype == attention.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
