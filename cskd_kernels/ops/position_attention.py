@@ -58,7 +58,11 @@ def largest_cell(height, width, grid):
 
 def cell_table(height, width, grid, device="cpu"):
     """(cells, 4) int32: row start, height, column start, width of each torch.chunk cell, row-major."""
-    return _cell_table_on(height, width, None if grid is None else tuple(grid), torch.device(device))
+    grid = None if grid is None else tuple(grid)
+    if torch.compiler.is_compiling():
+        # Dynamo ignores lru_cache (and warns); a compiled graph builds the table once per compilation anyway.
+        return _cell_table_host.__wrapped__(height, width, grid).to(device)
+    return _cell_table_on(height, width, grid, torch.device(device))
 
 
 # The two kernels are PyTorch custom ops ("cskd" namespace) with fake
