@@ -17,6 +17,11 @@ side by side. What is expected:
   float32 computation on the same bfloat16-rounded inputs. CAM and PAM keep
   the input dtype, the losses (CKA, CWD) come out in float32.
 - CSKDLoss: within CSKD_TOLERANCE of the float32 loss (below).
+
+The ops are not on autocast's cast lists: like any unlisted op they run in
+their inputs' dtype. Reduced precision comes from the bfloat16 tensors that
+autocast's convolutions and products hand them (the student's features, the
+PAM projections inside CSKDLoss); accumulation stays float32.
 """
 
 import pytest
