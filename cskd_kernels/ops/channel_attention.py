@@ -78,6 +78,7 @@ def _setup_context(ctx, inputs, output):
     features, gamma, temperature, backend = inputs
     _, attention = output
     ctx.mark_non_differentiable(attention)  # saved for the backward, not a result
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for it in the backward
     ctx.save_for_backward(features, gamma, attention)
     ctx.temperature, ctx.backend = temperature, backend
 
@@ -86,7 +87,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_attention):
     features, gamma, attention = ctx.saved_tensors
     need_x, need_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_x or need_gamma):
+    if grad_out is None or not (need_x or need_gamma):  # None: the output's gradient is undefined (zero)
         return None, None, None, None
     # Without need_x (the CAM teacher side) the kernel does only d gamma's work.
     grad_x, grad_gamma = channel_attention_backward(

@@ -55,6 +55,7 @@ def _cwd_loss_rows_fake(s_rows, t_rows, temperature, pairs, compute_grad, backen
 def _setup_context(ctx, inputs, output):
     _, ds = output
     ctx.mark_non_differentiable(ds)  # the saved gradient, not a result
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for ds (the size of s) in the backward
     ctx.save_for_backward(ds)
 
 
@@ -62,7 +63,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_ds):
     (ds,) = ctx.saved_tensors
     grad_s = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_loss is not None:  # None: the loss's gradient is undefined (zero)
         # A new tensor, never ds itself: autograd may adopt the returned
         # gradient as s.grad and accumulate into it in place, which would
         # corrupt the saved ds for a retained graph.

@@ -113,12 +113,15 @@ def _setup_context(ctx, inputs, output):
     q, k, v, cells, largest_cell, scale, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # saved for the backward, not a result
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for it in the backward
     ctx.save_for_backward(q, k, v, out, lse, cells)
     ctx.largest_cell, ctx.scale, ctx.backend = largest_cell, scale, backend
 
 
 @torch.autograd.function.once_differentiable
 def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:  # the output's gradient is undefined (zero)
+        return None, None, None, None, None, None, None
     q, k, v, out, lse, cells = ctx.saved_tensors
     dq, dk, dv = position_attention_backward(
         q, k, v, out, lse, grad_out.contiguous(), cells, ctx.largest_cell, ctx.scale, ctx.backend
