@@ -4,8 +4,8 @@ The heavy work is one pass over each input: the kernels compute the centered
 Gram matrix Kc = (H x)(H x)^T of each group directly (float32 or float64
 accumulation), so x x^T is formed once and never recomputed for the three
 HSIC terms. Everything after that is algebra on tiny n x n matrices, done in
-PyTorch and differentiated by autograd. The backward of a Gram needs
-dL/dKc = G (n x n) and then one pass over x:
+PyTorch (float64) inside one autograd node with a closed-form gradient. The
+backward of a Gram needs dL/dKc = G (n x n) and then one pass over x:
 
     dL/dx = H (G + G^T) H x = M (x - x_0)     (M centered, x_0 the first sample)
 
@@ -18,6 +18,7 @@ Kernels per backend (same contract everywhere):
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
@@ -154,6 +155,7 @@ class _FusedCka(torch.autograd.Function):
         return out.to(accumulation_dtype(x.dtype, y.dtype))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, y, kc, lc, cka = ctx.saved_tensors
         backend, unbiased, eps, tiny = ctx.config
@@ -164,14 +166,13 @@ class _FusedCka(torch.autograd.Function):
         hkk = reference.hsic(kc, kc, unbiased=unbiased).clamp_min(tiny)
         hll = reference.hsic(lc, lc, unbiased=unbiased).clamp_min(tiny)
         scale = (grad_cka / (hkk.sqrt() * hll.sqrt()))[:, None, None]
+        a_k, a_l = _hsic_gradient(kc, unbiased), _hsic_gradient(lc, unbiased)
         grad_x = grad_y = None
         # Below the clamp a Gram is exactly zero, so its own term vanishes as the clamp's gradient does.
         if ctx.needs_input_grad[0]:
-            grad_kc = scale * _hsic_gradient(lc, unbiased) - (grad_cka * cka / hkk)[:, None, None] * _hsic_gradient(kc, unbiased)
-            grad_x = _gram_input_grad(x, grad_kc, backend)
+            grad_x = _gram_input_grad(x, scale * a_l - (grad_cka * cka / hkk)[:, None, None] * a_k, backend)
         if ctx.needs_input_grad[1]:
-            grad_lc = scale * _hsic_gradient(kc, unbiased) - (grad_cka * cka / hll)[:, None, None] * _hsic_gradient(lc, unbiased)
-            grad_y = _gram_input_grad(y, grad_lc, backend)
+            grad_y = _gram_input_grad(y, scale * a_k - (grad_cka * cka / hll)[:, None, None] * a_l, backend)
         return grad_x, grad_y, None, None, None, None
 
 
