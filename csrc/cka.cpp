@@ -9,8 +9,9 @@
 // double afterwards, Kc = H G H (centering is invariant to the shift). A
 // constant column is exactly zero after the shift, so a constant side gives
 // exactly Kc = 0 and CKA = 0, not rounding noise. The shift also removes any
-// common offset of the features, so G is no larger than the centered Gram
-// in order of magnitude, and no separate mean pass is needed.
+// common offset of the features: the entries of G are at most about twice the
+// largest of Kc (its diagonal), so rounding stays at the scale of Kc, and the
+// separate mean pass a full centering needs is saved.
 //
 // Work is cut into items of (group, kItemColumns columns) that threads take
 // dynamically: on a shared machine a thread slowed by another process does
@@ -67,6 +68,7 @@ constexpr int64_t kMaxBlock = 1024;
 // Columns per work item: 32 KiB of each float row, so p = 2^20 gives 128 items
 // (enough to balance two to a few dozen threads) and an item's slots are tiny.
 constexpr int64_t kItemColumns = 8192;
+static_assert(kItemColumns % kColumnQuantum == 0, "items start on whole cache lines");
 // Columns summed in the input dtype before the partial goes into double.
 constexpr int64_t kPartialColumns = 512;
 
