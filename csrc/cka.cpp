@@ -4,21 +4,41 @@
 //   cka_centered_gram_backward(x, m) x (g, n, p), m (g, n, n) -> m (x - x[:, 0:1, :])
 //
 // Both are one streaming pass over x, parallel over the feature dimension p.
-// The forward works on column blocks: an n x block tile of x is centered into
-// a thread-local buffer that stays in L1, so the n(n+1)/2 dot products of the
-// block cost no memory traffic. Centering first subtracts sample 0 of each
-// column, so a constant column becomes exactly zero (CKA of a constant side is
-// exactly 0, not rounding noise), and then the mean of the shifted column.
-// Partial dot products are summed in the input dtype over one block only and
-// then added into double per-thread accumulators, which are reduced in thread
-// order: the result does not depend on scheduling.
+// The forward only shifts: it accumulates G, the Gram of the rows minus row 0
+// (row 0 shifted is zero, so n - 1 rows), and centers the n x n result in
+// double afterwards, Kc = H G H (centering is invariant to the shift). A
+// constant column is exactly zero after the shift, so a constant side gives
+// exactly Kc = 0 and CKA = 0, not rounding noise. The shift also removes any
+// common offset of the features: the entries of G are at most about twice the
+// largest of Kc (its diagonal), so rounding stays at the scale of Kc, and the
+// separate mean pass a full centering needs is saved.
+//
+// Work is cut into items of (group, kItemColumns columns) that threads take
+// dynamically: on a shared machine a thread slowed by another process does
+// not hold the others back at a barrier. Each item accumulates its partial
+// Gram in its own double slots (summed in the input dtype over at most a few
+// hundred columns first), and the slots are summed in item order: the result
+// depends neither on the schedule nor on the number of threads.
+//
+// Kernels, picked at run time (the build is portable, no -march=native):
+// - AVX-512 and n <= kMaxDirectRows + 1: the shifted rows of one vector of
+//   columns are held in registers and every product accumulates in registers
+//   (forward), or every output row is formed from them (backward). x is read
+//   once, straight from memory, with no scratch tile.
+// - otherwise (AVX2+FMA or the baseline ISA, or larger n): column blocks of
+//   the shifted rows go through a thread-local tile that stays in L1, and the
+//   dot products read that tile.
+#include <ATen/EmptyTensor.h>
 #include <omp.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #ifdef __linux__
@@ -28,10 +48,10 @@
 #include "ops.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-// The build is portable (no -march=native): the hot loops are compiled twice,
-// for the baseline ISA and for AVX2+FMA, and picked at run time.
 #define CSKD_CKA_X86_DISPATCH 1
 #define CSKD_CKA_INLINE inline __attribute__((always_inline))
+#define CSKD_CKA_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#include <immintrin.h>
 #else
 #define CSKD_CKA_INLINE inline
 #endif
@@ -39,12 +59,18 @@
 namespace {
 
 // Tiles of about half an L1 data cache (32 KiB on current x86 cores), so the
-// tile, the column sums and the streaming rows of x fit together.
+// tile and the streaming rows of x fit together.
 constexpr int64_t kTileBytes = 16 * 1024;
-// Block widths are multiples of this many columns: whole 64-byte lines, and
-// every tile row starts aligned for any vector width up to AVX-512.
+// Block widths and item cuts are multiples of this many columns: whole 64-byte
+// lines, and every tile row starts aligned for any vector width up to AVX-512.
 constexpr int64_t kColumnQuantum = 16;
 constexpr int64_t kMaxBlock = 1024;
+// Columns per work item: 32 KiB of each float row, so p = 2^20 gives 128 items
+// (enough to balance two to a few dozen threads) and an item's slots are tiny.
+constexpr int64_t kItemColumns = 8192;
+static_assert(kItemColumns % kColumnQuantum == 0, "items start on whole cache lines");
+// Columns summed in the input dtype before the partial goes into double.
+constexpr int64_t kPartialColumns = 512;
 
 // A thread-local scratch buffer on a cache-line boundary.
 template <typename T>
@@ -71,17 +97,6 @@ int64_t block_columns(int64_t n) {
   return std::min(std::max(columns, kColumnQuantum), kMaxBlock);
 }
 
-// Thread `tid` of `threads` owns columns [begin, end) of every group; the cut
-// points are multiples of kColumnQuantum so blocks start on cache lines.
-std::pair<int64_t, int64_t> thread_columns(int64_t p, int tid, int threads) {
-  auto cut = [&](int t) -> int64_t {
-    if (t >= threads) return p;
-    int64_t c = p * t / threads;
-    return std::min(p, c / kColumnQuantum * kColumnQuantum);
-  };
-  return {cut(tid), cut(tid + 1)};
-}
-
 // x viewed as g groups of n rows of p columns, rows unit-stride.
 template <typename T>
 struct Rows {
@@ -94,45 +109,62 @@ struct Rows {
   const T* row(int64_t k, int64_t i) const { return data + k * group_stride + i * row_stride; }
 };
 
-// Centers columns [c0, c0 + w) of group k into tile (n rows of stride ld):
-// tile[i][j] = (x[i][j] - x[0][j]) - mean_i(x[i][j] - x[0][j]).
+// The work items of a pass: item i is columns [begin, end) of group k.
+struct Item {
+  int64_t k;
+  int64_t begin;
+  int64_t end;
+};
+
+struct Items {
+  int64_t per_group;
+  int64_t count;
+  int64_t p;
+  Items(int64_t g, int64_t p_) : per_group((p_ + kItemColumns - 1) / kItemColumns), count(g * per_group), p(p_) {}
+  Item operator[](int64_t i) const {
+    const int64_t c = i % per_group;
+    return {i / per_group, c * kItemColumns, std::min(p, (c + 1) * kItemColumns)};
+  }
+};
+
+// Threads for `count` items: a single item runs on the calling thread.
+int item_threads(int64_t count) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)));
+}
+
+// Calls work(item index, thread index) for every item, threads taking items dynamically.
+template <typename Work>
+void for_each_item(int64_t count, int threads, const Work& work) {
+  if (threads <= 1) {
+    for (int64_t i = 0; i < count; ++i) work(i, 0);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t i = 0; i < count; ++i) work(i, omp_get_thread_num());
+}
+
+// ---------------------------------------------------------------------------
+// Tile path: any n, any ISA.
+
+// tile[l][j] = x[l + 1][c0 + j] - x[0][c0 + j] for the n - 1 rows after row 0.
 template <typename T>
-CSKD_CKA_INLINE void center_block(const Rows<T>& x, int64_t k, int64_t c0, int64_t w, T* tile, int64_t ld,
-                                  T* mean) {
-  const int64_t n = x.n;
+CSKD_CKA_INLINE void shift_block(const Rows<T>& x, int64_t k, int64_t c0, int64_t w, T* tile, int64_t ld) {
   const T* r0 = x.row(k, 0) + c0;
+  for (int64_t l = 1; l < x.n; ++l) {
+    const T* rl = x.row(k, l) + c0;
+    T* tl = tile + (l - 1) * ld;
 #pragma omp simd
-  for (int64_t j = 0; j < w; ++j) mean[j] = T(0);
-  for (int64_t i = 1; i < n; ++i) {
-    const T* ri = x.row(k, i) + c0;
-    T* ti = tile + i * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) {
-      const T d = ri[j] - r0[j];
-      ti[j] = d;
-      mean[j] += d;
-    }
-  }
-  const T inv_n = T(1) / static_cast<T>(n);
-#pragma omp simd
-  for (int64_t j = 0; j < w; ++j) {
-    mean[j] *= inv_n;
-    tile[j] = -mean[j];  // row 0 shifted is exactly zero
-  }
-  for (int64_t i = 1; i < n; ++i) {
-    T* ti = tile + i * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) ti[j] -= mean[j];
+    for (int64_t j = 0; j < w; ++j) tl[j] = rl[j] - r0[j];
   }
 }
 
-// acc[a * n + b] += <tile_a, tile_b> for b <= a (lower triangle).
+// acc[a * acc_ld + b] += <tile_a, tile_b> for b <= a < r (lower triangle).
 // Four dot products share each load of row a: 5 loads per 4 FMAs instead of 2 per 1.
 template <typename T>
-CSKD_CKA_INLINE void gram_block(const T* tile, int64_t ld, int64_t n, int64_t w, double* acc) {
-  for (int64_t a = 0; a < n; ++a) {
+CSKD_CKA_INLINE void gram_block(const T* tile, int64_t ld, int64_t r, int64_t w, double* acc, int64_t acc_ld) {
+  for (int64_t a = 0; a < r; ++a) {
     const T* ta = tile + a * ld;
-    double* acc_a = acc + a * n;
+    double* acc_a = acc + a * acc_ld;
     int64_t b = 0;
     for (; b + 4 <= a + 1; b += 4) {
       const T* t0 = tile + b * ld;
@@ -163,19 +195,15 @@ CSKD_CKA_INLINE void gram_block(const T* tile, int64_t ld, int64_t n, int64_t w,
   }
 }
 
-// One thread's share of the forward: its columns of every group.
-// acc: g * n * n doubles (lower triangles), tile: n * block, mean: block.
+// G of columns [c0, c1) of group k into acc (n x n, lower triangle; row and
+// column 0 stay zero). tile: (n - 1) * block scratch.
 template <typename T>
-CSKD_CKA_INLINE void gram_columns_body(const Rows<T>& x, int64_t c_begin, int64_t c_end, int64_t block, T* tile,
-                                       T* mean, double* acc) {
-  const int64_t n = x.n;
-  for (int64_t k = 0; k < x.g; ++k) {
-    double* acc_k = acc + k * n * n;
-    for (int64_t c0 = c_begin; c0 < c_end; c0 += block) {
-      const int64_t w = std::min(block, c_end - c0);
-      center_block(x, k, c0, w, tile, block, mean);
-      gram_block(tile, block, n, w, acc_k);
-    }
+CSKD_CKA_INLINE void gram_tiles_body(const Rows<T>& x, int64_t k, int64_t c0, int64_t c1, int64_t block, T* tile,
+                                     double* acc) {
+  for (int64_t b0 = c0; b0 < c1; b0 += block) {
+    const int64_t w = std::min(block, c1 - b0);
+    shift_block(x, k, b0, w, tile, block);
+    gram_block(tile, block, x.n - 1, w, acc + x.n + 1, x.n);
   }
 }
 
@@ -208,59 +236,190 @@ CSKD_CKA_INLINE void grad_tail(const T* m_i, const T* shifted, int64_t ld, int64
   }
 }
 
-// One thread's share of the backward. tile: (n - 1) * block shifted rows 1..n-1
+// dx of columns [c0, c1) of group k. tile: (n - 1) * block shifted rows 1..n-1
 // (row 0 shifted is zero and drops out of the sum).
 template <typename T>
-CSKD_CKA_INLINE void grad_columns_body(const Rows<T>& x, const T* m, T* dx, int64_t c_begin, int64_t c_end,
-                                       int64_t block, T* tile) {
+CSKD_CKA_INLINE void grad_tiles_body(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k, int64_t c0, int64_t c1,
+                                     int64_t block, T* tile) {
   constexpr int64_t L = kGradLanes<T>;
   const int64_t n = x.n;
-  const int64_t p = x.p;
-  for (int64_t k = 0; k < x.g; ++k) {
-    const T* m_k = m + k * n * n;
-    T* dx_k = dx + k * n * p;
-    for (int64_t c0 = c_begin; c0 < c_end; c0 += block) {
-      const int64_t w = std::min(block, c_end - c0);
-      const T* r0 = x.row(k, 0) + c0;
-      for (int64_t l = 1; l < n; ++l) {
-        const T* rl = x.row(k, l) + c0;
-        T* tl = tile + (l - 1) * block;
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) tl[j] = rl[j] - r0[j];
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        T* out = dx_k + i * p + c0;
-        int64_t j = 0;
-        for (; j + L <= w; j += L) grad_lanes<T, L>(m_k + i * n, tile + j, block, n, out + j);
-        if (j < w) grad_tail(m_k + i * n, tile + j, block, n, w - j, out + j);
-      }
+  for (int64_t b0 = c0; b0 < c1; b0 += block) {
+    const int64_t w = std::min(block, c1 - b0);
+    shift_block(x, k, b0, w, tile, block);
+    for (int64_t i = 0; i < n; ++i) {
+      T* out = dx_k + i * x.p + b0;
+      int64_t j = 0;
+      for (; j + L <= w; j += L) grad_lanes<T, L>(m_k + i * n, tile + j, block, n, out + j);
+      if (j < w) grad_tail(m_k + i * n, tile + j, block, n, w - j, out + j);
     }
   }
 }
 
 template <typename T>
-void gram_columns_baseline(const Rows<T>& x, int64_t c_begin, int64_t c_end, int64_t block, T* tile, T* mean,
-                           double* acc) {
-  gram_columns_body(x, c_begin, c_end, block, tile, mean, acc);
+void gram_tiles_baseline(const Rows<T>& x, int64_t k, int64_t c0, int64_t c1, int64_t block, T* tile, double* acc) {
+  gram_tiles_body(x, k, c0, c1, block, tile, acc);
 }
 
 template <typename T>
-void grad_columns_baseline(const Rows<T>& x, const T* m, T* dx, int64_t c_begin, int64_t c_end, int64_t block,
-                           T* tile) {
-  grad_columns_body(x, m, dx, c_begin, c_end, block, tile);
+void grad_tiles_baseline(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k, int64_t c0, int64_t c1, int64_t block,
+                         T* tile) {
+  grad_tiles_body(x, m_k, dx_k, k, c0, c1, block, tile);
 }
 
 #ifdef CSKD_CKA_X86_DISPATCH
 template <typename T>
-__attribute__((target("avx2,fma"))) void gram_columns_avx2(const Rows<T>& x, int64_t c_begin, int64_t c_end,
-                                                           int64_t block, T* tile, T* mean, double* acc) {
-  gram_columns_body(x, c_begin, c_end, block, tile, mean, acc);
+__attribute__((target("avx2,fma"))) void gram_tiles_avx2(const Rows<T>& x, int64_t k, int64_t c0, int64_t c1,
+                                                         int64_t block, T* tile, double* acc) {
+  gram_tiles_body(x, k, c0, c1, block, tile, acc);
 }
 
 template <typename T>
-__attribute__((target("avx2,fma"))) void grad_columns_avx2(const Rows<T>& x, const T* m, T* dx, int64_t c_begin,
-                                                           int64_t c_end, int64_t block, T* tile) {
-  grad_columns_body(x, m, dx, c_begin, c_end, block, tile);
+__attribute__((target("avx2,fma"))) void grad_tiles_avx2(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k,
+                                                         int64_t c0, int64_t c1, int64_t block, T* tile) {
+  grad_tiles_body(x, m_k, dx_k, k, c0, c1, block, tile);
+}
+
+// ---------------------------------------------------------------------------
+// Direct path: AVX-512, n <= kMaxDirectRows + 1 (the released configuration has n = 8, or 4).
+
+// Shifted rows held in registers: R(R+1)/2 accumulators plus R rows fit the 32
+// vector registers up to R = 7 with a few spills; R = 8 (n = 9) still runs at
+// memory speed with more.
+constexpr int kMaxDirectRows = 8;
+
+template <typename T>
+struct Zmm {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 64 / sizeof(T);
+};
+
+template <typename T>
+CSKD_CKA_AVX512 CSKD_CKA_INLINE typename Zmm<T>::type load_zmm(const T* p) {
+  typename Zmm<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Non-temporal stores: dx is written once and not read back by this pass, so
+// it skips the read-for-ownership of every line.
+CSKD_CKA_AVX512 CSKD_CKA_INLINE void stream_zmm(float* p, Zmm<float>::type v) { _mm512_stream_ps(p, (__m512)v); }
+CSKD_CKA_AVX512 CSKD_CKA_INLINE void stream_zmm(double* p, Zmm<double>::type v) { _mm512_stream_pd(p, (__m512d)v); }
+
+// G of columns [c0, c1) of group k for n = R + 1, as gram_tiles_body.
+template <typename T, int R>
+CSKD_CKA_AVX512 void gram_direct_avx512(const Rows<T>& x, int64_t k, int64_t c0, int64_t c1, double* acc) {
+  using V = typename Zmm<T>::type;
+  constexpr int64_t kLanes = Zmm<T>::lanes;
+  constexpr int kPairs = R * (R + 1) / 2;
+  const int64_t n = R + 1;
+  const T* r0 = x.row(k, 0);
+  const T* rows[R];
+  for (int l = 0; l < R; ++l) rows[l] = x.row(k, l + 1);
+  for (int64_t b0 = c0; b0 < c1; b0 += kPartialColumns) {
+    const int64_t b1 = std::min(c1, b0 + kPartialColumns);
+    V s[kPairs] = {};
+    int64_t j = b0;
+    for (; j + kLanes <= b1; j += kLanes) {
+      const V base = load_zmm(r0 + j);
+      V d[R];
+#pragma GCC unroll 16
+      for (int l = 0; l < R; ++l) d[l] = load_zmm(rows[l] + j) - base;
+      int e = 0;
+#pragma GCC unroll 16
+      for (int a = 0; a < R; ++a) {
+#pragma GCC unroll 16
+        for (int b = 0; b <= a; ++b) s[e++] += d[a] * d[b];
+      }
+    }
+    T tail[kPairs] = {};
+    for (; j < b1; ++j) {
+      T d[R];
+      for (int l = 0; l < R; ++l) d[l] = rows[l][j] - r0[j];
+      int e = 0;
+      for (int a = 0; a < R; ++a)
+        for (int b = 0; b <= a; ++b) tail[e++] += d[a] * d[b];
+    }
+    int e = 0;
+    for (int a = 0; a < R; ++a) {
+      for (int b = 0; b <= a; ++b, ++e) {
+        double sum = tail[e];
+        for (int64_t v = 0; v < kLanes; ++v) sum += s[e][v];
+        acc[(a + 1) * n + b + 1] += sum;
+      }
+    }
+  }
+}
+
+// dx of columns [c0, c1) of group k for n = R + 1, as grad_tiles_body.
+// kStream: dx rows start on 64-byte lines (then every full vector store is aligned).
+template <typename T, int R, bool kStream>
+CSKD_CKA_AVX512 void grad_direct_avx512(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k, int64_t c0,
+                                        int64_t c1) {
+  using V = typename Zmm<T>::type;
+  constexpr int64_t kLanes = Zmm<T>::lanes;
+  const int64_t n = R + 1;
+  const int64_t p = x.p;
+  const T* r0 = x.row(k, 0);
+  const T* rows[R];
+  for (int l = 0; l < R; ++l) rows[l] = x.row(k, l + 1);
+  int64_t j = c0;
+  for (; j + kLanes <= c1; j += kLanes) {
+    const V base = load_zmm(r0 + j);
+    V d[R];
+#pragma GCC unroll 16
+    for (int l = 0; l < R; ++l) d[l] = load_zmm(rows[l] + j) - base;
+#pragma GCC unroll 16
+    for (int i = 0; i <= R; ++i) {
+      const T* m_i = m_k + i * n + 1;
+      V o = d[0] * m_i[0];
+#pragma GCC unroll 16
+      for (int l = 1; l < R; ++l) o += d[l] * m_i[l];
+      T* out = dx_k + i * p + j;
+      if constexpr (kStream) {
+        stream_zmm(out, o);
+      } else {
+        std::memcpy(out, &o, sizeof(o));
+      }
+    }
+  }
+  for (; j < c1; ++j) {
+    T d[R];
+    for (int l = 0; l < R; ++l) d[l] = rows[l][j] - r0[j];
+    for (int i = 0; i <= R; ++i) {
+      const T* m_i = m_k + i * n + 1;
+      T o = d[0] * m_i[0];
+      for (int l = 1; l < R; ++l) o += d[l] * m_i[l];
+      dx_k[i * p + j] = o;
+    }
+  }
+  if constexpr (kStream) _mm_sfence();  // the streamed lines are visible before the pass returns
+}
+
+// The direct kernel for n = R + 1 if there is one (R from 1 to kMaxDirectRows); false otherwise.
+template <typename T, int R = 1>
+bool gram_direct(const Rows<T>& x, int64_t k, int64_t c0, int64_t c1, double* acc) {
+  if constexpr (R > kMaxDirectRows) {
+    return false;
+  } else {
+    if (x.n != R + 1) return gram_direct<T, R + 1>(x, k, c0, c1, acc);
+    gram_direct_avx512<T, R>(x, k, c0, c1, acc);
+    return true;
+  }
+}
+
+template <typename T, int R = 1>
+bool grad_direct(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k, int64_t c0, int64_t c1, bool stream) {
+  if constexpr (R > kMaxDirectRows) {
+    return false;
+  } else {
+    if (x.n != R + 1) return grad_direct<T, R + 1>(x, m_k, dx_k, k, c0, c1, stream);
+    if (stream) {
+      grad_direct_avx512<T, R, true>(x, m_k, dx_k, k, c0, c1);
+    } else {
+      grad_direct_avx512<T, R, false>(x, m_k, dx_k, k, c0, c1);
+    }
+    return true;
+  }
 }
 
 bool cpu_has_avx2_fma() {
@@ -270,28 +429,48 @@ bool cpu_has_avx2_fma() {
   }();
   return has;
 }
+
+bool cpu_has_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && cpu_has_avx2_fma();
+  }();
+  return has;
+}
 #endif
 
-template <typename T>
-void gram_columns(const Rows<T>& x, int64_t c_begin, int64_t c_end, int64_t block, T* tile, T* mean, double* acc) {
+// Whether the pass over x (g, n, p) runs the direct kernels (then it needs no tile).
+bool uses_direct_kernels(int64_t n) {
 #ifdef CSKD_CKA_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return gram_columns_avx2(x, c_begin, c_end, block, tile, mean, acc);
+  return n >= 2 && n <= kMaxDirectRows + 1 && cpu_has_avx512();
+#else
+  (void)n;
+  return false;
 #endif
-  gram_columns_baseline(x, c_begin, c_end, block, tile, mean, acc);
 }
 
+// G of one item into acc (n x n).
 template <typename T>
-void grad_columns(const Rows<T>& x, const T* m, T* dx, int64_t c_begin, int64_t c_end, int64_t block, T* tile) {
+void gram_item(const Rows<T>& x, const Item& item, int64_t block, T* tile, double* acc) {
 #ifdef CSKD_CKA_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return grad_columns_avx2(x, m, dx, c_begin, c_end, block, tile);
+  if (uses_direct_kernels(x.n) && gram_direct(x, item.k, item.begin, item.end, acc)) return;
+  if (cpu_has_avx2_fma()) return gram_tiles_avx2(x, item.k, item.begin, item.end, block, tile, acc);
 #endif
-  grad_columns_baseline(x, m, dx, c_begin, c_end, block, tile);
+  gram_tiles_baseline(x, item.k, item.begin, item.end, block, tile, acc);
 }
 
-// Threads for a pass over p columns: no more than there are column quanta.
-int pass_threads(int64_t p) {
-  const int64_t quanta = (p + kColumnQuantum - 1) / kColumnQuantum;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), quanta)));
+// dx of one item.
+template <typename T>
+void grad_item(const Rows<T>& x, const T* m, T* dx, const Item& item, int64_t block, T* tile, bool stream) {
+  const T* m_k = m + item.k * x.n * x.n;
+  T* dx_k = dx + item.k * x.n * x.p;
+#ifdef CSKD_CKA_X86_DISPATCH
+  if (uses_direct_kernels(x.n) && grad_direct(x, m_k, dx_k, item.k, item.begin, item.end, stream)) return;
+  if (cpu_has_avx2_fma()) return grad_tiles_avx2(x, m_k, dx_k, item.k, item.begin, item.end, block, tile);
+#endif
+  (void)stream;
+  grad_tiles_baseline(x, m_k, dx_k, item.k, item.begin, item.end, block, tile);
 }
 
 // x as (g, n, p) rows with unit stride in p; copies only when the layout demands it.
@@ -311,77 +490,155 @@ void check_features(const torch::Tensor& x, const char* name) {
               " must be float32 or float64, got ", x.scalar_type());
 }
 
-// Forward on x (g, n, p) with unit-stride rows into out (g, n, n).
+// Kc = H G H for one group, in double, from the lower triangle of G (n x n).
+// Both triangles of Kc get the same value, and G = 0 gives exactly Kc = 0.
 template <typename T>
-void centered_gram_typed(const torch::Tensor& x, torch::Tensor& out) {
-  const Rows<T> rows = rows_of<T>(x);
-  const int64_t g = rows.g, n = rows.n, p = rows.p;
-  const int64_t block = block_columns<T>(n);
-  const int threads = pass_threads(p);
-  const int64_t acc_size = g * n * n;
-  const int64_t scratch_size = (n + 1) * block;  // tile, then column means; a multiple of 16 elements
-  // Per-thread double accumulators, reduced below in thread order.
-  std::vector<double> acc(static_cast<size_t>(threads) * acc_size, 0.0);
-  AlignedBuffer<T> scratch(threads * scratch_size);
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num();
-    const std::pair<int64_t, int64_t> columns = thread_columns(p, tid, omp_get_num_threads());
-    if (columns.first < columns.second) {
-      T* tile = scratch.data() + tid * scratch_size;
-      gram_columns(rows, columns.first, columns.second, block, tile, tile + n * block, acc.data() + tid * acc_size);
-    }
+void center_gram(const double* gram, int64_t n, T* out) {
+  auto g = [&](int64_t a, int64_t b) { return a >= b ? gram[a * n + b] : gram[b * n + a]; };
+  std::vector<double> row_mean(static_cast<size_t>(n), 0.0);
+  double mean = 0.0;
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b < n; ++b) row_mean[a] += g(a, b);
+    row_mean[a] /= static_cast<double>(n);
+    mean += row_mean[a];
   }
-  T* o = out.data_ptr<T>();
-  for (int64_t k = 0; k < g; ++k) {
-    for (int64_t a = 0; a < n; ++a) {
-      for (int64_t b = 0; b <= a; ++b) {
-        const int64_t e = k * n * n + a * n + b;
-        double s = 0.0;
-        for (int t = 0; t < threads; ++t) s += acc[t * acc_size + e];
-        o[e] = static_cast<T>(s);
-        o[k * n * n + b * n + a] = static_cast<T>(s);
-      }
+  mean /= static_cast<double>(n);
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b <= a; ++b) {
+      const T v = static_cast<T>(g(a, b) - row_mean[a] - row_mean[b] + mean);
+      out[a * n + b] = v;
+      out[b * n + a] = v;
     }
   }
 }
 
-// dx is written once, into fresh memory: at the sizes that matter (tens of MiB)
-// the first-touch page faults cost as much as the writes themselves. Asking for
-// transparent huge pages before the first touch takes 512 times fewer faults
-// (Linux with THP in "madvise" mode; elsewhere, or if refused, nothing changes).
-void prefer_huge_pages(void* data, size_t bytes) {
+// Forward on x (g, n, p) with unit-stride rows into out (g, n, n).
+template <typename T>
+void centered_gram_typed(const torch::Tensor& x, torch::Tensor& out) {
+  const Rows<T> rows = rows_of<T>(x);
+  const int64_t g = rows.g, n = rows.n;
+  const Items items(g, rows.p);
+  const int threads = item_threads(items.count);
+  const int64_t block = block_columns<T>(n);
+  const int64_t tile_size = uses_direct_kernels(n) ? 0 : std::max<int64_t>(n - 1, 1) * block;
+  const int64_t slot = n * n;
+  // One slot of double accumulators per item, summed below in item order.
+  std::vector<double> partial(static_cast<size_t>(items.count * slot), 0.0);
+  AlignedBuffer<T> scratch(threads * tile_size);
+  for_each_item(items.count, threads, [&](int64_t i, int tid) {
+    gram_item(rows, items[i], block, scratch.data() + tid * tile_size, partial.data() + i * slot);
+  });
+  std::vector<double> gram(static_cast<size_t>(slot));
+  T* o = out.data_ptr<T>();
+  for (int64_t k = 0; k < g; ++k) {
+    std::fill(gram.begin(), gram.end(), 0.0);
+    for (int64_t c = 0; c < items.per_group; ++c) {
+      const double* s = partial.data() + (k * items.per_group + c) * slot;
+      for (int64_t e = 0; e < slot; ++e) gram[e] += s[e];
+    }
+    center_gram(gram.data(), n, o + k * slot);
+  }
+}
+
+// Memory for large gradients. dx is written once, into fresh memory: at the
+// sizes that matter (tens of MiB) the kernel's zeroing of fresh pages at the
+// first touch costs as much as writing dx, and 4 KiB pages add a fault per
+// page on top. So buffers of kRecycleBytes or more come from this pool: fresh
+// ones on 2 MiB boundaries with transparent huge pages requested (Linux, THP
+// in "madvise" mode), and a freed one is kept (at most kRecycleSlots of them)
+// for the next backward of the same size, which then finds its pages mapped.
+// The cost is that memory: up to kRecycleSlots buffers stay allocated after
+// their tensors are gone, as in a caching allocator.
+constexpr size_t kRecycleBytes = size_t{8} << 20;
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kRecycleSlots = 2;
+
+class GradientPool final : public c10::Allocator {
+ public:
+  // Never destroyed: tensors from the pool may be freed during interpreter exit.
+  static GradientPool& instance() {
+    static GradientPool* pool = new GradientPool();
+    return *pool;
+  }
+
+  c10::DataPtr allocate(size_t bytes) override {
+    const size_t size = (std::max(bytes, size_t{1}) + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = take(size);
+    if (data == nullptr) data = fresh(size);
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
+
+ private:
+  void* take(size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < free_.size(); ++i) {
+      if (sizes_[free_[i]] == size) {
+        void* data = free_[i];
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+        return data;
+      }
+    }
+    return nullptr;
+  }
+
+  void* fresh(size_t size) {
+    void* data = std::aligned_alloc(kHugePage, size);
+    TORCH_CHECK(data != nullptr, "cka: cannot allocate ", size, " bytes for the gradient");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
+    madvise(data, size, MADV_HUGEPAGE);  // before the first touch; refused or unsupported changes nothing
 #endif
+    std::lock_guard<std::mutex> lock(mutex_);
+    sizes_[data] = size;
+    return data;
+  }
+
+  static void release(void* data) {
+    GradientPool& pool = instance();
+    {
+      std::lock_guard<std::mutex> lock(pool.mutex_);
+      if (pool.free_.size() < kRecycleSlots) {
+        pool.free_.push_back(data);
+        return;
+      }
+      pool.sizes_.erase(data);
+    }
+    std::free(data);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<void*, size_t> sizes_;  // every buffer of the pool, in use or free
+  std::vector<void*> free_;
+};
+
+// An empty contiguous tensor shaped like x for its gradient (from the pool when large).
+torch::Tensor empty_gradient(const torch::Tensor& x) {
+  const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
+  if (bytes < kRecycleBytes) return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  return at::detail::empty_generic(x.sizes(), &GradientPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   x.scalar_type(), at::MemoryFormat::Contiguous);
 }
 
 // Backward on x (g, n, p) with unit-stride rows and contiguous m (g, n, n) into contiguous dx.
 template <typename T>
 void centered_gram_backward_typed(const torch::Tensor& x, const torch::Tensor& m, torch::Tensor& dx) {
   const Rows<T> rows = rows_of<T>(x);
-  const int64_t n = rows.n, p = rows.p;
+  const int64_t n = rows.n;
   const T* m_data = m.data_ptr<T>();
   T* dx_data = dx.data_ptr<T>();
+  const Items items(rows.g, rows.p);
+  const int threads = item_threads(items.count);
   const int64_t block = block_columns<T>(n);
-  const int threads = pass_threads(p);
-  const int64_t scratch_size = std::max<int64_t>(n - 1, 1) * block;
-  AlignedBuffer<T> scratch(threads * scratch_size);
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num();
-    const std::pair<int64_t, int64_t> columns = thread_columns(p, tid, omp_get_num_threads());
-    if (columns.first < columns.second) {
-      grad_columns(rows, m_data, dx_data, columns.first, columns.second, block, scratch.data() + tid * scratch_size);
-    }
-  }
+  const int64_t tile_size = uses_direct_kernels(n) ? 0 : std::max<int64_t>(n - 1, 1) * block;
+  // Streaming stores need every row of dx to start on a 64-byte line.
+  const bool stream = reinterpret_cast<uintptr_t>(dx_data) % 64 == 0 && (rows.p * sizeof(T)) % 64 == 0;
+  AlignedBuffer<T> scratch(threads * tile_size);
+  for_each_item(items.count, threads, [&](int64_t i, int tid) {
+    grad_item(rows, m_data, dx_data, items[i], block, scratch.data() + tid * tile_size, stream);
+  });
 }
 
 torch::Tensor centered_gram(const torch::Tensor& x_in) {
@@ -405,9 +662,8 @@ torch::Tensor centered_gram_backward(const torch::Tensor& x_in, const torch::Ten
   // m is n x n per group: converting it to x's dtype costs nothing and keeps
   // one kernel per dtype (float32 x with float64 m happens for mixed inputs).
   const torch::Tensor m = m_in.to(x.scalar_type()).contiguous();
-  torch::Tensor dx = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  torch::Tensor dx = empty_gradient(x);
   if (dx.numel() == 0) return dx;
-  prefer_huge_pages(dx.data_ptr(), dx.nbytes());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cka_centered_gram_backward",
                              [&] { centered_gram_backward_typed<scalar_t>(x, m, dx); });
   return dx;

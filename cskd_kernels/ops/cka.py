@@ -4,8 +4,8 @@ The heavy work is one pass over each input: the kernels compute the centered
 Gram matrix Kc = (H x)(H x)^T of each group directly (float32 or float64
 accumulation), so x x^T is formed once and never recomputed for the three
 HSIC terms. Everything after that is algebra on tiny n x n matrices, done in
-PyTorch and differentiated by autograd. The backward of a Gram needs
-dL/dKc = G (n x n) and then one pass over x:
+PyTorch (float64) inside one autograd node with a closed-form gradient. The
+backward of a Gram needs dL/dKc = G (n x n) and then one pass over x:
 
     dL/dx = H (G + G^T) H x = M (x - x_0)     (M centered, x_0 the first sample)
 
@@ -18,6 +18,7 @@ Kernels per backend (same contract everywhere):
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
@@ -60,12 +61,16 @@ def _centered_gram_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _centered_gram_grad(ctx, grad_gram):
-    (x,) = ctx.saved_tensors
-    # dL/dx = H (G + G^T) H x, and H x = H (x - x_0): the kernel applies M to x - x_0.
+def _gram_input_grad(x, grad_gram, backend):
+    """dL/dx from dL/dKc = G: H (G + G^T) H x = M (x - x_0), H x = H (x - x_0), one pass over x."""
     h = _centering_matrix(x.shape[1], grad_gram.dtype, grad_gram.device)
     m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
-    return centered_gram_backward(x, m.contiguous(), ctx.backend), None
+    return centered_gram_backward(x, m.contiguous(), backend)
+
+
+def _centered_gram_grad(ctx, grad_gram):
+    (x,) = ctx.saved_tensors
+    return _gram_input_grad(x, grad_gram, ctx.backend), None
 
 
 centered_gram.register_autograd(_centered_gram_grad, setup_context=_centered_gram_setup)
@@ -93,18 +98,84 @@ def _prepare(x, y, unbiased, grouped):
     return reference.as_cka_groups(x, y, grouped)
 
 
-def _fused(x, y, unbiased, grouped, backend, head):
+def _hsic_gradient(lc, unbiased):
+    """The gradient of hsic(kc, lc) with respect to kc (symmetrized; it does not depend on kc).
+
+    HSIC is bilinear and symmetric in its two Grams, so the gradient of
+    hsic(kc, kc) is twice this with lc = kc. Only the symmetric part of a Gram
+    gradient matters (the input gradient uses G + G^T).
+    """
+    if not unbiased:
+        return lc
+    n = lc.shape[-1]
+    off_diagonal = 1.0 - torch.eye(n, dtype=lc.dtype, device=lc.device)
+    l = lc * off_diagonal
+    row_sums = l.sum(dim=-1, keepdim=True)  # L~ 1, (g, n, 1)
+    total = row_sums.sum(dim=-2, keepdim=True)  # 1^T L~ 1
+    # d/dK~ of tr(K~ L~) + (1^T K~ 1)(1^T L~ 1)/((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1, symmetrized;
+    # the zeroed diagonal of K~ takes no gradient.
+    grad = l + total / ((n - 1) * (n - 2)) - (row_sums + row_sums.transpose(-1, -2)) / (n - 2)
+    return grad * off_diagonal / (n * (n - 3))
+
+
+class _FusedCka(torch.autograd.Function):
+    """CKA (or the CKA loss) of x (g, n, p) and y (g, n, q) from the two fused Gram passes.
+
+    One autograd node for the whole op: the n x n head runs in float64 without
+    recording a graph (a few dozen tiny ops and their autograd nodes cost more
+    than the Gram kernels' own overhead), and the backward applies its closed-form
+    gradient: with s_k = sqrt(hsic(Kc, Kc)), s_l = sqrt(hsic(Lc, Lc)),
+    dCKA/dKc = A(Lc) / (s_k s_l) - CKA A(Kc) / s_k^2 (A = _hsic_gradient), then
+    one backward pass over each input that needs a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, backend, unbiased, eps, tiny):
+        # The n x n algebra runs in float64: the unbiased estimator cancels terms
+        # of order p (the Gram entries) down to the signal, which float32 loses.
+        kc = centered_gram(x, backend).double()
+        lc = centered_gram(y, backend).double()
+        cka = reference.cka_from_grams(kc, lc, unbiased=unbiased, tiny=tiny)
+        ctx.save_for_backward(x, y, kc, lc, cka)
+        ctx.config = (backend, unbiased, eps, tiny)
+        out = cka if eps is None else reference.cka_loss_from_cka(cka, eps)
+        return out.to(accumulation_dtype(x.dtype, y.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, y, kc, lc, cka = ctx.saved_tensors
+        backend, unbiased, eps, tiny = ctx.config
+        grad_cka = grad_out.double()
+        if eps is not None:
+            # d(-log max(|c|, eps))/dc = -1/c above the clamp, 0 below it (as autograd of the reference).
+            grad_cka = torch.where(cka.abs() >= eps, -grad_cka / cka, torch.zeros_like(cka))
+        hkk = reference.hsic(kc, kc, unbiased=unbiased).clamp_min(tiny)
+        hll = reference.hsic(lc, lc, unbiased=unbiased).clamp_min(tiny)
+        scale = (grad_cka / (hkk.sqrt() * hll.sqrt()))[:, None, None]
+        a_k, a_l = _hsic_gradient(kc, unbiased), _hsic_gradient(lc, unbiased)
+        grad_x = grad_y = None
+        # Below the clamp a Gram is exactly zero, so its own term vanishes as the clamp's gradient does.
+        if ctx.needs_input_grad[0]:
+            grad_x = _gram_input_grad(x, scale * a_l - (grad_cka * cka / hkk)[:, None, None] * a_k, backend)
+        if ctx.needs_input_grad[1]:
+            grad_y = _gram_input_grad(y, scale * a_k - (grad_cka * cka / hll)[:, None, None] * a_l, backend)
+        return grad_x, grad_y, None, None, None, None
+
+
+def _fused(x, y, unbiased, grouped, backend, eps):
+    """linear_cka (eps None) or cka_loss of the validated inputs."""
     xg, yg = _prepare(x, y, unbiased, grouped)
     name = resolve_backend(backend, xg, yg)
     acc = accumulation_dtype(xg.dtype, yg.dtype)
+    tiny = torch.finfo(acc).tiny
     if name == "reference":
-        out = head(reference.centered_gram(xg.to(acc)), reference.centered_gram(yg.to(acc)), torch.finfo(acc).tiny)
+        out = reference.cka_from_grams(reference.centered_gram(xg.to(acc)), reference.centered_gram(yg.to(acc)),
+                                       unbiased=unbiased, tiny=tiny)
+        if eps is not None:
+            out = reference.cka_loss_from_cka(out, eps)
     else:
-        # The n x n algebra runs in float64: the unbiased estimator cancels terms
-        # of order p (the Gram entries) down to the signal, which float32 loses.
-        kc = centered_gram(xg, name).double()
-        lc = centered_gram(yg, name).double()
-        out = head(kc, lc, torch.finfo(acc).tiny).to(acc)
+        out = _FusedCka.apply(xg, yg, name, unbiased, eps, tiny)
     return out if grouped else out[0]
 
 
@@ -117,16 +188,10 @@ def linear_cka(x, y, *, unbiased=False, grouped=False, backend=None):
     (n >= 4). A side with no variance gives 0 with finite gradients.
     """
 
-    def head(kc, lc, tiny):
-        return reference.cka_from_grams(kc, lc, unbiased=unbiased, tiny=tiny)
-
-    return _fused(x, y, unbiased, grouped, backend, head)
+    return _fused(x, y, unbiased, grouped, backend, None)
 
 
 def cka_loss(x, y, *, unbiased=False, eps=1e-8, grouped=False, backend=None):
     """-log(max(|CKA(x, y)|, eps)), the CSKD similarity loss (same arguments as linear_cka)."""
 
-    def head(kc, lc, tiny):
-        return reference.cka_loss_from_cka(reference.cka_from_grams(kc, lc, unbiased=unbiased, tiny=tiny), eps)
-
-    return _fused(x, y, unbiased, grouped, backend, head)
+    return _fused(x, y, unbiased, grouped, backend, eps)
