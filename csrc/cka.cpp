@@ -570,6 +570,17 @@ class GradientPool final : public c10::Allocator {
 
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
+  // Frees the kept buffers (those of live tensors stay), like torch.cuda.empty_cache.
+  void empty_cache() {
+    std::vector<void*> kept;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      kept.swap(free_);
+      for (void* data : kept) sizes_.erase(data);
+    }
+    for (void* data : kept) std::free(data);
+  }
+
   void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
 
  private:
@@ -669,6 +680,8 @@ torch::Tensor centered_gram_backward(const torch::Tensor& x_in, const torch::Ten
   return dx;
 }
 
+void empty_gradient_cache() { GradientPool::instance().empty_cache(); }
+
 }  // namespace
 
 void register_cka(pybind11::module& m) {
@@ -679,4 +692,6 @@ void register_cka(pybind11::module& m) {
   m.def("cka_centered_gram_backward", &centered_gram_backward, pybind11::arg("x"), pybind11::arg("m"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "dx = m @ (x - x[:, 0:1, :]) for x (g, n, p) and m (g, n, n); shape and dtype of x.");
+  m.def("cka_empty_gradient_cache", &empty_gradient_cache,
+        "Frees the gradient buffers the CKA backward keeps for reuse (as torch.cuda.empty_cache does).");
 }

@@ -235,3 +235,44 @@ def test_auto_runs_triton_on_cuda():
 def test_different_devices_is_a_clear_error_on_cuda():
     with pytest.raises(ValueError, match="one device"):
         cskd_kernels.linear_cka(torch.randn(5, 3, device="cuda"), torch.randn(5, 3))
+
+
+def _backward_expected(x, m):
+    return m.double() @ (x.double() - x.double()[:, :1])
+
+
+@requires_extension
+def test_pooled_gradients_are_never_shared_while_alive():
+    """The CPU backward reuses large freed gradient buffers: a live one must never be handed out again."""
+    ext = cskd_kernels.backend.extension()
+    x = torch.randn(1, 4, 700_001)  # 11 MiB: above the pool's size threshold, p not a multiple of 16
+    m1, m2 = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
+    first = ext.cka_centered_gram_backward(x, m1)
+    second = ext.cka_centered_gram_backward(x, m2)
+    assert first.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(first.double(), _backward_expected(x, m1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second.double(), _backward_expected(x, m2), rtol=1e-4, atol=1e-4)
+    del first
+    third = ext.cka_centered_gram_backward(x, m2)  # may reuse the freed buffer: fully overwritten
+    torch.testing.assert_close(third.double(), _backward_expected(x, m2), rtol=1e-4, atol=1e-4)
+    del second, third
+    ext.cka_empty_gradient_cache()
+    fourth = ext.cka_centered_gram_backward(x, m1)
+    torch.testing.assert_close(fourth.double(), _backward_expected(x, m1), rtol=1e-4, atol=1e-4)
+
+
+@requires_extension
+@pytest.mark.parametrize("n", [5, 12])  # the register kernels (n <= 9) and the tile path
+def test_cpu_result_does_not_depend_on_the_thread_count(n):
+    x = torch.randn(n, 3 * 8192 + 77)
+    y = torch.randn(n, 5 * 8192 + 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(lambda a, b: cskd_kernels.cka_loss(a, b, backend="cpu"), x, y, torch.tensor(1.0))
+        torch.set_num_threads(2)
+        two = _run(lambda a, b: cskd_kernels.cka_loss(a, b, backend="cpu"), x, y, torch.tensor(1.0))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one[:3], two[:3]):
+        assert torch.equal(a, b)
