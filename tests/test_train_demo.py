@@ -91,3 +91,13 @@ def test_bad_thread_count_is_refused(capsys):
         demo.parse_args(["--threads", "0"])
     assert exit_info.value.code == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_readme_first_command_is_the_demo_and_second_is_what_ci_runs():
+    root = train_support.REPO
+    with open(f"{root}/README.md", encoding="utf-8") as handle:
+        commands = re.findall(r"```bash\n(.*?)\n```", handle.read(), flags=re.S)
+    with open(f"{root}/.ci/run", encoding="utf-8") as handle:
+        ci = [line for line in handle.read().splitlines() if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert commands[0].endswith("&& cskd-demo")
+    assert commands[1] == ci[-1]
