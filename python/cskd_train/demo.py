@@ -37,9 +37,9 @@ from cskd_train.datasets import NUM_CLASSES
 TIMING_SHAPES = {
     # name: (spatial size of the feature maps, warm-up steps, timed steps); "demo" is the demo's own
     # maps, "cityscapes" the released configuration (512x1024 crops, output stride 8, 8 images per GPU,
-    # 128/256 channels). One released step there takes about a minute on one core: no warm-up, one step.
+    # 128/256 channels), where one step of either takes about 3 s of one core.
     "demo": (None, 2, 20),
-    "cityscapes": ((64, 128), 0, 1),
+    "cityscapes": ((64, 128), 1, 3),
 }
 # Both formulations run with the same non-zero gammas, so the attention branches feed the loss
 # (with the initial gamma = 0 they would still be computed, but the comparison would hide nothing).
@@ -95,26 +95,27 @@ def run_training(name, flags, output_dir):
     return {"miou": final_miou, "seconds": seconds}
 
 
-def median_seconds(step, warmup, repeats):
-    """Median wall seconds of step() over `repeats` calls after `warmup` untimed ones."""
-    times = []
+def median_seconds(steps, warmup, repeats):
+    """Median wall seconds of each callable in `steps` (a dict), over `repeats` calls after `warmup`
+    untimed ones; the callables take turns, so load from other jobs falls on all of them alike."""
+    times = {name: [] for name in steps}
     for i in range(warmup + repeats):
-        started = time.perf_counter()
-        step()
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    times.sort()
-    return times[len(times) // 2]
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
-def time_loss_step(loss_fn, feat_s, feat_t, warmup, repeats):
-    """Median seconds of one forward + backward of loss_fn(feat_s, feat_t) (a CSKDOutput or a tensor)."""
+def loss_step(loss_fn, feat_s, feat_t):
+    """One forward + backward of loss_fn(feat_s, feat_t) (a CSKDOutput or a tensor), as a callable."""
 
     def step():
         out = loss_fn(feat_s.clone().requires_grad_(True), feat_t)
         (out.loss if hasattr(out, "loss") else out).backward()
 
-    return median_seconds(step, warmup, repeats)
+    return step
 
 
 class ReleasedCSKDLoss(nn.Module):
@@ -150,8 +151,9 @@ def distillation_timing(args, student_channels, teacher_channels):
         feat_t = torch.randn(args.batch_size, channels[1], *size, generator=generator)
         row = {"name": name, "shape_student": list(feat_s.shape), "shape_teacher": list(feat_t.shape),
                "steps": repeats}
-        row["fused_ms"] = 1000 * time_loss_step(fused_cskd_loss(*channels), feat_s, feat_t, warmup, repeats)
-        row["released_ms"] = 1000 * time_loss_step(ReleasedCSKDLoss(), feat_s, feat_t, warmup, repeats)
+        medians = median_seconds({"fused": loss_step(fused_cskd_loss(*channels), feat_s, feat_t),
+                                  "released": loss_step(ReleasedCSKDLoss(), feat_s, feat_t)}, warmup, repeats)
+        row.update({f"{kind}_ms": 1000 * seconds for kind, seconds in medians.items()})
         rows.append(row)
     return rows
 
@@ -178,7 +180,7 @@ def step_without_cskd_seconds(args, num_classes, warmup=2, repeats=10):
         loss.backward()
         optimizer.step()
 
-    return median_seconds(step, warmup, repeats)
+    return median_seconds({"step": step}, warmup, repeats)["step"]
 
 
 def step_shares(timing, rest_seconds):
