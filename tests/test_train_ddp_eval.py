@@ -50,6 +50,16 @@ def test_two_process_gloo_cskd_run_matches_single_process_eval(tmp_path):
     assert single_miou == pytest.approx(ddp_miou, abs=1e-4)
 
 
+def test_sync_bn_on_the_cpu_is_refused_in_one_line(tmp_path, capsys):
+    # Refused even in one process (where SyncBatchNorm would be a no-op), before anything is written.
+    out = tmp_path / "run"
+    assert train.main(["--sync-bn", "--max-iterations", "1", "--output-dir", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cskd-train: error: --sync-bn needs CUDA devices") and "\n" not in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
 def test_eval_prints_per_class_iou_and_the_logged_miou(tmp_path, capsys):
     out = tmp_path / "run"
     with_plot = [a for a in TINY if a != "--no-plot"]

@@ -78,7 +78,8 @@ def build_parser():
     model.add_argument("--teacher-model", choices=MODEL_NAMES, default=None)
     model.add_argument("--teacher-checkpoint", default=None,
                        help="our last.pt/best.pt, or a released (CIRKD code base) state dict")
-    model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the student (DDP)")
+    model.add_argument("--sync-bn", action="store_true",
+                       help="SyncBatchNorm in the student (DDP on CUDA devices; refused on the CPU)")
 
     loss = p.add_argument_group("objective")
     loss.add_argument("--distill", choices=DISTILL_MODES, default="none")
@@ -267,8 +268,13 @@ class Trainer:
                 f"not a {args.model} with {self.num_classes}"
             )
 
-        if args.sync_bn and context.distributed and context.device.type != "cuda":
-            raise TrainingError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
+        if args.sync_bn and context.device.type != "cuda":
+            # Refused even in a single process, where it would be a no-op: a CPU command line that
+            # "works" alone would then fail only once launched under torchrun.
+            raise TrainingError(
+                f"--sync-bn needs CUDA devices (--device {args.device} given): PyTorch's SyncBatchNorm does "
+                "not run on the CPU; drop --sync-bn to keep per-process BatchNorm statistics"
+            )
         torch.manual_seed(args.seed)
         self.teacher = load_teacher(args, self.num_classes, context.device) if args.distill != "none" else None
         student = build_model(args.model, self.num_classes, sync_bn=args.sync_bn and context.distributed)
