@@ -8,13 +8,23 @@
 // contiguous in memory and the tiles are strided views of the inputs;
 // otherwise the cell is gathered once per task into thread-local buffers.
 //
-// Forward (per image, cell, query block): flash-attention's online softmax
-// over key blocks; the tile products are BLAS calls (at::mm_out / addmm_) on
-// cache-sized tiles, the softmax is a vectorised loop. Saves the row
-// log-sum-exp. Backward (per image, cell, key block): recompute P from the
-// log-sum-exp, accumulate dK and dV for the key block (owned by the task, no
-// race) and dQ into per-thread buffers that are summed at the end. Memory is
-// linear in N: tiles of at most kBlock x kBlock plus the per-thread dQ.
+// Two paths, chosen per cell by its size:
+// - Small cells (at most kSingleBlock positions, e.g. the 13 x 26 cells of
+//   the released 5 x 5 grid): one task per (image, cell) does the whole cell.
+//   Its n x n score block (<= 1 MiB) lives in a reused thread-local
+//   workspace, never more than one cell per thread, so memory stays linear.
+//   Forward: S = Q^T K, a one-pass softmax (the row max is known), O = V P^T,
+//   normalised while it is scattered back. Backward: S and dP = dO^T V,
+//   P = exp(S - lse) and dS in one pass, then dV, dK, dQ while P and dS are
+//   hot in L2; Delta = rowsum(dO * O) is accumulated during the gather. The
+//   task owns every position of its cell, so dQ needs no per-thread copies.
+// - Large cells (global mode): flash-attention tiles. Forward per (image,
+//   cell, query block): online softmax over key blocks; the tile products are
+//   BLAS calls (at::mm_out / addmm_) on cache-sized tiles. Saves the row
+//   log-sum-exp. Backward per (image, cell, key block): recompute P from the
+//   log-sum-exp, accumulate dK and dV for the key block (owned by the task, no
+//   race) and dQ into per-thread buffers that are summed at the end. Memory is
+//   linear in N: tiles of at most kBlock x kBlock plus the per-thread dQ.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -25,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -250,6 +261,216 @@ inline int64_t pixel(const Cell& cell, int64_t W, int64_t i) {
 }
 
 // ---------------------------------------------------------------------------
+// Small cells: the whole cell in one task (see the header comment)
+// ---------------------------------------------------------------------------
+
+}  // namespace
+
+// The BLAS that libtorch links (MKL, OpenBLAS, ...) exports the Fortran
+// symbols; calling them directly skips ATen's per-call dispatch, which is
+// noticeable at ~1400 small products per grid-mode step. Weak: a torch built
+// without BLAS leaves them null and the products go through at::mm_out.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace {
+
+template <typename scalar_t>
+using fortran_gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const scalar_t*,
+                              const scalar_t*, const int*, const scalar_t*, const int*, const scalar_t*, scalar_t*,
+                              const int*);
+
+template <typename scalar_t>
+fortran_gemm<scalar_t> blas_gemm() {
+  if constexpr (std::is_same_v<scalar_t, float>) return sgemm_;
+  else return dgemm_;
+}
+
+// Row-major C (m x n) = op(A) op(B), op(A) m x k, op(B) k x n; a transposed
+// operand is stored the other way round (A as k x m). Runs on the calling
+// thread: inside our OpenMP loop the BLAS sees a parallel region and stays serial.
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+          const scalar_t* b, int64_t ldb, scalar_t* c, int64_t ldc) {
+  if (const auto blas = blas_gemm<scalar_t>()) {
+    // Column-major BLAS computes C^T = op(B)^T op(A)^T: the operands swap places.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int M = n, N = m, K = k, LDA = ldb, LDB = lda, LDC = ldc;
+    const scalar_t one = 1, zero = 0;
+    blas(&ta, &tb, &M, &N, &K, &one, b, &LDA, a, &LDB, &zero, c, &LDC);
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<scalar_t*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  at::Tensor out = view(c, m, n, ldc, false);
+  at::mm_out(out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b));
+}
+
+// Scratch reused by every task a thread runs (and kept for the next call):
+// allocating ~1 MiB per task would page-fault it in again each time.
+template <typename scalar_t>
+scalar_t* workspace(int64_t count) {
+  static thread_local std::vector<scalar_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
+// Hands out 64-byte-aligned pieces of one workspace.
+template <typename scalar_t>
+struct Carver {
+  static constexpr int64_t kAlign = 64 / sizeof(scalar_t);
+  static int64_t round_up(int64_t count) { return (count + kAlign - 1) / kAlign * kAlign; }
+  std::vector<int64_t> sizes;
+  int64_t add(int64_t count) {
+    sizes.push_back(round_up(count));
+    return sizes.size() - 1;
+  }
+  std::vector<scalar_t*> carve() const {
+    int64_t total = kAlign;
+    for (int64_t s : sizes) total += s;
+    scalar_t* base = workspace<scalar_t>(total);
+    base += (kAlign - (reinterpret_cast<uintptr_t>(base) / sizeof(scalar_t)) % kAlign) % kAlign;
+    std::vector<scalar_t*> out;
+    for (int64_t s : sizes) {
+      out.push_back(base);
+      base += s;
+    }
+    return out;
+  }
+};
+
+// A (channels x n) matrix of one cell, element (c, i) at ptr[c * ld + i]:
+// the image itself when the cell spans the full width (its positions are then
+// contiguous), else the buffer.
+template <typename scalar_t>
+struct CellBlock {
+  scalar_t* ptr;
+  int64_t ld;
+};
+
+template <typename scalar_t>
+CellBlock<scalar_t> cell_output(scalar_t* image, int64_t H, int64_t W, const Cell& cell, scalar_t* buffer) {
+  if (cell.width == W) return {image + cell.row0 * W, H * W};
+  return {buffer, cell.size()};
+}
+
+// The cell of a (channels, H, W) image as a block: a view, or gathered row by row.
+template <typename scalar_t>
+CellBlock<scalar_t> load_cell(const scalar_t* image, int64_t channels, int64_t H, int64_t W, const Cell& cell,
+                              scalar_t* buffer) {
+  const CellBlock<scalar_t> block = cell_output(const_cast<scalar_t*>(image), H, W, cell, buffer);
+  if (block.ptr != buffer) return block;
+  const int64_t n = cell.size(), hw = H * W;
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t r = 0; r < cell.height; ++r)
+      std::memcpy(buffer + c * n + r * cell.width, image + c * hw + (cell.row0 + r) * W + cell.col0,
+                  cell.width * sizeof(scalar_t));
+  return block;
+}
+
+// Writes a block back to the cell's pixels (a no-op for a view), times
+// col_scale[i] for position i when col_scale is given.
+template <typename scalar_t>
+void store_cell(const CellBlock<scalar_t>& block, scalar_t* image, int64_t channels, int64_t H, int64_t W,
+                const Cell& cell, const scalar_t* col_scale = nullptr) {
+  const int64_t hw = H * W;
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t r = 0; r < cell.height; ++r) {
+      scalar_t* dst = image + c * hw + (cell.row0 + r) * W + cell.col0;
+      const scalar_t* src = block.ptr + c * block.ld + r * cell.width;
+      if (col_scale != nullptr) {
+        const scalar_t* s = col_scale + r * cell.width;
+#pragma omp simd
+        for (int64_t j = 0; j < cell.width; ++j) dst[j] = src[j] * s[j];
+      } else if (dst != src) {
+        std::memcpy(dst, src, cell.width * sizeof(scalar_t));
+      }
+    }
+}
+
+template <typename scalar_t>
+void forward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse, int64_t d,
+                  int64_t cv, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
+  const int64_t n = cell.size(), lds = Carver<scalar_t>::round_up(n);
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iQ = carver.add(d * n), iK = carver.add(d * n), iV = carver.add(cv * n),
+                iO = carver.add(cv * n), iInv = carver.add(n), iLse = carver.add(n);
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t* s = ws[iS];
+  scalar_t* inv = ws[iInv];
+  const CellBlock<scalar_t> Q = load_cell(q, d, H, W, cell, ws[iQ]), K = load_cell(k, d, H, W, cell, ws[iK]),
+                            V = load_cell(v, cv, H, W, cell, ws[iV]);
+  gemm<scalar_t>(true, false, n, n, d, Q.ptr, Q.ld, K.ptr, K.ld, s, lds);
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+    const scalar_t sum = online_softmax_row(s + i * lds, n, scale, m);  // one block: plain softmax numerators
+    inv[i] = scalar_t(1) / sum;
+    ws[iLse][i] = m + std::log(sum);
+  }
+  // O = V P^T with unnormalised P; the 1 / rowsum is applied on the way out.
+  const CellBlock<scalar_t> O = cell_output(out, H, W, cell, ws[iO]);
+  gemm<scalar_t>(false, true, cv, n, n, V.ptr, V.ld, s, lds, O.ptr, O.ld);
+  store_cell(O, out, cv, H, W, cell, inv);
+  store_cell(CellBlock<scalar_t>{ws[iLse], n}, lse, 1, H, W, cell);
+}
+
+// Delta_i = sum_c dO[c, i] O[c, i] over the cell, O read in place.
+template <typename scalar_t>
+void cell_delta(const CellBlock<scalar_t>& dO, const scalar_t* out, int64_t cv, int64_t H, int64_t W,
+                const Cell& cell, scalar_t* delta) {
+  const int64_t hw = H * W;
+  std::fill(delta, delta + cell.size(), scalar_t(0));
+  for (int64_t c = 0; c < cv; ++c)
+    for (int64_t r = 0; r < cell.height; ++r) {
+      const scalar_t* o = out + c * hw + (cell.row0 + r) * W + cell.col0;
+      const scalar_t* g = dO.ptr + c * dO.ld + r * cell.width;
+      scalar_t* acc = delta + r * cell.width;
+#pragma omp simd
+      for (int64_t j = 0; j < cell.width; ++j) acc[j] += g[j] * o[j];
+    }
+}
+
+template <typename scalar_t>
+void backward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
+                   const scalar_t* dout, const scalar_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t d,
+                   int64_t cv, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
+  const int64_t n = cell.size(), lds = Carver<scalar_t>::round_up(n);
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iQ = carver.add(d * n), iK = carver.add(d * n),
+                iV = carver.add(cv * n), iDO = carver.add(cv * n), iDV = carver.add(cv * n), iDK = carver.add(d * n),
+                iDQ = carver.add(d * n), iLse = carver.add(n), iDelta = carver.add(n);
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t* s = ws[iS];    // S, then P in place
+  scalar_t* ds = ws[iDS];  // dP, then dS in place
+  const CellBlock<scalar_t> Q = load_cell(q, d, H, W, cell, ws[iQ]), K = load_cell(k, d, H, W, cell, ws[iK]),
+                            V = load_cell(v, cv, H, W, cell, ws[iV]), dO = load_cell(dout, cv, H, W, cell, ws[iDO]),
+                            L = load_cell(lse, 1, H, W, cell, ws[iLse]);
+  scalar_t* delta = ws[iDelta];
+  cell_delta(dO, out, cv, H, W, cell, delta);
+  gemm<scalar_t>(true, false, n, n, d, Q.ptr, Q.ld, K.ptr, K.ld, s, lds);
+  gemm<scalar_t>(true, false, n, n, cv, dO.ptr, dO.ld, V.ptr, V.ld, ds, lds);
+  for (int64_t i = 0; i < n; ++i)
+    softmax_grad_row(s + i * lds, s + i * lds, ds + i * lds, n, scale, L.ptr[i], delta[i]);
+  const CellBlock<scalar_t> dV = cell_output(dv, H, W, cell, ws[iDV]), dK = cell_output(dk, H, W, cell, ws[iDK]),
+                            dQ = cell_output(dq, H, W, cell, ws[iDQ]);
+  gemm<scalar_t>(false, false, cv, n, n, dO.ptr, dO.ld, s, lds, dV.ptr, dV.ld);  // dV = dO P
+  gemm<scalar_t>(false, false, d, n, n, Q.ptr, Q.ld, ds, lds, dK.ptr, dK.ld);    // dK = Q dS
+  gemm<scalar_t>(false, true, d, n, n, K.ptr, K.ld, ds, lds, dQ.ptr, dQ.ld);     // dQ = K dS^T
+  store_cell(dV, dv, cv, H, W, cell);
+  store_cell(dK, dk, d, H, W, cell);
+  store_cell(dQ, dq, d, H, W, cell);
+}
+
+// ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
 
@@ -315,6 +536,12 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t];
+    const Cell& cell = cells[task.cell];
+    if (cell.size() <= kSingleBlock) {
+      forward_cell<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
+                             op + task.b * cv * hw, lp + task.b * hw, d, cv, H, W, cell, static_cast<scalar_t>(scale));
+      continue;
+    }
     forward_tile<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw, op + task.b * cv * hw,
                            lp + task.b * hw, d, cv, H, W, cells[task.cell], task.start, task.length,
                            static_cast<scalar_t>(scale), options);
@@ -402,8 +629,9 @@ void backward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, cons
 }
 
 template <typename scalar_t>
-void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
-                  const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_partials, at::Tensor& dk,
+void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_partials,
+                  at::Tensor& dk,
                   at::Tensor& dv, const std::vector<Cell>& cells, const std::vector<Task>& tasks, double scale,
                   int threads) {
   const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
@@ -413,7 +641,8 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const scalar_t* dop = dout.data_ptr<scalar_t>();
   const scalar_t* lp = lse.data_ptr<scalar_t>();
-  const scalar_t* dp = delta.data_ptr<scalar_t>();
+  const scalar_t* outp = out.data_ptr<scalar_t>();
+  const scalar_t* dp = delta.defined() ? delta.data_ptr<scalar_t>() : nullptr;
   scalar_t* dqp = dq_partials.data_ptr<scalar_t>();
   scalar_t* dkp = dk.data_ptr<scalar_t>();
   scalar_t* dvp = dv.data_ptr<scalar_t>();
@@ -421,6 +650,16 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t];
+    const Cell& cell = cells[task.cell];
+    if (cell.size() <= kSingleBlock) {
+      // The task owns all of its cell's positions: dQ goes straight into slice 0 (the other
+      // slices, if any, hold only large cells' positions).
+      backward_cell<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
+                              outp + task.b * cv * hw, dop + task.b * cv * hw, lp + task.b * hw, dqp + task.b * d * hw,
+                              dkp + task.b * d * hw, dvp + task.b * cv * hw, d, cv, H, W, cell,
+                              static_cast<scalar_t>(scale));
+      continue;
+    }
     scalar_t* dq_acc = dqp + (static_cast<int64_t>(omp_get_thread_num()) * B + task.b) * d * hw;
     backward_tile<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
                             dop + task.b * cv * hw, lp + task.b * hw, dp + task.b * hw, dq_acc,
@@ -439,11 +678,16 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
   const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
   const std::vector<Cell> cells = read_cells(cells_in);
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
-  // Delta_i = sum_c dO[c, i] O[c, i]: one linear pass, accumulated in the compute dtype.
-  const at::Tensor delta = (dout * out).sum(1).contiguous();
+  const bool any_large = std::any_of(cells.begin(), cells.end(), [](const Cell& c) { return c.size() > kSingleBlock; });
+  // Delta_i = sum_c dO[c, i] O[c, i] for the large cells' tiles: one linear pass, accumulated in
+  // the compute dtype (small cells compute theirs while gathering dO).
+  const at::Tensor delta = any_large ? (dout * out).sum(1).contiguous() : at::Tensor();
   const int threads = at::get_num_threads();
-  // Each thread accumulates dQ for the query blocks it visits; summed after the loop.
-  at::Tensor dq_partials = at::zeros({threads, B, d, H, W}, q.options());
+  // Large cells: each thread accumulates dQ for the query blocks it visits, summed after the
+  // loop. Small cells write their dQ once, into slice 0; with small cells only, that is dq.
+  const int slices = any_large ? threads : 1;
+  at::Tensor dq_partials = any_large ? at::zeros({slices, B, d, H, W}, q.options())
+                                     : at::empty({slices, B, d, H, W}, q.options());
 
   // Tasks: (image, cell, key block); each key position belongs to exactly one task.
   std::vector<Task> tasks;
@@ -455,9 +699,9 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
     }
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "position_attention_backward", [&] {
-    run_backward<scalar_t>(q, k, v, dout, lse, delta, dq_partials, dk, dv, cells, tasks, scale, threads);
+    run_backward<scalar_t>(q, k, v, out, dout, lse, delta, dq_partials, dk, dv, cells, tasks, scale, threads);
   });
-  at::Tensor dq = dq_partials.sum(0);
+  at::Tensor dq = slices == 1 ? dq_partials[0] : dq_partials.sum(0);
   return {dq, dk, dv};
 }
 
