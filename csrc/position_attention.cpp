@@ -15,9 +15,10 @@
 //   workspace, never more than one cell per thread, so memory stays linear.
 //   Forward: S = Q^T K, a one-pass softmax (the row max is known), O = V P^T,
 //   normalised while it is scattered back. Backward: S and dP = dO^T V,
-//   P = exp(S - lse) and dS in one pass, then dV, dK, dQ while P and dS are
-//   hot in L2; Delta = rowsum(dO * O) is accumulated during the gather. The
-//   task owns every position of its cell, so dQ needs no per-thread copies.
+//   P = exp(S - lse) and dS row by row (a row stays in L1), then dV, dK, dQ
+//   while P and dS are hot in L2. Delta = rowsum(dO * O) = sum_j P_ij dP_ij is taken from the
+//   whole rows of P and dP, so O is not read. The task owns every position
+//   of its cell, so dQ needs no per-thread copies.
 // - Large cells (global mode): flash-attention tiles. Forward per (image,
 //   cell, query block): online softmax over key blocks; the tile products are
 //   BLAS calls (at::mm_out / addmm_) on cache-sized tiles. Saves the row
@@ -134,6 +135,39 @@ CSKD_AVX2 void softmax_grad_row_avx2(const float* s, float* p_out, float* dp, in
   }
 }
 
+// A whole row of P and dP in L1. p <- exp(s * scale - lse) in place, renormalised
+// to sum 1: the rounding of lse (~|lse| ulp, large for peaked rows) is a common
+// factor of the row, and it cancels from P and from Delta = sum_j p dp (equal to
+// rowsum(dO * O), without reading O). Then ds <- p * (dp - Delta) * scale.
+CSKD_AVX2 void softmax_grad_full_row_avx2(float* s, float* dp, int64_t n, float scale, float lse) {
+  const int64_t n8 = n & ~int64_t(7);
+  const __m256 vscale = _mm256_set1_ps(scale), vlse = _mm256_set1_ps(lse);
+  __m256 vsum = _mm256_setzero_ps(), vdot = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 p = exp256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vscale, vlse));
+    _mm256_storeu_ps(s + j, p);
+    vsum = _mm256_add_ps(vsum, p);
+    vdot = _mm256_fmadd_ps(p, _mm256_loadu_ps(dp + j), vdot);
+  }
+  float sum = horizontal_sum(vsum), dot = horizontal_sum(vdot);
+  for (int64_t j = n8; j < n; ++j) {
+    s[j] = std::exp(s[j] * scale - lse);
+    sum += s[j];
+    dot += s[j] * dp[j];
+  }
+  const float inv = 1.0f / sum, delta = dot * inv;
+  const __m256 vinv = _mm256_set1_ps(inv), vdelta = _mm256_set1_ps(delta);
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(s + j), vinv);
+    _mm256_storeu_ps(s + j, p);
+    _mm256_storeu_ps(dp + j, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + j), vdelta)), vscale));
+  }
+  for (int64_t j = n8; j < n; ++j) {
+    s[j] *= inv;
+    dp[j] = s[j] * (dp[j] - delta) * scale;
+  }
+}
+
 bool cpu_has_avx2() {
   static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return available;
@@ -164,6 +198,32 @@ void softmax_grad_row_portable(const scalar_t* s, scalar_t* p_out, scalar_t* dp,
     p_out[j] = std::exp(s[j] * scale - lse);
     dp[j] = p_out[j] * (dp[j] - delta) * scale;
   }
+}
+
+template <typename scalar_t>
+void softmax_grad_full_row_portable(scalar_t* s, scalar_t* dp, int64_t n, scalar_t scale, scalar_t lse) {
+  scalar_t sum = 0, dot = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] * scale - lse);
+    sum += s[j];
+    dot += s[j] * dp[j];
+  }
+  const scalar_t inv = scalar_t(1) / sum, delta = dot * inv;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= inv;
+    dp[j] = s[j] * (dp[j] - delta) * scale;
+  }
+}
+
+void softmax_grad_full_row(float* s, float* dp, int64_t n, float scale, float lse) {
+#ifdef CSKD_AVX2_PATH
+  if (cpu_has_avx2()) return softmax_grad_full_row_avx2(s, dp, n, scale, lse);
+#endif
+  softmax_grad_full_row_portable(s, dp, n, scale, lse);
+}
+
+void softmax_grad_full_row(double* s, double* dp, int64_t n, double scale, double lse) {
+  softmax_grad_full_row_portable(s, dp, n, scale, lse);
 }
 
 float online_softmax_row(float* s, int64_t n, float scale, float& m) {
@@ -427,43 +487,24 @@ void forward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
   store_cell(CellBlock<scalar_t>{ws[iLse], n}, lse, 1, H, W, cell);
 }
 
-// Delta_i = sum_c dO[c, i] O[c, i] over the cell, O read in place.
 template <typename scalar_t>
-void cell_delta(const CellBlock<scalar_t>& dO, const scalar_t* out, int64_t cv, int64_t H, int64_t W,
-                const Cell& cell, scalar_t* delta) {
-  const int64_t hw = H * W;
-  std::fill(delta, delta + cell.size(), scalar_t(0));
-  for (int64_t c = 0; c < cv; ++c)
-    for (int64_t r = 0; r < cell.height; ++r) {
-      const scalar_t* o = out + c * hw + (cell.row0 + r) * W + cell.col0;
-      const scalar_t* g = dO.ptr + c * dO.ld + r * cell.width;
-      scalar_t* acc = delta + r * cell.width;
-#pragma omp simd
-      for (int64_t j = 0; j < cell.width; ++j) acc[j] += g[j] * o[j];
-    }
-}
-
-template <typename scalar_t>
-void backward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
-                   const scalar_t* dout, const scalar_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t d,
+void backward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* dout, const scalar_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t d,
                    int64_t cv, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
   const int64_t n = cell.size(), lds = Carver<scalar_t>::round_up(n);
   Carver<scalar_t> carver;
   const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iQ = carver.add(d * n), iK = carver.add(d * n),
                 iV = carver.add(cv * n), iDO = carver.add(cv * n), iDV = carver.add(cv * n), iDK = carver.add(d * n),
-                iDQ = carver.add(d * n), iLse = carver.add(n), iDelta = carver.add(n);
+                iDQ = carver.add(d * n), iLse = carver.add(n);
   const std::vector<scalar_t*> ws = carver.carve();
   scalar_t* s = ws[iS];    // S, then P in place
   scalar_t* ds = ws[iDS];  // dP, then dS in place
   const CellBlock<scalar_t> Q = load_cell(q, d, H, W, cell, ws[iQ]), K = load_cell(k, d, H, W, cell, ws[iK]),
                             V = load_cell(v, cv, H, W, cell, ws[iV]), dO = load_cell(dout, cv, H, W, cell, ws[iDO]),
                             L = load_cell(lse, 1, H, W, cell, ws[iLse]);
-  scalar_t* delta = ws[iDelta];
-  cell_delta(dO, out, cv, H, W, cell, delta);
   gemm<scalar_t>(true, false, n, n, d, Q.ptr, Q.ld, K.ptr, K.ld, s, lds);
   gemm<scalar_t>(true, false, n, n, cv, dO.ptr, dO.ld, V.ptr, V.ld, ds, lds);
   for (int64_t i = 0; i < n; ++i)
-    softmax_grad_row(s + i * lds, s + i * lds, ds + i * lds, n, scale, L.ptr[i], delta[i]);
+    softmax_grad_full_row(s + i * lds, ds + i * lds, n, scale, L.ptr[i]);
   const CellBlock<scalar_t> dV = cell_output(dv, H, W, cell, ws[iDV]), dK = cell_output(dk, H, W, cell, ws[iDK]),
                             dQ = cell_output(dq, H, W, cell, ws[iDQ]);
   gemm<scalar_t>(false, false, cv, n, n, dO.ptr, dO.ld, s, lds, dV.ptr, dV.ld);  // dV = dO P
@@ -651,9 +692,8 @@ void backward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, cons
 }
 
 template <typename scalar_t>
-void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_partials,
-                  at::Tensor& dk,
+void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                  const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_partials, at::Tensor& dk,
                   at::Tensor& dv, const std::vector<Cell>& cells, const std::vector<Task>& tasks, double scale,
                   int threads) {
   const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
@@ -663,7 +703,6 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const scalar_t* dop = dout.data_ptr<scalar_t>();
   const scalar_t* lp = lse.data_ptr<scalar_t>();
-  const scalar_t* outp = out.data_ptr<scalar_t>();
   const scalar_t* dp = delta.defined() ? delta.data_ptr<scalar_t>() : nullptr;
   scalar_t* dqp = dq_partials.data_ptr<scalar_t>();
   scalar_t* dkp = dk.data_ptr<scalar_t>();
@@ -677,7 +716,7 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       // The task owns all of its cell's positions: dQ goes straight into slice 0 (the other
       // slices, if any, hold only large cells' positions).
       backward_cell<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
-                              outp + task.b * cv * hw, dop + task.b * cv * hw, lp + task.b * hw, dqp + task.b * d * hw,
+                              dop + task.b * cv * hw, lp + task.b * hw, dqp + task.b * d * hw,
                               dkp + task.b * d * hw, dvp + task.b * cv * hw, d, cv, H, W, cell,
                               static_cast<scalar_t>(scale));
       continue;
@@ -702,7 +741,7 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
   at::Tensor dk = empty_output(k.sizes(), k.options()), dv = empty_output(v.sizes(), v.options());
   const bool any_large = std::any_of(cells.begin(), cells.end(), [](const Cell& c) { return c.size() > kSingleBlock; });
   // Delta_i = sum_c dO[c, i] O[c, i] for the large cells' tiles: one linear pass, accumulated in
-  // the compute dtype (small cells compute theirs while gathering dO).
+  // the compute dtype (small cells take it from their whole rows of P and dP).
   const at::Tensor delta = any_large ? (dout * out).sum(1).contiguous() : at::Tensor();
   const int threads = at::get_num_threads();
   // Large cells: each thread accumulates dQ for the query blocks it visits, summed after the
@@ -721,7 +760,7 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
     }
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "position_attention_backward", [&] {
-    run_backward<scalar_t>(q, k, v, out, dout, lse, delta, dq_partials, dk, dv, cells, tasks, scale, threads);
+    run_backward<scalar_t>(q, k, v, dout, lse, delta, dq_partials, dk, dv, cells, tasks, scale, threads);
   });
   at::Tensor dq = slices == 1 ? dq_partials[0] : dq_partials.sum(0);
   return {dq, dk, dv};
