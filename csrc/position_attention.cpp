@@ -45,10 +45,7 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define CSKD_AVX2_PATH 1
-#endif
+#include "simd_exp.h"
 
 namespace {
 
@@ -56,31 +53,17 @@ constexpr int64_t kBlock = 256;  // tile edge: a 256 x 256 float tile is 256 KiB
 
 // ---------------------------------------------------------------------------
 // The softmax rows. One exp per score (N^2 per image): a scalar libm exp makes
-// the kernel exp-bound, so float rows run an AVX2/FMA polynomial exp (relative
-// error ~1.2e-7, float rounding level) when the CPU has it, chosen at run
-// time; GCC does not vectorise std::exp without -ffast-math.
+// the kernel exp-bound, so float rows run the polynomial exp of simd_exp.h
+// (relative error ~1.2e-7, float rounding level) on AVX-512 or AVX2/FMA,
+// chosen at run time; GCC does not vectorise std::exp without -ffast-math.
+// The small-cell path's two row functions have AVX-512 bodies (16 lanes, masked
+// tails); the tiled path's backward row keeps AVX2.
 // ---------------------------------------------------------------------------
 
-#ifdef CSKD_AVX2_PATH
+#ifdef CSKD_X86_SIMD
 
-#define CSKD_AVX2 __attribute__((target("avx2,fma")))
-
-CSKD_AVX2 inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln2, ln2 split in two
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-}
+using cskd::simd::exp256;
+using cskd::simd::exp512;
 
 CSKD_AVX2 inline float horizontal_sum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -168,9 +151,46 @@ CSKD_AVX2 void softmax_grad_full_row_avx2(float* s, float* dp, int64_t n, float 
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return available;
+// AVX-512 bodies of online_softmax_row_avx2 and softmax_grad_full_row_avx2.
+CSKD_AVX512 float online_softmax_row_avx512(float* s, int64_t n, float scale, float& m) {
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vmax = minus_inf;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(minus_inf, lanes, s + j));
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax) * scale);
+  const __m512 vscale = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m_new);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 p = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), vscale, vm));
+    _mm512_mask_storeu_ps(s + j, lanes, p);
+    vsum = _mm512_mask_add_ps(vsum, lanes, vsum, p);
+  }
+  m = m_new;
+  return _mm512_reduce_add_ps(vsum);
+}
+
+CSKD_AVX512 void softmax_grad_full_row_avx512(float* s, float* dp, int64_t n, float scale, float lse) {
+  const __m512 vscale = _mm512_set1_ps(scale), vlse = _mm512_set1_ps(lse);
+  __m512 vsum = _mm512_setzero_ps(), vdot = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 p = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), vscale, vlse));
+    _mm512_mask_storeu_ps(s + j, lanes, p);
+    vsum = _mm512_mask_add_ps(vsum, lanes, vsum, p);
+    vdot = _mm512_mask3_fmadd_ps(p, _mm512_maskz_loadu_ps(lanes, dp + j), vdot, lanes);
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(vsum), delta = _mm512_reduce_add_ps(vdot) * inv;
+  const __m512 vinv = _mm512_set1_ps(inv), vdelta = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + j), vinv);
+    _mm512_mask_storeu_ps(s + j, lanes, p);
+    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + j), vdelta)), vscale);
+    _mm512_mask_storeu_ps(dp + j, lanes, ds);
+  }
 }
 #endif
 
@@ -216,8 +236,9 @@ void softmax_grad_full_row_portable(scalar_t* s, scalar_t* dp, int64_t n, scalar
 }
 
 void softmax_grad_full_row(float* s, float* dp, int64_t n, float scale, float lse) {
-#ifdef CSKD_AVX2_PATH
-  if (cpu_has_avx2()) return softmax_grad_full_row_avx2(s, dp, n, scale, lse);
+#ifdef CSKD_X86_SIMD
+  if (cskd::simd::cpu_has_avx512f()) return softmax_grad_full_row_avx512(s, dp, n, scale, lse);
+  if (cskd::simd::cpu_has_avx2_fma()) return softmax_grad_full_row_avx2(s, dp, n, scale, lse);
 #endif
   softmax_grad_full_row_portable(s, dp, n, scale, lse);
 }
@@ -227,8 +248,9 @@ void softmax_grad_full_row(double* s, double* dp, int64_t n, double scale, doubl
 }
 
 float online_softmax_row(float* s, int64_t n, float scale, float& m) {
-#ifdef CSKD_AVX2_PATH
-  if (cpu_has_avx2()) return online_softmax_row_avx2(s, n, scale, m);
+#ifdef CSKD_X86_SIMD
+  if (cskd::simd::cpu_has_avx512f()) return online_softmax_row_avx512(s, n, scale, m);
+  if (cskd::simd::cpu_has_avx2_fma()) return online_softmax_row_avx2(s, n, scale, m);
 #endif
   return online_softmax_row_portable(s, n, scale, m);
 }
@@ -238,8 +260,8 @@ double online_softmax_row(double* s, int64_t n, double scale, double& m) {
 }
 
 void softmax_grad_row(const float* s, float* p_out, float* dp, int64_t n, float scale, float lse, float delta) {
-#ifdef CSKD_AVX2_PATH
-  if (cpu_has_avx2()) return softmax_grad_row_avx2(s, p_out, dp, n, scale, lse, delta);
+#ifdef CSKD_X86_SIMD
+  if (cskd::simd::cpu_has_avx2_fma()) return softmax_grad_row_avx2(s, p_out, dp, n, scale, lse, delta);
 #endif
   softmax_grad_row_portable(s, p_out, dp, n, scale, lse, delta);
 }
