@@ -46,7 +46,7 @@ CSKD_AVX2 inline __m256 exp256(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
 }
 
-// The same computation on 16 lanes (bit-identical results lane for lane).
+// The same operations as exp256, on 16 lanes.
 CSKD_AVX512 inline __m512 exp512(__m512 x) {
   const __m512 lowest = _mm512_set1_ps(kExpLowest);
   const __mmask16 in_range = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // NaN stays in, as in exp256
