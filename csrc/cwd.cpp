@@ -11,9 +11,8 @@
 // autograd backward only scales it (Liger's JSD pattern).
 //
 // Rows run in parallel with OpenMP. float rows use AVX2/FMA when the CPU has
-// them: glibc's expf has no SIMD variant without -ffast-math, so the
-// exponential is a Cephes-style polynomial written with intrinsics. Other
-// cases (double, CPUs without AVX2) run the portable scalar loop.
+// them, with the shared polynomial exponential of simd_exp.h. Other cases
+// (double, CPUs without AVX2) run the portable scalar loop.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -22,10 +21,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define CSKD_CWD_HAS_X86 1
-#endif
+#include "simd_exp.h"
 
 namespace {
 
@@ -93,32 +89,9 @@ scalar_t row_kl_scalar(const scalar_t* s, const scalar_t* t, int64_t n, scalar_t
 // AVX2/FMA path for float rows.
 // ---------------------------------------------------------------------------
 
-#ifdef CSKD_CWD_HAS_X86
+#ifdef CSKD_X86_SIMD
 
-#define CSKD_AVX2 __attribute__((target("avx2,fma")))
-
-// exp(x) for x <= ~88: n = round(x log2 e), r = x - n ln 2 (two-part ln 2),
-// exp(r) by Cephes' degree-6 polynomial (about 1 ulp), times 2^n built in the
-// exponent bits. Arguments below -87.3 (exp under FLT_MIN) give exactly 0.
-CSKD_AVX2 inline __m256 exp256(__m256 x) {
-  const __m256 lowest = _mm256_set1_ps(-87.3f);
-  const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  return _mm256_andnot_ps(underflow, result);
-}
+using cskd::simd::exp256;
 
 CSKD_AVX2 inline float hsum256(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -195,18 +168,13 @@ CSKD_AVX2 float row_kl_avx2(const float* s, const float* t, int64_t n, float inv
   return hsum256(vkl);
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
-#endif  // CSKD_CWD_HAS_X86
+#endif  // CSKD_X86_SIMD
 
 template <typename scalar_t>
 scalar_t row_kl(const scalar_t* s, const scalar_t* t, int64_t n, scalar_t inv_t, scalar_t grad_scale, scalar_t* ds) {
-#ifdef CSKD_CWD_HAS_X86
+#ifdef CSKD_X86_SIMD
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu_has_avx2_fma()) return row_kl_avx2(s, t, n, inv_t, grad_scale, ds);
+    if (cskd::simd::cpu_has_avx2_fma()) return row_kl_avx2(s, t, n, inv_t, grad_scale, ds);
   }
 #endif
   return row_kl_scalar(s, t, n, inv_t, grad_scale, ds);

@@ -8,13 +8,24 @@
 // contiguous in memory and the tiles are strided views of the inputs;
 // otherwise the cell is gathered once per task into thread-local buffers.
 //
-// Forward (per image, cell, query block): flash-attention's online softmax
-// over key blocks; the tile products are BLAS calls (at::mm_out / addmm_) on
-// cache-sized tiles, the softmax is a vectorised loop. Saves the row
-// log-sum-exp. Backward (per image, cell, key block): recompute P from the
-// log-sum-exp, accumulate dK and dV for the key block (owned by the task, no
-// race) and dQ into per-thread buffers that are summed at the end. Memory is
-// linear in N: tiles of at most kBlock x kBlock plus the per-thread dQ.
+// Two paths, chosen per cell by its size:
+// - Small cells (at most kSingleBlock positions, e.g. the 13 x 26 cells of
+//   the released 5 x 5 grid): one task per (image, cell) does the whole cell.
+//   Its n x n score block (<= 1 MiB) lives in a reused thread-local
+//   workspace, never more than one cell per thread, so memory stays linear.
+//   Forward: S = Q^T K, a one-pass softmax (the row max is known), O = V P^T,
+//   normalised while it is scattered back. Backward: S and dP = dO^T V,
+//   P = exp(S - lse) and dS row by row (a row stays in L1), then dV, dK, dQ
+//   while P and dS are hot in L2. Delta = rowsum(dO * O) = sum_j P_ij dP_ij is taken from the
+//   whole rows of P and dP, so O is not read. The task owns every position
+//   of its cell, so dQ needs no per-thread copies.
+// - Large cells (global mode): flash-attention tiles. Forward per (image,
+//   cell, query block): online softmax over key blocks; the tile products are
+//   BLAS calls (at::mm_out / addmm_) on cache-sized tiles. Saves the row
+//   log-sum-exp. Backward per (image, cell, key block): recompute P from the
+//   log-sum-exp, accumulate dK and dV for the key block (owned by the task, no
+//   race) and dQ into per-thread buffers that are summed at the end. Memory is
+//   linear in N: tiles of at most kBlock x kBlock plus the per-thread dQ.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -25,14 +36,16 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define CSKD_AVX2_PATH 1
+#ifdef __linux__
+#include <sys/mman.h>
 #endif
+
+#include "simd_exp.h"
 
 namespace {
 
@@ -40,31 +53,17 @@ constexpr int64_t kBlock = 256;  // tile edge: a 256 x 256 float tile is 256 KiB
 
 // ---------------------------------------------------------------------------
 // The softmax rows. One exp per score (N^2 per image): a scalar libm exp makes
-// the kernel exp-bound, so float rows run an AVX2/FMA polynomial exp (relative
-// error ~1.2e-7, float rounding level) when the CPU has it, chosen at run
-// time; GCC does not vectorise std::exp without -ffast-math.
+// the kernel exp-bound, so float rows run the polynomial exp of simd_exp.h
+// (relative error ~1.2e-7, float rounding level) on AVX-512 or AVX2/FMA,
+// chosen at run time; GCC does not vectorise std::exp without -ffast-math.
+// The small-cell path's two row functions have AVX-512 bodies (16 lanes, masked
+// tails); the tiled path's backward row keeps AVX2.
 // ---------------------------------------------------------------------------
 
-#ifdef CSKD_AVX2_PATH
+#ifdef CSKD_X86_SIMD
 
-#define CSKD_AVX2 __attribute__((target("avx2,fma")))
-
-CSKD_AVX2 inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln2, ln2 split in two
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-}
+using cskd::simd::exp256;
+using cskd::simd::exp512;
 
 CSKD_AVX2 inline float horizontal_sum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -119,9 +118,79 @@ CSKD_AVX2 void softmax_grad_row_avx2(const float* s, float* p_out, float* dp, in
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return available;
+// A whole row of P and dP in L1. p <- exp(s * scale - lse) in place, renormalised
+// to sum 1: the rounding of lse (~|lse| ulp, large for peaked rows) is a common
+// factor of the row, and it cancels from P and from Delta = sum_j p dp (equal to
+// rowsum(dO * O), without reading O). Then ds <- p * (dp - Delta) * scale.
+CSKD_AVX2 void softmax_grad_full_row_avx2(float* s, float* dp, int64_t n, float scale, float lse) {
+  const int64_t n8 = n & ~int64_t(7);
+  const __m256 vscale = _mm256_set1_ps(scale), vlse = _mm256_set1_ps(lse);
+  __m256 vsum = _mm256_setzero_ps(), vdot = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 p = exp256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vscale, vlse));
+    _mm256_storeu_ps(s + j, p);
+    vsum = _mm256_add_ps(vsum, p);
+    vdot = _mm256_fmadd_ps(p, _mm256_loadu_ps(dp + j), vdot);
+  }
+  float sum = horizontal_sum(vsum), dot = horizontal_sum(vdot);
+  for (int64_t j = n8; j < n; ++j) {
+    s[j] = std::exp(s[j] * scale - lse);
+    sum += s[j];
+    dot += s[j] * dp[j];
+  }
+  const float inv = 1.0f / sum, delta = dot * inv;
+  const __m256 vinv = _mm256_set1_ps(inv), vdelta = _mm256_set1_ps(delta);
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(s + j), vinv);
+    _mm256_storeu_ps(s + j, p);
+    _mm256_storeu_ps(dp + j, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + j), vdelta)), vscale));
+  }
+  for (int64_t j = n8; j < n; ++j) {
+    s[j] *= inv;
+    dp[j] = s[j] * (dp[j] - delta) * scale;
+  }
+}
+
+// AVX-512 bodies of online_softmax_row_avx2 and softmax_grad_full_row_avx2.
+CSKD_AVX512 float online_softmax_row_avx512(float* s, int64_t n, float scale, float& m) {
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vmax = minus_inf;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(minus_inf, lanes, s + j));
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax) * scale);
+  const __m512 vscale = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m_new);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 p = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), vscale, vm));
+    _mm512_mask_storeu_ps(s + j, lanes, p);
+    vsum = _mm512_mask_add_ps(vsum, lanes, vsum, p);
+  }
+  m = m_new;
+  return _mm512_reduce_add_ps(vsum);
+}
+
+CSKD_AVX512 void softmax_grad_full_row_avx512(float* s, float* dp, int64_t n, float scale, float lse) {
+  const __m512 vscale = _mm512_set1_ps(scale), vlse = _mm512_set1_ps(lse);
+  __m512 vsum = _mm512_setzero_ps(), vdot = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 p = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), vscale, vlse));
+    _mm512_mask_storeu_ps(s + j, lanes, p);
+    vsum = _mm512_mask_add_ps(vsum, lanes, vsum, p);
+    vdot = _mm512_mask3_fmadd_ps(p, _mm512_maskz_loadu_ps(lanes, dp + j), vdot, lanes);
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(vsum), delta = _mm512_reduce_add_ps(vdot) * inv;
+  const __m512 vinv = _mm512_set1_ps(inv), vdelta = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + j), vinv);
+    _mm512_mask_storeu_ps(s + j, lanes, p);
+    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + j), vdelta)), vscale);
+    _mm512_mask_storeu_ps(dp + j, lanes, ds);
+  }
 }
 #endif
 
@@ -151,9 +220,37 @@ void softmax_grad_row_portable(const scalar_t* s, scalar_t* p_out, scalar_t* dp,
   }
 }
 
+template <typename scalar_t>
+void softmax_grad_full_row_portable(scalar_t* s, scalar_t* dp, int64_t n, scalar_t scale, scalar_t lse) {
+  scalar_t sum = 0, dot = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] * scale - lse);
+    sum += s[j];
+    dot += s[j] * dp[j];
+  }
+  const scalar_t inv = scalar_t(1) / sum, delta = dot * inv;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= inv;
+    dp[j] = s[j] * (dp[j] - delta) * scale;
+  }
+}
+
+void softmax_grad_full_row(float* s, float* dp, int64_t n, float scale, float lse) {
+#ifdef CSKD_X86_SIMD
+  if (cskd::simd::cpu_has_avx512f()) return softmax_grad_full_row_avx512(s, dp, n, scale, lse);
+  if (cskd::simd::cpu_has_avx2_fma()) return softmax_grad_full_row_avx2(s, dp, n, scale, lse);
+#endif
+  softmax_grad_full_row_portable(s, dp, n, scale, lse);
+}
+
+void softmax_grad_full_row(double* s, double* dp, int64_t n, double scale, double lse) {
+  softmax_grad_full_row_portable(s, dp, n, scale, lse);
+}
+
 float online_softmax_row(float* s, int64_t n, float scale, float& m) {
-#ifdef CSKD_AVX2_PATH
-  if (cpu_has_avx2()) return online_softmax_row_avx2(s, n, scale, m);
+#ifdef CSKD_X86_SIMD
+  if (cskd::simd::cpu_has_avx512f()) return online_softmax_row_avx512(s, n, scale, m);
+  if (cskd::simd::cpu_has_avx2_fma()) return online_softmax_row_avx2(s, n, scale, m);
 #endif
   return online_softmax_row_portable(s, n, scale, m);
 }
@@ -163,8 +260,8 @@ double online_softmax_row(double* s, int64_t n, double scale, double& m) {
 }
 
 void softmax_grad_row(const float* s, float* p_out, float* dp, int64_t n, float scale, float lse, float delta) {
-#ifdef CSKD_AVX2_PATH
-  if (cpu_has_avx2()) return softmax_grad_row_avx2(s, p_out, dp, n, scale, lse, delta);
+#ifdef CSKD_X86_SIMD
+  if (cskd::simd::cpu_has_avx2_fma()) return softmax_grad_row_avx2(s, p_out, dp, n, scale, lse, delta);
 #endif
   softmax_grad_row_portable(s, p_out, dp, n, scale, lse, delta);
 }
@@ -250,6 +347,223 @@ inline int64_t pixel(const Cell& cell, int64_t W, int64_t i) {
 }
 
 // ---------------------------------------------------------------------------
+// Small cells: the whole cell in one task (see the header comment)
+// ---------------------------------------------------------------------------
+
+}  // namespace
+
+// The BLAS that libtorch links (MKL, OpenBLAS, ...) exports the Fortran
+// symbols; calling them directly skips ATen's per-call dispatch, which is
+// noticeable at ~1400 small products per grid-mode step. Weak: a torch built
+// without BLAS leaves them null and the products go through at::mm_out.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace {
+
+template <typename scalar_t>
+using fortran_gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const scalar_t*,
+                              const scalar_t*, const int*, const scalar_t*, const int*, const scalar_t*, scalar_t*,
+                              const int*);
+
+template <typename scalar_t>
+fortran_gemm<scalar_t> blas_gemm() {
+  if constexpr (std::is_same_v<scalar_t, float>) return sgemm_;
+  else return dgemm_;
+}
+
+// Row-major C (m x n) = op(A) op(B), op(A) m x k, op(B) k x n; a transposed
+// operand is stored the other way round (A as k x m). Runs on the calling
+// thread: inside our OpenMP loop the BLAS sees a parallel region and stays serial.
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+          const scalar_t* b, int64_t ldb, scalar_t* c, int64_t ldc) {
+  if (const auto blas = blas_gemm<scalar_t>()) {
+    // Column-major BLAS computes C^T = op(B)^T op(A)^T: the operands swap places.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int M = n, N = m, K = k, LDA = ldb, LDB = lda, LDC = ldc;
+    const scalar_t one = 1, zero = 0;
+    blas(&ta, &tb, &M, &N, &K, &one, b, &LDA, a, &LDB, &zero, c, &LDC);
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<scalar_t*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  at::Tensor out = view(c, m, n, ldc, false);
+  at::mm_out(out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b));
+}
+
+// Scratch reused by every task a thread runs (and kept for the next call):
+// allocating ~1 MiB per task would page-fault it in again each time.
+template <typename scalar_t>
+scalar_t* workspace(int64_t count) {
+  static thread_local std::vector<scalar_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
+// Hands out 64-byte-aligned pieces of one workspace.
+template <typename scalar_t>
+struct Carver {
+  static constexpr int64_t kAlign = 64 / sizeof(scalar_t);
+  static int64_t round_up(int64_t count) { return (count + kAlign - 1) / kAlign * kAlign; }
+  std::vector<int64_t> sizes;
+  int64_t add(int64_t count) {
+    sizes.push_back(round_up(count));
+    return sizes.size() - 1;
+  }
+  std::vector<scalar_t*> carve() const {
+    int64_t total = kAlign;
+    for (int64_t s : sizes) total += s;
+    scalar_t* base = workspace<scalar_t>(total);
+    base += (kAlign - (reinterpret_cast<uintptr_t>(base) / sizeof(scalar_t)) % kAlign) % kAlign;
+    std::vector<scalar_t*> out;
+    for (int64_t s : sizes) {
+      out.push_back(base);
+      base += s;
+    }
+    return out;
+  }
+};
+
+// A (channels x n) matrix of one cell, element (c, i) at ptr[c * ld + i]:
+// the image itself when the cell spans the full width (its positions are then
+// contiguous), else the buffer.
+template <typename scalar_t>
+struct CellBlock {
+  scalar_t* ptr;
+  int64_t ld;
+};
+
+template <typename scalar_t>
+CellBlock<scalar_t> cell_output(scalar_t* image, int64_t H, int64_t W, const Cell& cell, scalar_t* buffer) {
+  if (cell.width == W) return {image + cell.row0 * W, H * W};
+  return {buffer, cell.size()};
+}
+
+// The cell of a (channels, H, W) image as a block: a view, or gathered row by row.
+template <typename scalar_t>
+CellBlock<scalar_t> load_cell(const scalar_t* image, int64_t channels, int64_t H, int64_t W, const Cell& cell,
+                              scalar_t* buffer) {
+  const CellBlock<scalar_t> block = cell_output(const_cast<scalar_t*>(image), H, W, cell, buffer);
+  if (block.ptr != buffer) return block;
+  const int64_t n = cell.size(), hw = H * W;
+  // Short rows a channel apart defeat the hardware prefetcher: fetch the rows
+  // kAhead channels ahead while copying these.
+  constexpr int64_t kAhead = 2, kLine = 64 / sizeof(scalar_t);
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t r = 0; r < cell.height; ++r) {
+      const scalar_t* src = image + c * hw + (cell.row0 + r) * W + cell.col0;
+      if (c + kAhead < channels) {
+        for (int64_t j = 0; j < cell.width; j += kLine) __builtin_prefetch(src + kAhead * hw + j);
+        __builtin_prefetch(src + kAhead * hw + cell.width - 1);
+      }
+      std::memcpy(buffer + c * n + r * cell.width, src, cell.width * sizeof(scalar_t));
+    }
+  return block;
+}
+
+// Writes a block back to the cell's pixels (a no-op for a view), times
+// col_scale[i] for position i when col_scale is given.
+template <typename scalar_t>
+void store_cell(const CellBlock<scalar_t>& block, scalar_t* image, int64_t channels, int64_t H, int64_t W,
+                const Cell& cell, const scalar_t* col_scale = nullptr) {
+  const int64_t hw = H * W;
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t r = 0; r < cell.height; ++r) {
+      scalar_t* dst = image + c * hw + (cell.row0 + r) * W + cell.col0;
+      const scalar_t* src = block.ptr + c * block.ld + r * cell.width;
+      if (col_scale != nullptr) {
+        const scalar_t* s = col_scale + r * cell.width;
+#pragma omp simd
+        for (int64_t j = 0; j < cell.width; ++j) dst[j] = src[j] * s[j];
+      } else if (dst != src) {
+        std::memcpy(dst, src, cell.width * sizeof(scalar_t));
+      }
+    }
+}
+
+template <typename scalar_t>
+void forward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse, int64_t d,
+                  int64_t cv, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
+  const int64_t n = cell.size(), lds = Carver<scalar_t>::round_up(n);
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iQ = carver.add(d * n), iK = carver.add(d * n), iV = carver.add(cv * n),
+                iO = carver.add(cv * n), iInv = carver.add(n), iLse = carver.add(n);
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t* s = ws[iS];
+  scalar_t* inv = ws[iInv];
+  const CellBlock<scalar_t> Q = load_cell(q, d, H, W, cell, ws[iQ]), K = load_cell(k, d, H, W, cell, ws[iK]),
+                            V = load_cell(v, cv, H, W, cell, ws[iV]);
+  gemm<scalar_t>(true, false, n, n, d, Q.ptr, Q.ld, K.ptr, K.ld, s, lds);
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+    const scalar_t sum = online_softmax_row(s + i * lds, n, scale, m);  // one block: plain softmax numerators
+    inv[i] = scalar_t(1) / sum;
+    ws[iLse][i] = m + std::log(sum);
+  }
+  // O = V P^T with unnormalised P; the 1 / rowsum is applied on the way out.
+  const CellBlock<scalar_t> O = cell_output(out, H, W, cell, ws[iO]);
+  gemm<scalar_t>(false, true, cv, n, n, V.ptr, V.ld, s, lds, O.ptr, O.ld);
+  store_cell(O, out, cv, H, W, cell, inv);
+  store_cell(CellBlock<scalar_t>{ws[iLse], n}, lse, 1, H, W, cell);
+}
+
+template <typename scalar_t>
+void backward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* dout, const scalar_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t d,
+                   int64_t cv, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
+  const int64_t n = cell.size(), lds = Carver<scalar_t>::round_up(n);
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iQ = carver.add(d * n), iK = carver.add(d * n),
+                iV = carver.add(cv * n), iDO = carver.add(cv * n), iDV = carver.add(cv * n), iDK = carver.add(d * n),
+                iDQ = carver.add(d * n), iLse = carver.add(n);
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t* s = ws[iS];    // S, then P in place
+  scalar_t* ds = ws[iDS];  // dP, then dS in place
+  const CellBlock<scalar_t> Q = load_cell(q, d, H, W, cell, ws[iQ]), K = load_cell(k, d, H, W, cell, ws[iK]),
+                            V = load_cell(v, cv, H, W, cell, ws[iV]), dO = load_cell(dout, cv, H, W, cell, ws[iDO]),
+                            L = load_cell(lse, 1, H, W, cell, ws[iLse]);
+  gemm<scalar_t>(true, false, n, n, d, Q.ptr, Q.ld, K.ptr, K.ld, s, lds);
+  gemm<scalar_t>(true, false, n, n, cv, dO.ptr, dO.ld, V.ptr, V.ld, ds, lds);
+  for (int64_t i = 0; i < n; ++i)
+    softmax_grad_full_row(s + i * lds, ds + i * lds, n, scale, L.ptr[i]);
+  const CellBlock<scalar_t> dV = cell_output(dv, H, W, cell, ws[iDV]), dK = cell_output(dk, H, W, cell, ws[iDK]),
+                            dQ = cell_output(dq, H, W, cell, ws[iDQ]);
+  gemm<scalar_t>(false, false, cv, n, n, dO.ptr, dO.ld, s, lds, dV.ptr, dV.ld);  // dV = dO P
+  gemm<scalar_t>(false, false, d, n, n, Q.ptr, Q.ld, ds, lds, dK.ptr, dK.ld);    // dK = Q dS
+  gemm<scalar_t>(false, true, d, n, n, K.ptr, K.ld, ds, lds, dQ.ptr, dQ.ld);     // dQ = K dS^T
+  store_cell(dV, dv, cv, H, W, cell);
+  store_cell(dK, dk, d, H, W, cell);
+  store_cell(dQ, dq, d, H, W, cell);
+}
+
+// A fresh output tensor. Outputs of tens of MiB come straight from mmap and are
+// page-faulted in 4 KiB at a time on their first write, which costs more than
+// the grid-mode kernel's non-BLAS work (measured here: 23 ms vs 4 ms of CPU time
+// to fill 64 MiB). Transparent huge pages cut the faults 512-fold; with THP in
+// its common "madvise" mode they must be asked for, as torch's own
+// THP_MEM_ALLOC_ENABLE does for every allocation. Only a hint: the 2 MiB-aligned
+// interior is advised, and a system without THP ignores it.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1), last = end & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
+// ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
 
@@ -315,6 +629,12 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t];
+    const Cell& cell = cells[task.cell];
+    if (cell.size() <= kSingleBlock) {
+      forward_cell<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
+                             op + task.b * cv * hw, lp + task.b * hw, d, cv, H, W, cell, static_cast<scalar_t>(scale));
+      continue;
+    }
     forward_tile<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw, op + task.b * cv * hw,
                            lp + task.b * hw, d, cv, H, W, cells[task.cell], task.start, task.length,
                            static_cast<scalar_t>(scale), options);
@@ -328,7 +648,7 @@ std::vector<at::Tensor> position_attention_forward(const at::Tensor& q_in, const
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
   const std::vector<Cell> cells = read_cells(cells_in);
-  at::Tensor out = at::empty_like(v);
+  at::Tensor out = empty_output(v.sizes(), v.options());
   at::Tensor lse = at::empty({B, H, W}, q.options());
 
   // Tasks: (image, cell, query block), flattened so OpenMP balances them.
@@ -413,7 +733,7 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const scalar_t* dop = dout.data_ptr<scalar_t>();
   const scalar_t* lp = lse.data_ptr<scalar_t>();
-  const scalar_t* dp = delta.data_ptr<scalar_t>();
+  const scalar_t* dp = delta.defined() ? delta.data_ptr<scalar_t>() : nullptr;
   scalar_t* dqp = dq_partials.data_ptr<scalar_t>();
   scalar_t* dkp = dk.data_ptr<scalar_t>();
   scalar_t* dvp = dv.data_ptr<scalar_t>();
@@ -421,6 +741,16 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t];
+    const Cell& cell = cells[task.cell];
+    if (cell.size() <= kSingleBlock) {
+      // The task owns all of its cell's positions: dQ goes straight into slice 0 (the other
+      // slices, if any, hold only large cells' positions).
+      backward_cell<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
+                              dop + task.b * cv * hw, lp + task.b * hw, dqp + task.b * d * hw,
+                              dkp + task.b * d * hw, dvp + task.b * cv * hw, d, cv, H, W, cell,
+                              static_cast<scalar_t>(scale));
+      continue;
+    }
     scalar_t* dq_acc = dqp + (static_cast<int64_t>(omp_get_thread_num()) * B + task.b) * d * hw;
     backward_tile<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
                             dop + task.b * cv * hw, lp + task.b * hw, dp + task.b * hw, dq_acc,
@@ -438,12 +768,17 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous(), dout = grad_in.contiguous();
   const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
   const std::vector<Cell> cells = read_cells(cells_in);
-  at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
-  // Delta_i = sum_c dO[c, i] O[c, i]: one linear pass, accumulated in the compute dtype.
-  const at::Tensor delta = (dout * out).sum(1).contiguous();
+  at::Tensor dk = empty_output(k.sizes(), k.options()), dv = empty_output(v.sizes(), v.options());
+  const bool any_large = std::any_of(cells.begin(), cells.end(), [](const Cell& c) { return c.size() > kSingleBlock; });
+  // Delta_i = sum_c dO[c, i] O[c, i] for the large cells' tiles: one linear pass, accumulated in
+  // the compute dtype (small cells take it from their whole rows of P and dP).
+  const at::Tensor delta = any_large ? (dout * out).sum(1).contiguous() : at::Tensor();
   const int threads = at::get_num_threads();
-  // Each thread accumulates dQ for the query blocks it visits; summed after the loop.
-  at::Tensor dq_partials = at::zeros({threads, B, d, H, W}, q.options());
+  // Large cells: each thread accumulates dQ for the query blocks it visits, summed after the
+  // loop. Small cells write their dQ once, into slice 0; with small cells only, that is dq.
+  const int slices = any_large ? threads : 1;
+  at::Tensor dq_partials = empty_output({slices, B, d, H, W}, q.options());
+  if (any_large) dq_partials.zero_();
 
   // Tasks: (image, cell, key block); each key position belongs to exactly one task.
   std::vector<Task> tasks;
@@ -457,7 +792,7 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "position_attention_backward", [&] {
     run_backward<scalar_t>(q, k, v, dout, lse, delta, dq_partials, dk, dv, cells, tasks, scale, threads);
   });
-  at::Tensor dq = dq_partials.sum(0);
+  at::Tensor dq = slices == 1 ? dq_partials[0] : dq_partials.sum(0);
   return {dq, dk, dv};
 }
 

@@ -28,6 +28,7 @@ CPU_CASES = [
     (1, 16, 24, 64, 128, (5, 5), 2.0),
     (1, 8, 16, 30, 20, (1, 3), 1.0),
     (1, 12, 20, 6, 7, (10, 2), 1.0),  # more rows asked than the map has
+    (2, 8, 20, 45, 46, (2, 2), 1.0),  # cells of 529 and 506 positions: the tiled and the whole-cell CPU paths in one call
 ]
 # Small enough for Triton's interpreter.
 INTERPRETER_CASES = [
