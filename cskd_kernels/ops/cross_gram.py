@@ -34,7 +34,7 @@ from cskd_kernels.ops.cka import centered_gram, centered_gram_backward
 
 # Bytes of one stacked channel block: large enough for long kernel passes,
 # small enough that the transient copies of a block cost next to nothing.
-BLOCK_BYTES = 4 * 2**20
+BLOCK_BYTES = 8 * 2**20
 
 
 def _block_centering(k, n, dtype, device):
@@ -50,7 +50,10 @@ def _channel_blocks(layout, k, n, channels, element_size):
 
 def _stacked_cells(parts, layout, c0, c1):
     """(cells, k*B, (c1 - c0) * cell positions): channel block [c0, c1) of every part, cut into cells."""
-    cells = torch.cat([layout.to_cells(p[:, c0:c1]) for p in parts], dim=1)
+    n = parts[0].shape[0]
+    cells = parts[0].new_zeros((layout.num_cells, len(parts) * n, c1 - c0, layout.cell_h * layout.cell_w))
+    for i, p in enumerate(parts):
+        layout.to_cells(p[:, c0:c1], out=cells[:, i * n:(i + 1) * n])
     return cells.reshape(cells.shape[0], cells.shape[1], -1)
 
 
