@@ -4,13 +4,25 @@
     pam  = mean over grid cells of cka_loss(PAM(cell_s), PAM(cell_t))   (grid mode)
          = cka_loss(PAM(s), PAM(t))                                     (grid=None)
 
-No Python loop over cells: the cells of a side are one padded tensor
-(CellLayout), the per-cell 1x1 projections are one batched product, the
-attention is one grid-mode position_attention call per side (it attends
-inside each torch.chunk cell), and the per-cell CKAs are one grouped
-cka_loss call. Zero padding does not change the math (see CellLayout).
-"""
+The CKA needs only the n x n centered Gram of each side (n = batch), so the
+loss is built from Grams, and the maps that feed them are held as briefly as
+possible (peak memory is the cost that matters at the released size):
 
+- Both attention outputs are linear in their gamma: CAM(x) = g Y + x and,
+  per cell, PAM(x) = g O + x. Their Grams are g^2 K_YY + g (K_Yx + K_xY) + K_xx
+  (ops/cross_gram.py), so g Y + x is never formed. With the teacher's
+  projections constant (resample, fixed) Y and O of the teacher are
+  transients of the forward: nothing teacher-sized outlives it.
+- The student's CAM and its Gram are recomputed in the backward (a
+  checkpoint): its output is not held through the position branch.
+- The per-cell 1x1 projections run image by image (ops/cell_projection.py)
+  and save only x; the cells of a map are cut by CellLayout (zero padding,
+  which leaves centered Grams unchanged), never as one padded copy.
+
+No Python loop over cells: the attention is one grid-mode position_attention
+call per side, the per-cell cross-Grams one grouped pass per channel block,
+and the per-cell CKAs one grouped computation on the (cells, n, n) Grams.
+"""
 import math
 from typing import NamedTuple
 
@@ -118,16 +130,16 @@ class CSKDLoss(nn.Module):
     def forward(self, feat_s, feat_t):
         self._check(feat_s, feat_t)
         feat_t = feat_t.detach()
-        layout = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1))
+        cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
         # Drawn student first, then teacher (the order the reference composition uses).
-        weights_s = self.student_projection.weights(layout.num_cells, self.generator, feat_s)
-        weights_t = self.teacher_projection.weights(layout.num_cells, self.generator, feat_t)
+        weights_s = self.student_projection.weights(cells, self.generator, feat_s)
+        weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
         # The teacher first: its transients (attention outputs) come and go while nothing else is held.
         cam_t = self._teacher_channel_gram(feat_t)
-        pam_t = combine_grams(self._position_grams(feat_t, weights_t, layout), (self.gamma_pam, 1.0))
+        pam_t = combine_grams(self._position_grams(feat_t, weights_t), (self.gamma_pam, 1.0))
         # The student's channel branch is recomputed in the backward rather than held through it.
         cam_s = checkpoint(self._channel_gram, feat_s, use_reentrant=False)
-        pam_s = combine_grams(self._position_grams(feat_s, weights_s, layout), (self.gamma_pam, 1.0))
+        pam_s = combine_grams(self._position_grams(feat_s, weights_s), (self.gamma_pam, 1.0))
         cam = _cka_loss_from_grams(cam_s, cam_t, feat_s.dtype)[0]
         pam = _cka_loss_from_grams(pam_s, pam_t, feat_s.dtype).mean()
         return CSKDOutput(self.lambda_cam * cam + self.lambda_pam * pam, cam, pam)
@@ -151,7 +163,7 @@ class CSKDLoss(nn.Module):
             del z
         return combine_grams(grams, (self.gamma_cam, 1.0 - self.gamma_cam))
 
-    def _position_grams(self, x, weights, layout):
+    def _position_grams(self, x, weights):
         """Per-cell cross-Grams (cells, 2B, 2B) of (O, x), O the cell-wise position attention of x.
 
         PAM(x) = g O + x per cell, so its Gram is combine_grams(..., (g, 1)).

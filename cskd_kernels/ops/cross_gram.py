@@ -34,7 +34,7 @@ from cskd_kernels.ops.cka import centered_gram, centered_gram_backward
 
 # Bytes of one stacked channel block: large enough for long kernel passes,
 # small enough that the transient copies of a block cost next to nothing.
-BLOCK_BYTES = 8 * 2**20
+BLOCK_BYTES = 16 * 2**20
 
 
 def _block_centering(k, n, dtype, device):
@@ -42,7 +42,14 @@ def _block_centering(k, n, dtype, device):
     return torch.block_diag(*[torch.eye(n, dtype=dtype, device=device) - 1.0 / n] * k)
 
 
+def _whole(layout, k):
+    """One map, one cell: the map itself is the (1, B, features) input of the Gram kernel, no copy."""
+    return k == 1 and layout.num_cells == 1
+
+
 def _channel_blocks(layout, k, n, channels, element_size):
+    if _whole(layout, k):
+        return [(0, channels)]
     per_channel = layout.num_cells * k * n * layout.cell_h * layout.cell_w * element_size
     step = max(1, BLOCK_BYTES // per_channel)
     return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
@@ -51,6 +58,8 @@ def _channel_blocks(layout, k, n, channels, element_size):
 def _stacked_cells(parts, layout, c0, c1):
     """(cells, k*B, (c1 - c0) * cell positions): channel block [c0, c1) of every part, cut into cells."""
     n = parts[0].shape[0]
+    if _whole(layout, len(parts)):
+        return parts[0].reshape(1, n, -1).contiguous()
     cells = parts[0].new_zeros((layout.num_cells, len(parts) * n, c1 - c0, layout.cell_h * layout.cell_w))
     for i, p in enumerate(parts):
         layout.to_cells(p[:, c0:c1], out=cells[:, i * n:(i + 1) * n])
@@ -65,7 +74,8 @@ def _gram(stacked, backend):
 
 def _gram_backward(stacked, m, backend):
     if backend == "reference":
-        return (m.to(stacked.dtype) @ stacked).to(stacked.dtype)
+        # M is centered (M 1 = 0), so M x = M (x - x_0); the shift keeps float32 accurate for large means.
+        return m.to(stacked.dtype) @ (stacked - stacked[:, :1])
     return centered_gram_backward(stacked, m.to(accumulation_dtype(stacked.dtype)).contiguous(), backend)
 
 
@@ -92,6 +102,8 @@ class CrossGramFunction(torch.autograd.Function):
         layout, k, n = ctx.layout, len(parts), parts[0].shape[0]
         h = _block_centering(k, n, grad_gram.dtype, grad_gram.device)
         m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
+        if _whole(layout, k):
+            return None, None, _gram_backward(_stacked_cells(parts, layout, 0, 0), m, ctx.backend).view(parts[0].shape)
         grads = [torch.empty_like(p) if need else None for p, need in zip(parts, ctx.needs_input_grad[2:])]
         for c0, c1 in ctx.blocks:
             stacked = _stacked_cells(parts, layout, c0, c1)
