@@ -42,21 +42,25 @@ class CellLayout:
     def to_cells(self, x, out=None):
         """(cells, B, C, cell_h * cell_w): the cells of x (B, C, H, W), zero at the padded positions.
 
-        ``out``, if given, is a (cells, B, C, cell_h * cell_w) view to fill
-        (its padded positions must already be zero). One strided copy per run
-        of equal-sized cells (at most four), no padded copy of the whole map.
+        ``out``, if given, is a (cells, B, C, cell_h * cell_w) view to fill.
+        One strided copy per run of equal-sized cells (at most four), and
+        only the padding strips of the shorter last row and column zeroed:
+        no padded copy of the whole map.
         """
         b, c = x.shape[:2]
         nr, nc, ch, cw = len(self.rows), len(self.cols), self.cell_h, self.cell_w
         if out is None:
-            uneven = nr * ch != self.height or nc * cw != self.width
-            out = (x.new_zeros if uneven else x.new_empty)((nr * nc, b, c, ch * cw))
+            out = x.new_empty((nr * nc, b, c, ch * cw))
         grid_view = out.unflatten(0, (nr, nc)).unflatten(-1, (ch, cw))  # (nr, nc, B, C, ch, cw)
         for r0, rn, rh in self._groups(self.rows, ch):
             for c0, cn, cwid in self._groups(self.cols, cw):
                 src = x[:, :, r0 * ch: r0 * ch + rn * rh, c0 * cw: c0 * cw + cn * cwid]
                 src = src.unflatten(2, (rn, rh)).unflatten(4, (cn, cwid)).permute(2, 4, 0, 1, 3, 5)
                 grid_view[r0: r0 + rn, c0: c0 + cn, :, :, :rh, :cwid].copy_(src)
+        if self.rows[-1] < ch:
+            grid_view[-1, :, :, :, self.rows[-1]:, :].zero_()
+        if self.cols[-1] < cw:
+            grid_view[:, -1, :, :, :, self.cols[-1]:].zero_()
         return out
 
     def from_cells(self, cells):

@@ -52,7 +52,9 @@ class CellProjectionFunction(torch.autograd.Function):
         weight_t = weight.transpose(1, 2).expand(layout.num_cells, -1, -1)
         for i in range(x.shape[0]):
             # Padded positions get zero gradient, so they add nothing to the weight gradients.
-            g = torch.cat([_image_cells(layout, grad, i) for grad in grads], dim=1)
+            g = x.new_empty((layout.num_cells, sum(sizes), layout.cell_h * layout.cell_w))
+            for grad, part in zip(grads, g.split(sizes, dim=1)):
+                layout.to_cells(grad[i:i + 1], out=part[:, None])
             if need_x:
                 grad_x[i] = layout.from_cells(torch.bmm(weight_t, g)[:, None])[0]
             if need_weight:

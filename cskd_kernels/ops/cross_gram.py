@@ -60,7 +60,7 @@ def _stacked_cells(parts, layout, c0, c1):
     n = parts[0].shape[0]
     if _whole(layout, len(parts)):
         return parts[0].reshape(1, n, -1).contiguous()
-    cells = parts[0].new_zeros((layout.num_cells, len(parts) * n, c1 - c0, layout.cell_h * layout.cell_w))
+    cells = parts[0].new_empty((layout.num_cells, len(parts) * n, c1 - c0, layout.cell_h * layout.cell_w))
     for i, p in enumerate(parts):
         layout.to_cells(p[:, c0:c1], out=cells[:, i * n:(i + 1) * n])
     return cells.reshape(cells.shape[0], cells.shape[1], -1)
