@@ -1,4 +1,4 @@
-"""Centered cross-Gram matrices of several feature maps, per grid cell, without stacking the maps.
+"""Centered cross-Gram matrices of several feature maps per grid cell: Grams of their combinations, maps never combined.
 
 For k maps a_1..a_k of one shape (B, C, H, W) and a grid cell layout, the
 result holds for every cell the k x k blocks
