@@ -32,7 +32,7 @@ class CellProjectionFunction(torch.autograd.Function):
         for i in range(b):
             y = torch.baddbmm(bias[:, :, None], weight_cells, _image_cells(layout, x, i))
             for out, part in zip(outs, y.split(sizes, dim=1)):
-                out[i] = layout.from_cells(part[:, None])[0]
+                layout.cells_into(part[:, None], out[i:i + 1])
         ctx.layout, ctx.sizes = layout, sizes
         ctx.save_for_backward(x, weight)
         return tuple(outs)
@@ -56,7 +56,7 @@ class CellProjectionFunction(torch.autograd.Function):
             for grad, part in zip(grads, g.split(sizes, dim=1)):
                 layout.to_cells(grad[i:i + 1], out=part[:, None])
             if need_x:
-                grad_x[i] = layout.from_cells(torch.bmm(weight_t, g)[:, None])[0]
+                layout.cells_into(torch.bmm(weight_t, g)[:, None], grad_x[i:i + 1])
             if need_weight:
                 dw = torch.bmm(g, _image_cells(layout, x, i).transpose(1, 2))
                 grad_weight += dw.sum(0, keepdim=True) if shared else dw

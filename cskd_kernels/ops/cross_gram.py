@@ -110,7 +110,7 @@ class CrossGramFunction(torch.autograd.Function):
             grad = _gram_backward(stacked, m, ctx.backend).reshape(stacked.shape[0], k * n, c1 - c0, -1)
             for i, g in enumerate(grads):
                 if g is not None:
-                    g[:, c0:c1] = layout.from_cells(grad[:, i * n:(i + 1) * n])
+                    layout.cells_into(grad[:, i * n:(i + 1) * n], g[:, c0:c1])
         return (None, None, *grads)
 
 
