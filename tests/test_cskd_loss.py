@@ -34,7 +34,19 @@ def _reference_projections(loss, projection, side, feat, cells, generator_seed):
 @pytest.mark.parametrize("projection", ["fixed", "learned", "resample"])
 @pytest.mark.parametrize("grid", [(5, 5), (2, 3), None], ids=["grid5x5", "grid2x3", "global"])
 def test_matches_the_reference_composition(backend, projection, grid):
-    b, cs, ct, h, w = 4, 16, 24, 13, 11
+    _check_against_the_reference_composition(backend, projection, grid, 13, 11)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("projection", ["fixed", "learned", "resample"])
+@pytest.mark.parametrize("h,w", [(13, 26), (6, 6)], ids=["13x26", "6x6"])
+def test_matches_the_reference_composition_uneven_cells(backend, projection, h, w):
+    """Grid 5x5 on 13x26 (last row and column shorter) and on 6x6 (torch.chunk gives 3 x 3 cells)."""
+    _check_against_the_reference_composition(backend, projection, (5, 5), h, w)
+
+
+def _check_against_the_reference_composition(backend, projection, grid, h, w):
+    b, cs, ct = 4, 16, 24
     feat_s = torch.randn(b, cs, h, w, dtype=torch.float64, requires_grad=True)
     feat_t = torch.randn(b, ct, h, w, dtype=torch.float64)
     loss = CSKDLoss(cs, ct, grid=grid, projection=projection, backend=backend,
@@ -131,10 +143,42 @@ def test_chunk_sizes_match_torch_chunk(size, parts):
     assert chunk_sizes(size, parts) == [len(c) for c in torch.chunk(torch.arange(size), parts)]
 
 
-def test_cell_layout_round_trip():
-    x = torch.randn(2, 3, 13, 26)
-    layout = CellLayout(13, 26, (5, 5))
-    torch.testing.assert_close(layout.from_cells(layout.to_cells(x)), x)
+@pytest.mark.parametrize("h,w,grid", [(13, 26, (5, 5)), (6, 6, (5, 5)), (10, 10, (5, 5)), (7, 9, (1, 1))])
+def test_cell_layout_round_trip_and_zero_padding(h, w, grid):
+    x = torch.randn(2, 3, h, w) + 1.0
+    layout = CellLayout(h, w, grid)
+    cells = layout.to_cells(x)
+    torch.testing.assert_close(layout.from_cells(cells), x)
+    expected = [cell for row in reference.grid_cells(x, grid) for cell in row]
+    assert cells.shape[0] == len(expected)
+    for i, cell in enumerate(expected):
+        padded = cells[i].reshape(2, 3, layout.cell_h, layout.cell_w)
+        torch.testing.assert_close(padded[:, :, : cell.shape[2], : cell.shape[3]], cell)
+        assert padded.sum().item() == pytest.approx(cell.sum().item(), rel=1e-5)  # zeros elsewhere
+    out = torch.zeros(len(expected), 4, 3, layout.cell_h * layout.cell_w)
+    layout.to_cells(x, out=out[:, 1:3])
+    torch.testing.assert_close(out[:, 1:3], cells)
+    assert out[:, 0].abs().sum().item() == 0 and out[:, 3].abs().sum().item() == 0
+
+
+@pytest.mark.parametrize("projection", ["resample", "fixed", "learned"])
+@pytest.mark.parametrize("grid", [(5, 5), None], ids=["grid5x5", "global"])
+def test_the_graph_holds_no_teacher_map_unless_teacher_projections_learn(projection, grid):
+    """With constant teacher projections only n x n Grams of the teacher outlive the forward."""
+    b, cs, ct, h, w = 4, 8, 24, 13, 26
+    feat_s = torch.randn(b, cs, h, w, requires_grad=True)
+    feat_t = torch.randn(b, ct, h, w)
+    loss = CSKDLoss(cs, ct, grid=grid, projection=projection)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss(feat_s, feat_t)
+    teacher_sized = [tuple(t.shape) for t in saved if t.numel() >= b * ct * h * w]
+    student_sized = [tuple(t.shape) for t in saved if b * cs * h * w <= t.numel() < b * ct * h * w]
+    if projection == "learned":
+        assert teacher_sized
+    else:
+        assert not teacher_sized
+    assert student_sized  # the student's maps are saved (the check above can fail)
 
 
 @pytest.mark.parametrize(

@@ -4,23 +4,38 @@
     pam  = mean over grid cells of cka_loss(PAM(cell_s), PAM(cell_t))   (grid mode)
          = cka_loss(PAM(s), PAM(t))                                     (grid=None)
 
-No Python loop over cells: the cells of a side are one padded tensor
-(CellLayout), the per-cell 1x1 projections are one batched product, the
-attention is one grid-mode position_attention call per side (it attends
-inside each torch.chunk cell), and the per-cell CKAs are one grouped
-cka_loss call. Zero padding does not change the math (see CellLayout).
-"""
+The CKA needs only the n x n centered Gram of each side (n = batch), so the
+loss is built from Grams, and the maps that feed them are held as briefly as
+possible (peak memory is the cost that matters at the released size):
 
+- Both attention outputs are linear in their gamma: CAM(x) = g Y + x and,
+  per cell, PAM(x) = g O + x. Their Grams are g^2 K_YY + g (K_Yx + K_xY) + K_xx
+  (ops/cross_gram.py), so g Y + x is never formed. With the teacher's
+  projections constant (resample, fixed) Y and O of the teacher are
+  transients of the forward: nothing teacher-sized outlives it.
+- The student's CAM and its Gram are recomputed in the backward (a
+  checkpoint): its output is not held through the position branch.
+- The per-cell 1x1 projections run image by image (ops/cell_projection.py)
+  and save only x; the cells of a map are cut by CellLayout (zero padding,
+  which leaves centered Grams unchanged), never as one padded copy.
+
+No Python loop over cells: the attention is one grid-mode position_attention
+call per side, the per-cell cross-Grams one grouped pass per channel block,
+and the per-cell CKAs one grouped computation on the (cells, n, n) Grams.
+"""
 import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from cskd_kernels import reference
 from cskd_kernels._validation import check_float_tensor, check_same_device
 from cskd_kernels.grid import CellLayout
+from cskd_kernels.ops.cell_projection import cell_projection
 from cskd_kernels.ops.channel_attention import channel_attention
-from cskd_kernels.ops.cka import cka_loss
+from cskd_kernels.ops.cross_gram import centered_cross_grams, combine_grams
 from cskd_kernels.ops.position_attention import position_attention
 
 PROJECTIONS = ("resample", "fixed", "learned")
@@ -72,9 +87,10 @@ class PositionProjection(nn.Module):
         return tuple(getattr(self, name).to(like.dtype) for name in self.NAMES)
 
 
-def _project(weight, bias, cells):
-    """Per-cell 1x1 convolution: (G|1, out, in) x (G, B, in, P) -> (G, B, out, P)."""
-    return weight[:, None] @ cells + bias[:, None, :, None]
+def _cka_loss_from_grams(kc, lc, dtype):
+    """The grouped CKA loss of centered Grams (cells, B, B), as cka_loss computes it from its Grams."""
+    cka = reference.cka_from_grams(kc, lc, tiny=torch.finfo(dtype).tiny)
+    return reference.cka_loss_from_cka(cka).to(dtype)
 
 
 class CSKDLoss(nn.Module):
@@ -114,23 +130,54 @@ class CSKDLoss(nn.Module):
     def forward(self, feat_s, feat_t):
         self._check(feat_s, feat_t)
         feat_t = feat_t.detach()
-        cam = cka_loss(self._channel_attention(feat_s), self._channel_attention(feat_t), backend=self.backend)
-        layout = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1))
-        pam_s = self._position_attention_cells(feat_s, self.student_projection, layout)
-        pam_t = self._position_attention_cells(feat_t, self.teacher_projection, layout)
-        pam = cka_loss(pam_s, pam_t, grouped=True, backend=self.backend).mean()
+        cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
+        # Drawn student first, then teacher (the order the reference composition uses).
+        weights_s = self.student_projection.weights(cells, self.generator, feat_s)
+        weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
+        # The teacher first: its transients (attention outputs) come and go while nothing else is held.
+        cam_t = self._teacher_channel_gram(feat_t)
+        pam_t = combine_grams(self._position_grams(feat_t, weights_t), (self.gamma_pam, 1.0))
+        # The student's channel branch is recomputed in the backward rather than held through it.
+        cam_s = checkpoint(self._channel_gram, feat_s, use_reentrant=False)
+        pam_s = combine_grams(self._position_grams(feat_s, weights_s), (self.gamma_pam, 1.0))
+        cam = _cka_loss_from_grams(cam_s, cam_t, feat_s.dtype)[0]
+        pam = _cka_loss_from_grams(pam_s, pam_t, feat_s.dtype).mean()
         return CSKDOutput(self.lambda_cam * cam + self.lambda_pam * pam, cam, pam)
 
-    def _channel_attention(self, x):
-        return channel_attention(x, self.gamma_cam, temperature=self.temperature, backend=self.backend)
+    def _channel_attention(self, x, gamma):
+        return channel_attention(x, gamma, temperature=self.temperature, backend=self.backend)
 
-    def _position_attention_cells(self, x, projection, layout):
-        """PAM of every cell of x, as (cells, B, C, cell positions) zero-padded for the grouped CKA."""
-        cells = layout.to_cells(x)
-        wq, bq, wk, bk, wv, bv = projection.weights(layout.num_cells, self.generator, x)
-        q, k, v = (layout.from_cells(_project(w, b, cells)) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
-        attention = position_attention(q, k, v, temperature=self.temperature, grid=self.grid, backend=self.backend)
-        return layout.to_cells(self.gamma_pam * attention + x)
+    def _channel_gram(self, x):
+        """Centered Gram (1, B, B) of CAM(x), differentiable in x and gamma_cam."""
+        return centered_cross_grams(self._channel_attention(x, self.gamma_cam), backend=self.backend)
+
+    def _teacher_channel_gram(self, x):
+        """Centered Gram of CAM(x) = g Y + x as a function of g = gamma_cam, CAM(x) never stored.
+
+        With gamma = 1 the kernel gives Z = Y + x, so CAM(x) = g Z + (1 - g) x
+        and its Gram is sum_ij c_i c_j K_ij with c = (g, 1 - g), K from (Z, x).
+        """
+        with torch.no_grad():
+            z = self._channel_attention(x, torch.ones(1, dtype=x.dtype, device=x.device))
+            grams = centered_cross_grams(z, x, backend=self.backend)
+            del z
+        return combine_grams(grams, (self.gamma_cam, 1.0 - self.gamma_cam))
+
+    def _position_grams(self, x, weights):
+        """Per-cell cross-Grams (cells, 2B, 2B) of (O, x), O the cell-wise position attention of x.
+
+        PAM(x) = g O + x per cell, so its Gram is combine_grams(..., (g, 1)).
+        Without a gradient path to O (teacher, fixed or resampled projections)
+        O is a transient constant.
+        """
+        need_graph = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+        with torch.set_grad_enabled(need_graph):
+            wq, bq, wk, bk, wv, bv = weights
+            q, k, v = cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), grid=self.grid)
+            attention = position_attention(q, k, v, temperature=self.temperature, grid=self.grid,
+                                           backend=self.backend)
+            del q, k, v
+            return centered_cross_grams(attention, x, grid=self.grid, backend=self.backend)
 
     def _check(self, feat_s, feat_t):
         check_float_tensor("feat_s", feat_s)

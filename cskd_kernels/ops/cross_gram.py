@@ -1,0 +1,147 @@
+"""Centered cross-Gram matrices of several feature maps per grid cell: Grams of their combinations, maps never combined.
+
+For k maps a_1..a_k of one shape (B, C, H, W) and a grid cell layout, the
+result holds for every cell the k x k blocks
+
+    K_ij = (H a_i)(H a_j)^T        (B x B, H = I - 11^T / B, features = the cell's C * positions)
+
+as one (cells, k*B, k*B) matrix. Why: CSKD's CKA compares Grams of maps of
+the form gamma * Y + X, and for a map that is linear in gamma
+
+    K(gamma) = sum_ij c_i(gamma) c_j(gamma) K_ij
+
+so the loss needs the k^2 small blocks, never the map gamma * Y + X itself:
+the teacher's attention outputs stay transient, and the student's combined
+map is never formed (its gradient is M a_i per part, M the n x n mixing).
+
+The maps are read in channel blocks: a block of every map is cut into cells
+(CellLayout, zero padding that leaves centered Grams unchanged), stacked into
+one (cells, k*B, block) tensor and passed to the CKA op's centered-Gram kernel
+of the requested backend. That kernel centers over all k*B rows; centering
+each B-row block afterwards gives the per-map centering exactly, because
+H_blocks H_all = H_blocks. Grams add up over feature blocks, so the blocks
+are summed in float64. The backward is the CKA kernel's backward, M (x - x_0),
+on the same stacked blocks, with M = H_blocks (G + G^T) H_blocks.
+"""
+
+import torch
+
+from cskd_kernels import reference
+from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels.backend import resolve_backend
+from cskd_kernels.grid import CellLayout
+from cskd_kernels.ops.cka import centered_gram, centered_gram_backward
+
+# Bytes of one stacked channel block: large enough for long kernel passes,
+# small enough that the transient copies of a block cost next to nothing.
+BLOCK_BYTES = 16 * 2**20
+
+
+def _block_centering(k, n, dtype, device):
+    """Block-diagonal centering matrix: H_n on each of the k diagonal n x n blocks."""
+    return torch.block_diag(*[torch.eye(n, dtype=dtype, device=device) - 1.0 / n] * k)
+
+
+def _whole(layout, k):
+    """One map, one cell: the map itself is the (1, B, features) input of the Gram kernel, no copy."""
+    return k == 1 and layout.num_cells == 1
+
+
+def _channel_blocks(layout, k, n, channels, element_size):
+    if _whole(layout, k):
+        return [(0, channels)]
+    per_channel = layout.num_cells * k * n * layout.cell_h * layout.cell_w * element_size
+    step = max(1, BLOCK_BYTES // per_channel)
+    return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
+
+
+def _stacked_cells(parts, layout, c0, c1):
+    """(cells, k*B, (c1 - c0) * cell positions): channel block [c0, c1) of every part, cut into cells."""
+    n = parts[0].shape[0]
+    if _whole(layout, len(parts)):
+        return parts[0].reshape(1, n, -1).contiguous()
+    cells = parts[0].new_empty((layout.num_cells, len(parts) * n, c1 - c0, layout.cell_h * layout.cell_w))
+    for i, p in enumerate(parts):
+        layout.to_cells(p[:, c0:c1], out=cells[:, i * n:(i + 1) * n])
+    return cells.reshape(cells.shape[0], cells.shape[1], -1)
+
+
+def _gram(stacked, backend):
+    if backend == "reference":
+        return reference.centered_gram(stacked.to(accumulation_dtype(stacked.dtype)))
+    return centered_gram(stacked, backend)
+
+
+def _gram_backward(stacked, m, backend):
+    if backend == "reference":
+        # M is centered (M 1 = 0), so M x = M (x - x_0); the shift keeps float32 accurate for large means.
+        return m.to(stacked.dtype) @ (stacked - stacked[:, :1])
+    return centered_gram_backward(stacked, m.to(accumulation_dtype(stacked.dtype)).contiguous(), backend)
+
+
+class CrossGramFunction(torch.autograd.Function):
+    """(cells, k*B, k*B) float64 block-centered Gram of the stacked cells of k maps."""
+
+    @staticmethod
+    def forward(ctx, layout, backend, *parts):
+        k, n, channels = len(parts), parts[0].shape[0], parts[0].shape[1]
+        blocks = _channel_blocks(layout, k, n, channels, parts[0].element_size())
+        gram = None
+        for c0, c1 in blocks:
+            block = _gram(_stacked_cells(parts, layout, c0, c1), backend).double()
+            gram = block if gram is None else gram + block
+        h = _block_centering(k, n, gram.dtype, gram.device)
+        ctx.layout, ctx.backend, ctx.blocks = layout, backend, blocks
+        ctx.save_for_backward(*parts)
+        return h @ gram @ h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gram):
+        parts = ctx.saved_tensors
+        layout, k, n = ctx.layout, len(parts), parts[0].shape[0]
+        h = _block_centering(k, n, grad_gram.dtype, grad_gram.device)
+        m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
+        if _whole(layout, k):
+            return None, None, _gram_backward(_stacked_cells(parts, layout, 0, 0), m, ctx.backend).view(parts[0].shape)
+        grads = [torch.empty_like(p) if need else None for p, need in zip(parts, ctx.needs_input_grad[2:])]
+        for c0, c1 in ctx.blocks:
+            stacked = _stacked_cells(parts, layout, c0, c1)
+            grad = _gram_backward(stacked, m, ctx.backend).reshape(stacked.shape[0], k * n, c1 - c0, -1)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    layout.cells_into(grad[:, i * n:(i + 1) * n], g[:, c0:c1])
+        return (None, None, *grads)
+
+
+def centered_cross_grams(*parts, grid=None, backend=None):
+    """Block-centered Grams of k maps (B, C, H, W) per grid cell: (cells, k*B, k*B), float64.
+
+    Block (i, j) of cell c is (H a_i,c)(H a_j,c)^T over the cell's features,
+    cells cut as torch.chunk cuts them (grid=None: one cell, the whole map).
+    Differentiable in every part that requires grad.
+    """
+    for i, p in enumerate(parts):
+        check_float_tensor(f"parts[{i}]", p)
+        if p.dim() != 4 or p.shape != parts[0].shape:
+            raise ValueError(f"parts must be 4-D maps of one shape, got {[tuple(q.shape) for q in parts]}")
+    check_same_device(**{f"parts[{i}]": p for i, p in enumerate(parts)})
+    name = resolve_backend(backend, *parts)
+    layout = CellLayout(parts[0].shape[2], parts[0].shape[3], grid or (1, 1))
+    return CrossGramFunction.apply(layout, name, *parts)
+
+
+def combine_grams(grams, coefficients):
+    """sum_ij c_i c_j K_ij: the (cells, B, B) centered Gram of the map sum_i c_i a_i.
+
+    ``grams`` (cells, k*B, k*B) from centered_cross_grams; ``coefficients`` k
+    scalars or 1-element tensors (differentiable: the gammas).
+    """
+    k = len(coefficients)
+    n = grams.shape[-1] // k
+    blocks = grams.reshape(grams.shape[0], k, n, k, n)
+    total = 0
+    for i, ci in enumerate(coefficients):
+        for j, cj in enumerate(coefficients):
+            total = total + (ci * cj) * blocks[:, i, :, j, :]
+    return total

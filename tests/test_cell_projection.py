@@ -1,0 +1,71 @@
+"""cell_projection against a per-cell 1x1 convolution of the reference's torch.chunk cells."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cskd_kernels import reference
+from cskd_kernels.ops.cell_projection import cell_projection
+from cskd_kernels.grid import CellLayout
+
+
+def _per_cell_reference(x, projections, grid):
+    """Each cell convolved with its own (or the shared) weights, reassembled with torch.cat."""
+    cells = reference.grid_cells(x, grid) if grid else [[x]]
+    outs = []
+    for weight, bias in projections:
+        rows, index = [], 0
+        for row in cells:
+            row_out = []
+            for cell in row:
+                w, b = (weight[index], bias[index]) if weight.shape[0] > 1 else (weight[0], bias[0])
+                row_out.append(F.conv2d(cell, w[:, :, None, None], b))
+                index += 1
+            rows.append(torch.cat(row_out, dim=3))
+        outs.append(torch.cat(rows, dim=2))
+    return outs
+
+
+@pytest.mark.parametrize("shape,grid", [((3, 5, 13, 26), (5, 5)), ((2, 4, 6, 6), (5, 5)), ((2, 3, 13, 11), (2, 3)),
+                                        ((3, 4, 7, 9), None)])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
+def test_matches_per_cell_convolution_values_and_gradients(shape, grid, shared):
+    b, c, h, w = shape
+    cells = 1 if shared else CellLayout(h, w, grid or (1, 1)).num_cells
+    x = (torch.randn(shape, dtype=torch.float64) + 1.0).requires_grad_(True)
+    projections = [(torch.randn(cells, out, c, dtype=torch.float64, requires_grad=True),
+                    torch.randn(cells, out, dtype=torch.float64, requires_grad=True)) for out in (2, 2, c + 1)]
+    outs = cell_projection(x, projections, grid=grid)
+    leaves = [x] + [t for pair in projections for t in pair]
+    copies = [t.detach().clone().requires_grad_(True) for t in leaves]
+    expected = _per_cell_reference(copies[0], list(zip(copies[1::2], copies[2::2])), grid)
+    grads_out = [torch.randn_like(e) for e in expected]
+    for out, want in zip(outs, expected):
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.autograd.backward(outs, grads_out)
+    torch.autograd.backward(expected, grads_out)
+    for i, (leaf, copy) in enumerate(zip(leaves, copies)):
+        torch.testing.assert_close(leaf.grad, copy.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"leaf {i}: {m}")
+
+
+def test_gradcheck_float64():
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)  # 6x7 under (2, 2): 4 cells
+    bias = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: cell_projection(x, [(w, b)], grid=(2, 2))[0], (x, w, bias))
+
+
+def test_float32_output_in_input_dtype():
+    x = torch.randn(2, 3, 13, 26)
+    w, b = torch.randn(25, 2, 3), torch.randn(25, 2)
+    (out,) = cell_projection(x, [(w, b)], grid=(5, 5))
+    (want,) = _per_cell_reference(x.double(), [(w.double(), b.double())], (5, 5))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w_shape,b_shape", [((3, 2, 3), (3, 2)), ((25, 2, 4), (25, 2)), ((25, 2, 3), (25, 3))])
+def test_bad_projection_shapes(w_shape, b_shape):
+    with pytest.raises(ValueError, match=r"do not fit x \(2, 3, 13, 26\) with 25 cells"):
+        cell_projection(torch.randn(2, 3, 13, 26), [(torch.randn(w_shape), torch.randn(b_shape))], grid=(5, 5))
