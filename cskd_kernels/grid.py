@@ -5,7 +5,6 @@ last one shorter, and fewer than ``parts`` chunks when that rounding leaves
 nothing for the rest (e.g. 6 rows in 5 parts gives 3 chunks of 2).
 """
 
-import contextlib
 import math
 
 import torch
@@ -17,25 +16,6 @@ def chunk_sizes(size, parts):
     step = math.ceil(size / parts)
     count = math.ceil(size / step)
     return [step] * (count - 1) + [size - step * (count - 1)]
-
-
-@contextlib.contextmanager
-def copy_threads(x):
-    """One intra-op thread for the strided cell copies of CPU tensor ``x``.
-
-    The copies are memory-bound: one thread runs them at full speed, while a
-    parallel region per copy waits for every thread and, on a loaded machine,
-    for a descheduled one (measured: 0.25 ms on one thread, 12-16 ms on two).
-    """
-    threads = torch.get_num_threads()
-    if x.device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class CellLayout:
@@ -74,22 +54,20 @@ class CellLayout:
         if out is None:
             out = x.new_empty((nr * nc, b, c, ch * cw))
         grid_view = out.unflatten(0, (nr, nc)).unflatten(-1, (ch, cw))  # (nr, nc, B, C, ch, cw)
-        with copy_threads(x):
-            for r0, rn, rh in self._groups(self.rows, ch):
-                for c0, cn, cwid in self._groups(self.cols, cw):
-                    src = x[:, :, r0 * ch: r0 * ch + rn * rh, c0 * cw: c0 * cw + cn * cwid]
-                    src = src.unflatten(2, (rn, rh)).unflatten(4, (cn, cwid)).permute(2, 4, 0, 1, 3, 5)
-                    grid_view[r0: r0 + rn, c0: c0 + cn, :, :, :rh, :cwid].copy_(src)
-            if self.rows[-1] < ch:
-                grid_view[-1, :, :, :, self.rows[-1]:, :].zero_()
-            if self.cols[-1] < cw:
-                grid_view[:, -1, :, :, :, self.cols[-1]:].zero_()
+        for r0, rn, rh in self._groups(self.rows, ch):
+            for c0, cn, cwid in self._groups(self.cols, cw):
+                src = x[:, :, r0 * ch: r0 * ch + rn * rh, c0 * cw: c0 * cw + cn * cwid]
+                src = src.unflatten(2, (rn, rh)).unflatten(4, (cn, cwid)).permute(2, 4, 0, 1, 3, 5)
+                grid_view[r0: r0 + rn, c0: c0 + cn, :, :, :rh, :cwid].copy_(src)
+        if self.rows[-1] < ch:
+            grid_view[-1, :, :, :, self.rows[-1]:, :].zero_()
+        if self.cols[-1] < cw:
+            grid_view[:, -1, :, :, :, self.cols[-1]:].zero_()
         return out
 
     def cells_into(self, cells, out):
         """Write (cells, B, C, cell positions) back into the map ``out`` (B, C, H, W), padding dropped."""
-        with copy_threads(out):
-            out.copy_(self.from_cells(cells))
+        out.copy_(self.from_cells(cells))
 
     def from_cells(self, cells):
         nr, nc = len(self.rows), len(self.cols)

@@ -37,6 +37,10 @@ from cskd_kernels.ops.cka import centered_gram, centered_gram_backward
 BLOCK_BYTES = 16 * 2**20
 
 
+def _layout(x, grid):
+    return CellLayout(x.shape[2], x.shape[3], grid)
+
+
 def _block_centering(k, n, dtype, device):
     """Block-diagonal centering matrix: H_n on each of the k diagonal n x n blocks."""
     return torch.block_diag(*[torch.eye(n, dtype=dtype, device=device) - 1.0 / n] * k)
@@ -79,39 +83,49 @@ def _gram_backward(stacked, m, backend):
     return centered_gram_backward(stacked, m.to(accumulation_dtype(stacked.dtype)).contiguous(), backend)
 
 
+def _cross_grams(parts, grid, backend):
+    """The block-centered Grams of ``parts`` per cell, and the channel blocks they were read in."""
+    layout = _layout(parts[0], grid)
+    k, n, channels = len(parts), parts[0].shape[0], parts[0].shape[1]
+    blocks = _channel_blocks(layout, k, n, channels, parts[0].element_size())
+    gram = None
+    for c0, c1 in blocks:
+        block = _gram(_stacked_cells(parts, layout, c0, c1), backend).double()
+        gram = block if gram is None else gram + block
+    h = _block_centering(k, n, gram.dtype, gram.device)
+    return h @ gram @ h, blocks
+
+
 class CrossGramFunction(torch.autograd.Function):
     """(cells, k*B, k*B) float64 block-centered Gram of the stacked cells of k maps."""
 
     @staticmethod
-    def forward(ctx, layout, backend, *parts):
-        k, n, channels = len(parts), parts[0].shape[0], parts[0].shape[1]
-        blocks = _channel_blocks(layout, k, n, channels, parts[0].element_size())
-        gram = None
-        for c0, c1 in blocks:
-            block = _gram(_stacked_cells(parts, layout, c0, c1), backend).double()
-            gram = block if gram is None else gram + block
-        h = _block_centering(k, n, gram.dtype, gram.device)
-        ctx.layout, ctx.backend, ctx.blocks = layout, backend, blocks
+    def forward(ctx, grid_rows, grid_cols, backend, *parts):
+        # The grid travels as plain ints and the layout is rebuilt in the backward:
+        # torch.compile traces an autograd Function's arguments, and a layout object
+        # does not survive that.
+        gram, blocks = _cross_grams(parts, (grid_rows, grid_cols), backend)
+        ctx.grid, ctx.backend, ctx.blocks = (grid_rows, grid_cols), backend, blocks
         ctx.save_for_backward(*parts)
-        return h @ gram @ h
+        return gram
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_gram):
         parts = ctx.saved_tensors
-        layout, k, n = ctx.layout, len(parts), parts[0].shape[0]
+        layout, k, n = _layout(parts[0], ctx.grid), len(parts), parts[0].shape[0]
         h = _block_centering(k, n, grad_gram.dtype, grad_gram.device)
         m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
         if _whole(layout, k):
-            return None, None, _gram_backward(_stacked_cells(parts, layout, 0, 0), m, ctx.backend).view(parts[0].shape)
-        grads = [torch.empty_like(p) if need else None for p, need in zip(parts, ctx.needs_input_grad[2:])]
+            return None, None, None, _gram_backward(_stacked_cells(parts, layout, 0, 0), m, ctx.backend).view(parts[0].shape)
+        grads = [torch.empty_like(p) if need else None for p, need in zip(parts, ctx.needs_input_grad[3:])]
         for c0, c1 in ctx.blocks:
             stacked = _stacked_cells(parts, layout, c0, c1)
             grad = _gram_backward(stacked, m, ctx.backend).reshape(stacked.shape[0], k * n, c1 - c0, -1)
             for i, g in enumerate(grads):
                 if g is not None:
                     layout.cells_into(grad[:, i * n:(i + 1) * n], g[:, c0:c1])
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def centered_cross_grams(*parts, grid=None, backend=None):
@@ -127,8 +141,12 @@ def centered_cross_grams(*parts, grid=None, backend=None):
             raise ValueError(f"parts must be 4-D maps of one shape, got {[tuple(q.shape) for q in parts]}")
     check_same_device(**{f"parts[{i}]": p for i, p in enumerate(parts)})
     name = resolve_backend(backend, *parts)
-    layout = CellLayout(parts[0].shape[2], parts[0].shape[3], grid or (1, 1))
-    return CrossGramFunction.apply(layout, name, *parts)
+    grid = tuple(grid or (1, 1))
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
+        # No graph to record (the teacher's transients). Also, torch.compile
+        # mis-binds an autograd Function's arguments under no_grad.
+        return _cross_grams(parts, grid, name)[0]
+    return CrossGramFunction.apply(*grid, name, *parts)
 
 
 def combine_grams(grams, coefficients):
