@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cskd_kernels import reference
-from cskd_kernels._validation import check_float_tensor, check_same_device
+from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.ops.cell_projection import cell_projection
 from cskd_kernels.ops.channel_attention import channel_attention
@@ -140,8 +140,10 @@ class CSKDLoss(nn.Module):
         # The student's channel branch is recomputed in the backward rather than held through it.
         cam_s = checkpoint(self._channel_gram, feat_s, use_reentrant=False)
         pam_s = combine_grams(self._position_grams(feat_s, weights_s), (self.gamma_pam, 1.0))
-        cam = _cka_loss_from_grams(cam_s, cam_t, feat_s.dtype)[0]
-        pam = _cka_loss_from_grams(pam_s, pam_t, feat_s.dtype).mean()
+        # The loss comes out in float32 at least (16-bit features under autocast included), like cka_loss.
+        loss_dtype = accumulation_dtype(feat_s.dtype, feat_t.dtype)
+        cam = _cka_loss_from_grams(cam_s, cam_t, loss_dtype)[0]
+        pam = _cka_loss_from_grams(pam_s, pam_t, loss_dtype).mean()
         return CSKDOutput(self.lambda_cam * cam + self.lambda_pam * pam, cam, pam)
 
     def _channel_attention(self, x, gamma):
