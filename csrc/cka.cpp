@@ -45,6 +45,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu_features.h"
 #include "ops.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -422,28 +423,12 @@ bool grad_direct(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k, int64_t c0,
   }
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
-
-bool cpu_has_avx512() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && cpu_has_avx2_fma();
-  }();
-  return has;
-}
 #endif
 
 // Whether the pass over x (g, n, p) runs the direct kernels (then it needs no tile).
 bool uses_direct_kernels(int64_t n) {
 #ifdef CSKD_CKA_X86_DISPATCH
-  return n >= 2 && n <= kMaxDirectRows + 1 && cpu_has_avx512();
+  return n >= 2 && n <= kMaxDirectRows + 1 && cskd::cpu::has_avx512_core();
 #else
   (void)n;
   return false;
@@ -455,7 +440,7 @@ template <typename T>
 void gram_item(const Rows<T>& x, const Item& item, int64_t block, T* tile, double* acc) {
 #ifdef CSKD_CKA_X86_DISPATCH
   if (uses_direct_kernels(x.n) && gram_direct(x, item.k, item.begin, item.end, acc)) return;
-  if (cpu_has_avx2_fma()) return gram_tiles_avx2(x, item.k, item.begin, item.end, block, tile, acc);
+  if (cskd::cpu::has_avx2_fma()) return gram_tiles_avx2(x, item.k, item.begin, item.end, block, tile, acc);
 #endif
   gram_tiles_baseline(x, item.k, item.begin, item.end, block, tile, acc);
 }
@@ -467,7 +452,7 @@ void grad_item(const Rows<T>& x, const T* m, T* dx, const Item& item, int64_t bl
   T* dx_k = dx + item.k * x.n * x.p;
 #ifdef CSKD_CKA_X86_DISPATCH
   if (uses_direct_kernels(x.n) && grad_direct(x, m_k, dx_k, item.k, item.begin, item.end, stream)) return;
-  if (cpu_has_avx2_fma()) return grad_tiles_avx2(x, m_k, dx_k, item.k, item.begin, item.end, block, tile);
+  if (cskd::cpu::has_avx2_fma()) return grad_tiles_avx2(x, m_k, dx_k, item.k, item.begin, item.end, block, tile);
 #endif
   (void)stream;
   grad_tiles_baseline(x, m_k, dx_k, item.k, item.begin, item.end, block, tile);

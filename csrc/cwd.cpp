@@ -174,7 +174,7 @@ template <typename scalar_t>
 scalar_t row_kl(const scalar_t* s, const scalar_t* t, int64_t n, scalar_t inv_t, scalar_t grad_scale, scalar_t* ds) {
 #ifdef CSKD_X86_SIMD
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cskd::simd::cpu_has_avx2_fma()) return row_kl_avx2(s, t, n, inv_t, grad_scale, ds);
+    if (cskd::cpu::has_avx2_fma()) return row_kl_avx2(s, t, n, inv_t, grad_scale, ds);
   }
 #endif
   return row_kl_scalar(s, t, n, inv_t, grad_scale, ds);

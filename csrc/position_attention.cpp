@@ -237,8 +237,8 @@ void softmax_grad_full_row_portable(scalar_t* s, scalar_t* dp, int64_t n, scalar
 
 void softmax_grad_full_row(float* s, float* dp, int64_t n, float scale, float lse) {
 #ifdef CSKD_X86_SIMD
-  if (cskd::simd::cpu_has_avx512f()) return softmax_grad_full_row_avx512(s, dp, n, scale, lse);
-  if (cskd::simd::cpu_has_avx2_fma()) return softmax_grad_full_row_avx2(s, dp, n, scale, lse);
+  if (cskd::cpu::has_avx512f()) return softmax_grad_full_row_avx512(s, dp, n, scale, lse);
+  if (cskd::cpu::has_avx2_fma()) return softmax_grad_full_row_avx2(s, dp, n, scale, lse);
 #endif
   softmax_grad_full_row_portable(s, dp, n, scale, lse);
 }
@@ -249,8 +249,8 @@ void softmax_grad_full_row(double* s, double* dp, int64_t n, double scale, doubl
 
 float online_softmax_row(float* s, int64_t n, float scale, float& m) {
 #ifdef CSKD_X86_SIMD
-  if (cskd::simd::cpu_has_avx512f()) return online_softmax_row_avx512(s, n, scale, m);
-  if (cskd::simd::cpu_has_avx2_fma()) return online_softmax_row_avx2(s, n, scale, m);
+  if (cskd::cpu::has_avx512f()) return online_softmax_row_avx512(s, n, scale, m);
+  if (cskd::cpu::has_avx2_fma()) return online_softmax_row_avx2(s, n, scale, m);
 #endif
   return online_softmax_row_portable(s, n, scale, m);
 }
@@ -261,7 +261,7 @@ double online_softmax_row(double* s, int64_t n, double scale, double& m) {
 
 void softmax_grad_row(const float* s, float* p_out, float* dp, int64_t n, float scale, float lse, float delta) {
 #ifdef CSKD_X86_SIMD
-  if (cskd::simd::cpu_has_avx2_fma()) return softmax_grad_row_avx2(s, p_out, dp, n, scale, lse, delta);
+  if (cskd::cpu::has_avx2_fma()) return softmax_grad_row_avx2(s, p_out, dp, n, scale, lse, delta);
 #endif
   softmax_grad_row_portable(s, p_out, dp, n, scale, lse, delta);
 }
@@ -436,10 +436,7 @@ CSKD_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, in
 
 // True where MKL would run its AVX2 kernels although the CPU has AVX-512 (non-Intel CPUs).
 bool use_own_avx512_gemm() {
-  static const bool use = [] {
-    __builtin_cpu_init();
-    return cskd::simd::cpu_has_avx512f() && !__builtin_cpu_is("intel");
-  }();
+  static const bool use = cskd::cpu::has_avx512f() && !cskd::cpu::is_intel();
   return use;
 }
 #endif
@@ -720,7 +717,7 @@ std::vector<at::Tensor> position_attention_forward(const at::Tensor& q_in, const
                                                    double scale) {
   TORCH_CHECK(q_in.device().is_cpu(), "position_attention_forward: CPU tensors only");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
+  const int64_t B = q.size(0), H = q.size(2), W = q.size(3);
   const std::vector<Cell> cells = read_cells(cells_in);
   at::Tensor out = empty_output(v.sizes(), v.options());
   at::Tensor lse = at::empty({B, H, W}, q.options());
@@ -840,7 +837,7 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
   TORCH_CHECK(q_in.device().is_cpu(), "position_attention_backward: CPU tensors only");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous(), dout = grad_in.contiguous();
-  const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3), cv = v.size(1), hw = H * W;
+  const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3);
   const std::vector<Cell> cells = read_cells(cells_in);
   at::Tensor dk = empty_output(k.sizes(), k.options()), dv = empty_output(v.sizes(), v.options());
   const bool any_large = std::any_of(cells.begin(), cells.end(), [](const Cell& c) { return c.size() > kSingleBlock; });

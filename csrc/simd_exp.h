@@ -17,6 +17,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
+#include "cpu_features.h"
+
 #define CSKD_X86_SIMD 1
 #define CSKD_AVX2 __attribute__((target("avx2,fma")))
 #define CSKD_AVX512 __attribute__((target("avx512f,avx2,fma")))
@@ -60,16 +62,6 @@ CSKD_AVX512 inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mul_ps(in_range, p, _mm512_castsi512_ps(bits));
-}
-
-inline bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
-inline bool cpu_has_avx512f() {
-  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f");
-  return has;
 }
 
 }  // namespace cskd::simd
