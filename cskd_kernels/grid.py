@@ -7,9 +7,6 @@ nothing for the rest (e.g. 6 rows in 5 parts gives 3 chunks of 2).
 
 import math
 
-import torch
-
-
 
 def chunk_sizes(size, parts):
     """The sizes of torch.chunk(range(size), parts)."""

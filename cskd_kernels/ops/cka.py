@@ -25,7 +25,7 @@ from cskd_kernels._validation import accumulation_dtype, check_float_tensor, che
 from cskd_kernels.backend import kernels, resolve_backend
 
 
-def _centering_matrix(n, dtype, device):
+def centering_matrix(n, dtype, device):
     return torch.eye(n, dtype=dtype, device=device) - 1.0 / n
 
 
@@ -63,7 +63,7 @@ def _centered_gram_setup(ctx, inputs, output):
 
 def _gram_input_grad(x, grad_gram, backend):
     """dL/dx from dL/dKc = G: H (G + G^T) H x = M (x - x_0), H x = H (x - x_0), one pass over x."""
-    h = _centering_matrix(x.shape[1], grad_gram.dtype, grad_gram.device)
+    h = centering_matrix(x.shape[1], grad_gram.dtype, grad_gram.device)
     m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
     return centered_gram_backward(x, m.contiguous(), backend)
 

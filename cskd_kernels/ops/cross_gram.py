@@ -30,7 +30,7 @@ from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
 from cskd_kernels.backend import resolve_backend
 from cskd_kernels.grid import CellLayout
-from cskd_kernels.ops.cka import centered_gram, centered_gram_backward
+from cskd_kernels.ops.cka import centered_gram, centered_gram_backward, centering_matrix
 
 # Bytes of one stacked channel block: large enough for long kernel passes,
 # small enough that the transient copies of a block cost next to nothing.
@@ -43,7 +43,7 @@ def _layout(x, grid):
 
 def _block_centering(k, n, dtype, device):
     """Block-diagonal centering matrix: H_n on each of the k diagonal n x n blocks."""
-    return torch.block_diag(*[torch.eye(n, dtype=dtype, device=device) - 1.0 / n] * k)
+    return torch.block_diag(*[centering_matrix(n, dtype, device)] * k)
 
 
 def _whole(layout, k):
