@@ -8,9 +8,11 @@
 # benchmarks; 5. prints the results table last. A failing step does not stop the
 # others; the exit status is non-zero if any step failed.
 #
-# Writes at most 7 files, at most 2 folder levels under OUTDIR: env.txt,
-# install.log, tests.log, tests.xml, bench.log, results/<device>.csv (1 or 2).
-# Environment: SKIP_INSTALL=1 (the package is already installed), TESTS_ARGS and
+# Writes at most 9 files, at most 2 folder levels under OUTDIR: env.txt,
+# install.log, tests.log, tests.xml, bench.log, step_fraction.{log,json}, results/<device>.csv (1 or 2).
+# Environment: STEPS (which of "tests bench fraction" to run, default all three; install always
+# runs unless SKIP_INSTALL=1, so a second call on a fresh machine can run only the rest),
+# SKIP_INSTALL=1 (the package is already installed), TESTS_ARGS and
 # BENCH_ARGS (extra pytest arguments), BENCH_DEVICE (cuda | cpu | all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT /
 # BENCH_TIMEOUT in seconds (default 120 / 200 / 240: the whole script fits in 10 minutes;
 # the benchmarks write their CSV after every case, so a timeout keeps what was measured).
@@ -49,6 +51,10 @@ tail -n 3 "$OUTDIR/install.log"
 "$PY" -c 'import cskd_kernels._C' 2>/dev/null && echo "C++ extension: importable" \
   || { echo "C++ extension: NOT importable (see install.log)"; FAILED+=("install (extension not importable)"); }
 
+STEPS="${STEPS:-tests bench fraction}"
+wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+if wants tests; then
 step "tests (pytest tests/)"
 # shellcheck disable=SC2086
 timeout "${TESTS_TIMEOUT:-200}" "$PY" -m pytest tests/ -q -rfEs --junitxml="$OUTDIR/tests.xml" ${TESTS_ARGS:-} \
@@ -57,7 +63,19 @@ status=$?
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -n 20
 tail -n 1 "$OUTDIR/tests.log"
 [ "$status" -eq 0 ] || FAILED+=("tests (exit $status$([ "$status" -eq 124 ] && echo ', timed out'))")
+fi
 
+if wants fraction; then
+step "training-step fraction (python -m benchmarks.step_fraction)"
+# The CSKD loss's share of a DeepLabV3-R101 teacher + R18 student step, batch 8, 512x1024.
+timeout "${FRACTION_TIMEOUT:-120}" "$PY" -m benchmarks.step_fraction --out "$OUTDIR/step_fraction.json" \
+  > "$OUTDIR/step_fraction.log" 2>&1
+status=$?
+tail -n 9 "$OUTDIR/step_fraction.log"
+[ "$status" -eq 0 ] || FAILED+=("step fraction (exit $status)")
+fi
+
+if wants bench; then
 step "benchmarks (pytest benchmarks/)"
 marker="$OUTDIR/.bench-start"
 touch "$marker"
@@ -75,6 +93,7 @@ step "results"
 # The table of this run (its terminal summary), then the README table of the CSVs it wrote.
 sed -n '/cskd benchmarks (speedup/,$p' "$OUTDIR/bench.log" | head -n 60
 "$PY" -m benchmarks.report "$OUTDIR/results" || FAILED+=("report")
+fi
 
 if [ "${#FAILED[@]}" -gt 0 ]; then
   echo

@@ -1,0 +1,140 @@
+"""The CSKD loss's share of one whole training step, on a GPU (issue 6's target: under 5%).
+
+    python -m benchmarks.step_fraction [--device cuda] [--batch 8] [--height 512 --width 1024]
+                                       [--out results.json]
+
+One step: the DeepLabV3-R101 teacher's forward (no grad), the DeepLabV3-R18 student's forward,
+CE + 0.4 aux CE + 3 CWD (+ CSKDLoss), backward and an SGD step, as python/cskd_train runs it.
+The step is timed with and without the CSKD term (same models, same batch); the loss alone
+(forward + backward on the step's feature shapes) is timed for the fused CSKDLoss and for the
+released formulation. Medians of CUDA-event timings after a warm-up; the printed table is last.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import cskd_kernels  # noqa: E402
+from cskd_kernels import released  # noqa: E402
+
+NUM_CLASSES = 19  # Cityscapes
+GAMMA = 0.1  # non-zero gammas, so the attention branches count in the backward
+
+
+def median_ms(fn, warmup, repeats, device):
+    """Median milliseconds of fn() over `repeats` calls after `warmup`, timed with device events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            started = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - started))
+    return sorted(times)[len(times) // 2]
+
+
+def training_step(distill, args, device):
+    """A callable running one training step with objective `distill` ("cwd" or "cskd")."""
+    from cskd_train.models import build_model, feature_channels
+    from cskd_train.objective import Objective, ObjectiveConfig
+
+    torch.manual_seed(0)
+    student = build_model("deeplabv3_resnet18", NUM_CLASSES).to(device).train()
+    teacher = build_model("deeplabv3_resnet101", NUM_CLASSES).to(device).eval()
+    objective = Objective(ObjectiveConfig(distill=distill), feature_channels(student),
+                          feature_channels(teacher)).to(device)
+    if objective.cskd is not None:
+        with torch.no_grad():
+            objective.cskd.gamma_cam.fill_(GAMMA)
+            objective.cskd.gamma_pam.fill_(GAMMA)
+    optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=1e-3, momentum=0.9)
+    images = torch.randn(args.batch, 3, args.height, args.width, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch, args.height, args.width), device=device)
+
+    def step():
+        with torch.no_grad():
+            teacher_out = teacher(images)
+        loss = objective(student(images), labels, teacher_out)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def loss_alone(kind, args, device):
+    """A callable running the CSKD loss alone (forward + backward) on the step's feature shapes."""
+    size = (args.height // 8, args.width // 8)
+    feat_s = torch.randn(args.batch, 128, *size, device=device)
+    feat_t = torch.randn(args.batch, 256, *size, device=device)
+    gammas = [torch.full((1,), GAMMA, device=device, requires_grad=True) for _ in range(2)]
+    module = cskd_kernels.CSKDLoss(128, 256).to(device)
+    with torch.no_grad():
+        module.gamma_cam.fill_(GAMMA)
+        module.gamma_pam.fill_(GAMMA)
+
+    def step():
+        student = feat_s.clone().requires_grad_(True)
+        if kind == "fused":
+            module(student, feat_t).loss.backward()
+        else:
+            released.cskd_loss(student, feat_t, *gammas).backward()
+
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+
+    ms = {}
+    for kind in ("fused", "released"):
+        ms[f"loss_{kind}"] = median_ms(loss_alone(kind, args, device), args.warmup, args.repeats, device)
+    for distill in ("cwd", "cskd"):
+        ms[f"step_{distill}"] = median_ms(training_step(distill, args, device), args.warmup, args.repeats, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batch": args.batch, "image": [args.height, args.width], "ms": ms,
+        "loss_share_of_step": ms["loss_fused"] / ms["step_cskd"],
+        "step_difference_share": (ms["step_cskd"] - ms["step_cwd"]) / ms["step_cskd"],
+        "fused_vs_released": ms["loss_released"] / ms["loss_fused"],
+    }
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    print(f"device {result['device']}, batch {args.batch}, {args.height}x{args.width}, medians of {args.repeats}:")
+    for name, value in ms.items():
+        print(f"  {name:14s} {value:9.2f} ms")
+    print(f"  CSKD loss alone / step with it: {100 * result['loss_share_of_step']:.2f}%  "
+          f"(step with minus step without: {100 * result['step_difference_share']:.2f}%)")
+    print(f"  fused vs released loss: {result['fused_vs_released']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
