@@ -119,7 +119,7 @@ def test_position_attention(backend, device, grid):
 
 DYNAMIC_CASES = {
     "cka_loss": (lambda b, x, y: cka_loss(x, y, backend=b), lambda n: [(n + 2, 3, n), (n + 2, 4)]),
-    "channel_attention": (lambda b, x: channel_attention(x, torch.tensor([0.6]), temperature=2.0, backend=b),
+    "channel_attention": (lambda b, x: channel_attention(x, torch.tensor([0.6], device=x.device), temperature=2.0, backend=b),
                           lambda n: [(n, 3, n, 4)]),
     "cwd_loss": (lambda b, s: cwd_loss(s, s.detach().flip(0), temperature=2.0, backend=b), lambda n: [(n, 3, n, 4)]),
     "position_attention_grid": (

@@ -24,8 +24,8 @@ Forward: split-K. The columns are cut into ``splits`` contiguous ranges per
 group; each program centers its tiles in registers (row 0 subtracted first, so
 a constant column is exactly zero, then the mean over the n rows) and
 accumulates the tile's Gram in float32: plain FMAs, or tl.dot with
-input_precision="ieee" (TF32 would cost CKA about three digits, and the op is
-bandwidth-bound anyway). Each program writes its own (n, n) partial; the host
+input_precision="tf32x3" (3xTF32: float32 accuracy on the tensor cores; plain
+TF32 would cost CKA about three digits). Each program writes its own (n, n) partial; the host
 sums them in a fixed order, so the result is deterministic (no atomics).
 
 Backward: dx = m (x - x_0) column tile by column tile; m is centered
@@ -90,7 +90,7 @@ def _centered_gram_kernel(
         shifted = tl.where(row_valid[:, None], block.to(tl.float32) - first.to(tl.float32)[None, :], 0.0)
         mean = tl.sum(shifted, axis=0) / n
         centered = tl.where(row_valid[:, None], shifted - mean[None, :], 0.0)
-        acc += tl.dot(centered, tl.trans(centered), input_precision="ieee")
+        acc += tl.dot(centered, tl.trans(centered), input_precision="tf32x3")
 
     out_ptrs = (
         partial_ptr
@@ -140,7 +140,7 @@ def _centered_gram_backward_kernel(
         block = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
         first = tl.load(x_base + cols, mask=col_valid, other=0.0)
         shifted = tl.where(row_valid[:, None], block.to(tl.float32) - first.to(tl.float32)[None, :], 0.0)
-        dx = tl.dot(m, shifted, input_precision="ieee")
+        dx = tl.dot(m, shifted, input_precision="tf32x3")
         tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

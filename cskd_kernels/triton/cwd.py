@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# Read inside the kernels: compiled Triton reads only constexpr globals (the interpreter reads any).
+_LN2 = tl.constexpr(0.6931471805599453)
 _MAX_SINGLE_BLOCK = 8192  # 2 x 8192 float32 over 16 warps: 32 values a thread per input
 _LOOP_BLOCK = 4096
 
