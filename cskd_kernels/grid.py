@@ -38,33 +38,48 @@ class CellLayout:
         runs = [(0, full, step)] if full else []
         return runs + ([(full, 1, sizes[-1])] if full < len(sizes) else [])
 
-    def to_cells(self, x, out=None):
-        """(cells, B, C, cell_h * cell_w): the cells of x (B, C, H, W), zero at the padded positions.
+    def _run_views(self, x, cells):
+        """Pairs (map view, cells view) of one shape, one per run of equal-sized cells (at most four).
 
-        ``out``, if given, is a (cells, B, C, cell_h * cell_w) view to fill.
-        One strided copy per run of equal-sized cells (at most four), and
-        only the padding strips of the shorter last row and column zeroed:
-        no padded copy of the whole map.
+        x (B, C, H, W), cells (cells, B, C, cell_h * cell_w): copying between
+        the two views of a pair moves that run of cells in or out, padding left alone.
         """
-        b, c = x.shape[:2]
         nr, nc, ch, cw = len(self.rows), len(self.cols), self.cell_h, self.cell_w
-        if out is None:
-            out = x.new_empty((nr * nc, b, c, ch * cw))
-        grid_view = out.unflatten(0, (nr, nc)).unflatten(-1, (ch, cw))  # (nr, nc, B, C, ch, cw)
+        grid_view = cells.unflatten(0, (nr, nc)).unflatten(-1, (ch, cw))  # (nr, nc, B, C, ch, cw)
         for r0, rn, rh in self._groups(self.rows, ch):
             for c0, cn, cwid in self._groups(self.cols, cw):
                 src = x[:, :, r0 * ch: r0 * ch + rn * rh, c0 * cw: c0 * cw + cn * cwid]
                 src = src.unflatten(2, (rn, rh)).unflatten(4, (cn, cwid)).permute(2, 4, 0, 1, 3, 5)
-                grid_view[r0: r0 + rn, c0: c0 + cn, :, :, :rh, :cwid].copy_(src)
-        if self.rows[-1] < ch:
+                yield src, grid_view[r0: r0 + rn, c0: c0 + cn, :, :, :rh, :cwid]
+
+    def to_cells(self, x, out=None):
+        """(cells, B, C, cell_h * cell_w): the cells of x (B, C, H, W), zero at the padded positions.
+
+        ``out``, if given, is a (cells, B, C, cell_h * cell_w) view to fill.
+        One strided copy per run of equal-sized cells, and only the padding
+        strips of the shorter last row and column zeroed: no padded copy of
+        the whole map.
+        """
+        b, c = x.shape[:2]
+        if out is None:
+            out = x.new_empty((self.num_cells, b, c, self.cell_h * self.cell_w))
+        for map_view, cells_view in self._run_views(x, out):
+            cells_view.copy_(map_view)
+        grid_view = out.unflatten(0, (len(self.rows), len(self.cols))).unflatten(-1, (self.cell_h, self.cell_w))
+        if self.rows[-1] < self.cell_h:
             grid_view[-1, :, :, :, self.rows[-1]:, :].zero_()
-        if self.cols[-1] < cw:
+        if self.cols[-1] < self.cell_w:
             grid_view[:, -1, :, :, :, self.cols[-1]:].zero_()
         return out
 
     def cells_into(self, cells, out):
-        """Write (cells, B, C, cell positions) back into the map ``out`` (B, C, H, W), padding dropped."""
-        out.copy_(self.from_cells(cells))
+        """Write (cells, B, C, cell positions) back into the map ``out`` (B, C, H, W), padding dropped.
+
+        The same run views as to_cells, copied the other way: one strided copy
+        per run (from_cells's reshape would copy the whole padded grid first).
+        """
+        for map_view, cells_view in self._run_views(out, cells):
+            map_view.copy_(cells_view)
 
     def from_cells(self, cells):
         nr, nc = len(self.rows), len(self.cols)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from cskd_kernels import reference
+from cskd_kernels.ops import cell_projection as cell_projection_module
 from cskd_kernels.ops.cell_projection import cell_projection
 from cskd_kernels.grid import CellLayout
 
@@ -47,6 +48,25 @@ def test_matches_per_cell_convolution_values_and_gradients(shape, grid, shared):
     torch.autograd.backward(expected, grads_out)
     for i, (leaf, copy) in enumerate(zip(leaves, copies)):
         torch.testing.assert_close(leaf.grad, copy.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"leaf {i}: {m}")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 25 * (5 + 6) * 18 * 8, 2**30], ids=["one-image", "three-images", "whole-batch"])
+def test_chunks_of_images_give_the_same_values_and_gradients(monkeypatch, chunk_bytes):
+    """The image chunks (one image on the CPU at the released size, the whole batch on a GPU) change nothing."""
+    x = torch.randn(7, 5, 13, 26, dtype=torch.float64, requires_grad=True)  # 7 images: a shorter last chunk
+    projections = [(torch.randn(25, out, 5, dtype=torch.float64, requires_grad=True),
+                    torch.randn(25, out, dtype=torch.float64, requires_grad=True)) for out in (2, 4)]
+    leaves = [x] + [t for pair in projections for t in pair]
+    expected = _per_cell_reference(x, projections, (5, 5))
+    grads_out = [torch.randn_like(e) for e in expected]
+    want = torch.autograd.grad(expected, leaves, grads_out)
+    monkeypatch.setitem(cell_projection_module.CHUNK_BYTES, "cpu", chunk_bytes)
+    outs = cell_projection(x, projections, grid=(5, 5))
+    got = torch.autograd.grad(outs, leaves, grads_out)
+    for out, e in zip(outs, expected):
+        torch.testing.assert_close(out, e, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 def test_gradcheck_float64():

@@ -1,13 +1,15 @@
-"""Per-cell 1x1 projections of a feature map (PAM's q, k, v with per-cell weights), one image at a time.
+"""Per-cell 1x1 projections of a feature map (PAM's q, k, v with per-cell weights), a few images at a time.
 
     out_j[b, :, cell] = W_cell,j x[b, :, cell] + b_cell,j        for each output j (q, k, v)
 
 with the cells cut as torch.chunk cuts the map (CellLayout). CSKD's released
 code draws fresh projections for every cell, so this is not one convolution.
-The work runs image by image: only one image's padded cells are ever held,
-the outputs are written straight into contiguous (B, out_j, H, W) maps, and
-the backward saves just x and the weights (not the padded cells, nor the
-weights expanded over the batch as a broadcast batched product would).
+The work runs in chunks of images (chunk_images: one image per chunk at the
+released size on the CPU, the whole batch on a GPU, where launches cost more
+than memory): only one chunk's padded cells are ever held, in buffers reused
+from chunk to chunk (fresh large buffers cost page faults on the CPU), the
+outputs are written straight into contiguous (B, out_j, H, W) maps, and the
+backward saves just x and the weights (not the padded cells).
 Plain PyTorch batched products: any device.
 """
 
@@ -15,10 +17,36 @@ import torch
 
 from cskd_kernels.grid import CellLayout
 
+# Bytes of padded cells one chunk may hold, per device type: the CPU keeps a
+# chunk cache-sized, a GPU takes the whole batch in one launch per product.
+CHUNK_BYTES = {"cpu": 16 * 2**20}
+DEFAULT_CHUNK_BYTES = 2**30
 
-def _image_cells(layout, x, index):
-    """(cells, C, cell positions) of image ``index``, zero-padded to one cell size."""
-    return layout.to_cells(x[index:index + 1])[:, 0]
+
+def chunk_images(x, layout, channels):
+    """Images per chunk: as many as fit the device's budget of padded (cells, channels) data, at least one."""
+    per_image = layout.num_cells * channels * layout.cell_h * layout.cell_w * x.element_size()
+    return max(1, min(x.shape[0], CHUNK_BYTES.get(x.device.type, DEFAULT_CHUNK_BYTES) // per_image))
+
+
+def _chunks(batch, step):
+    return [(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
+class _Buffer:
+    """One allocation reused by every chunk: contiguous tensors of any shape up to its size."""
+
+    def __init__(self, like, shape):
+        self.flat = like.new_empty(torch.Size(shape).numel())
+
+    def take(self, *shape):
+        return self.flat[:torch.Size(shape).numel()].view(shape)
+
+
+def _batched(weight, layout, images):
+    """(cells * images, rows, cols) view of weight (cells|1, rows, cols): one matrix per (cell, image)."""
+    return weight.expand(layout.num_cells, -1, -1)[:, None].expand(-1, images, -1, -1).reshape(
+        layout.num_cells * images, *weight.shape[1:])
 
 
 class CellProjectionFunction(torch.autograd.Function):
@@ -26,13 +54,20 @@ class CellProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, layout, sizes):
-        b, _, h, w = x.shape
+        b, c, h, w = x.shape
         outs = [x.new_empty((b, size, h, w)) for size in sizes]
-        weight_cells = weight.expand(layout.num_cells, -1, -1)
-        for i in range(b):
-            y = torch.baddbmm(bias[:, :, None], weight_cells, _image_cells(layout, x, i))
-            for out, part in zip(outs, y.split(sizes, dim=1)):
-                layout.cells_into(part[:, None], out[i:i + 1])
+        step = chunk_images(x, layout, c + weight.shape[1])
+        positions, rows = layout.cell_h * layout.cell_w, weight.shape[1]
+        cells_buffer = _Buffer(x, (layout.num_cells, step, c, positions))
+        y_buffer = _Buffer(x, (layout.num_cells, step, rows, positions))
+        for i0, i1 in _chunks(b, step):
+            n = i1 - i0
+            cells = layout.to_cells(x[i0:i1], out=cells_buffer.take(layout.num_cells, n, c, positions))
+            y = y_buffer.take(layout.num_cells, n, rows, positions)
+            torch.baddbmm(_batched(bias[:, :, None], layout, n), _batched(weight, layout, n),
+                          cells.view(-1, c, positions), out=y.view(-1, rows, positions))
+            for out, part in zip(outs, y.split(sizes, dim=2)):
+                layout.cells_into(part, out[i0:i1])
         ctx.layout, ctx.sizes = layout, sizes
         ctx.save_for_backward(x, weight)
         return tuple(outs)
@@ -43,25 +78,36 @@ class CellProjectionFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layout, sizes = ctx.layout, ctx.sizes
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = [torch.zeros_like(x[:1, :1]).expand(x.shape[0], size, *x.shape[2:]) if g is None else g
+        b, c = x.shape[:2]
+        grads = [torch.zeros_like(x[:1, :1]).expand(b, size, *x.shape[2:]) if g is None else g
                  for g, size in zip(grads, sizes)]
         grad_x = torch.empty_like(x) if need_x else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = weight.new_zeros(weight.shape[:2]) if need_bias else None
         shared = weight.shape[0] == 1 and layout.num_cells > 1
-        weight_t = weight.transpose(1, 2).expand(layout.num_cells, -1, -1)
-        for i in range(x.shape[0]):
+        positions = layout.cell_h * layout.cell_w
+        step = chunk_images(x, layout, c + weight.shape[1])
+        g_buffer = _Buffer(x, (layout.num_cells, step, sum(sizes), positions))
+        cells_buffer = _Buffer(x, (layout.num_cells, step, c, positions)) if need_weight else None
+        dx_buffer = _Buffer(x, (layout.num_cells, step, c, positions)) if need_x else None
+        for i0, i1 in _chunks(b, step):
+            n = i1 - i0
             # Padded positions get zero gradient, so they add nothing to the weight gradients.
-            g = x.new_empty((layout.num_cells, sum(sizes), layout.cell_h * layout.cell_w))
-            for grad, part in zip(grads, g.split(sizes, dim=1)):
-                layout.to_cells(grad[i:i + 1], out=part[:, None])
+            g = g_buffer.take(layout.num_cells, n, sum(sizes), positions)
+            for grad, part in zip(grads, g.split(sizes, dim=2)):
+                layout.to_cells(grad[i0:i1], out=part)
+            g_rows = g.reshape(-1, sum(sizes), positions)
             if need_x:
-                layout.cells_into(torch.bmm(weight_t, g)[:, None], grad_x[i:i + 1])
+                dx = dx_buffer.take(layout.num_cells, n, c, positions)
+                torch.bmm(_batched(weight.transpose(1, 2), layout, n), g_rows, out=dx.view(-1, c, positions))
+                layout.cells_into(dx, grad_x[i0:i1])
             if need_weight:
-                dw = torch.bmm(g, _image_cells(layout, x, i).transpose(1, 2))
+                cells = layout.to_cells(x[i0:i1], out=cells_buffer.take(layout.num_cells, n, c, positions))
+                cells = cells.view(-1, c, positions)
+                dw = torch.bmm(g_rows, cells.transpose(1, 2)).view(layout.num_cells, n, *weight.shape[1:]).sum(1)
                 grad_weight += dw.sum(0, keepdim=True) if shared else dw
             if need_bias:
-                db = g.sum(-1)
+                db = g.sum((1, 3))
                 grad_bias += db.sum(0, keepdim=True) if shared else db
         return grad_x, grad_weight, grad_bias, None, None
 

@@ -32,9 +32,12 @@ from cskd_kernels.backend import resolve_backend
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.ops.cka import centered_gram, centered_gram_backward, centering_matrix
 
-# Bytes of one stacked channel block: large enough for long kernel passes,
-# small enough that the transient copies of a block cost next to nothing.
-BLOCK_BYTES = 16 * 2**20
+# Bytes of one stacked channel block, per device type: on the CPU large enough
+# for long kernel passes, small enough that the transient copies of a block
+# cost next to nothing; a GPU takes the whole map in one block (launches cost
+# more there than memory).
+BLOCK_BYTES = {"cpu": 16 * 2**20}
+DEFAULT_BLOCK_BYTES = 2**30
 
 
 def _layout(x, grid):
@@ -51,11 +54,11 @@ def _whole(layout, k):
     return k == 1 and layout.num_cells == 1
 
 
-def _channel_blocks(layout, k, n, channels, element_size):
+def _channel_blocks(layout, k, n, channels, like):
     if _whole(layout, k):
         return [(0, channels)]
-    per_channel = layout.num_cells * k * n * layout.cell_h * layout.cell_w * element_size
-    step = max(1, BLOCK_BYTES // per_channel)
+    per_channel = layout.num_cells * k * n * layout.cell_h * layout.cell_w * like.element_size()
+    step = max(1, BLOCK_BYTES.get(like.device.type, DEFAULT_BLOCK_BYTES) // per_channel)
     return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
 
 
@@ -87,7 +90,7 @@ def _cross_grams(parts, grid, backend):
     """The block-centered Grams of ``parts`` per cell, and the channel blocks they were read in."""
     layout = _layout(parts[0], grid)
     k, n, channels = len(parts), parts[0].shape[0], parts[0].shape[1]
-    blocks = _channel_blocks(layout, k, n, channels, parts[0].element_size())
+    blocks = _channel_blocks(layout, k, n, channels, parts[0])
     gram = None
     for c0, c1 in blocks:
         block = _gram(_stacked_cells(parts, layout, c0, c1), backend).double()
