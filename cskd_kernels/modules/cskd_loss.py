@@ -13,8 +13,10 @@ possible (peak memory is the cost that matters at the released size):
   (ops/cross_gram.py), so g Y + x is never formed. With the teacher's
   projections constant (resample, fixed) Y and O of the teacher are
   transients of the forward: nothing teacher-sized outlives it.
-- The student's CAM and its Gram are recomputed in the backward (a
-  checkpoint): its output is not held through the position branch.
+- The student's CAM output is not held through the position branch: only
+  its attention A (C x C per image) is kept, and the backward recomputes
+  CAM(x) = g A X + x with one product (ops/channel_gram.py; the reference
+  backend recomputes the whole branch, a checkpoint).
 - The per-cell 1x1 projections run image by image (ops/cell_projection.py)
   and save only x; the cells of a map are cut by CellLayout (zero padding,
   which leaves centered Grams unchanged), never as one padded copy.
@@ -33,7 +35,9 @@ from torch.utils.checkpoint import checkpoint
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
 from cskd_kernels.grid import CellLayout
+from cskd_kernels.backend import resolve_backend
 from cskd_kernels.ops.cell_projection import cell_projection
+from cskd_kernels.ops.channel_gram import channel_gram
 from cskd_kernels.ops.channel_attention import channel_attention
 from cskd_kernels.ops.cross_gram import centered_cross_grams, combine_grams
 from cskd_kernels.ops.position_attention import position_attention
@@ -137,8 +141,7 @@ class CSKDLoss(nn.Module):
         # The teacher first: its transients (attention outputs) come and go while nothing else is held.
         cam_t = self._teacher_channel_gram(feat_t)
         pam_t = combine_grams(self._position_grams(feat_t, weights_t), (self.gamma_pam, 1.0))
-        # The student's channel branch is recomputed in the backward rather than held through it.
-        cam_s = checkpoint(self._channel_gram, feat_s, use_reentrant=False)
+        cam_s = self._student_channel_gram(feat_s)
         pam_s = combine_grams(self._position_grams(feat_s, weights_s), (self.gamma_pam, 1.0))
         # The loss comes out in float32 at least (16-bit features under autocast included), like cka_loss.
         loss_dtype = accumulation_dtype(feat_s.dtype, feat_t.dtype)
@@ -149,9 +152,14 @@ class CSKDLoss(nn.Module):
     def _channel_attention(self, x, gamma):
         return channel_attention(x, gamma, temperature=self.temperature, backend=self.backend)
 
-    def _channel_gram(self, x):
-        """Centered Gram (1, B, B) of CAM(x), differentiable in x and gamma_cam."""
-        return centered_cross_grams(self._channel_attention(x, self.gamma_cam), backend=self.backend)
+    def _student_channel_gram(self, x):
+        """Centered Gram (1, B, B) of CAM(x), differentiable in x and gamma_cam; CAM(x) not held."""
+        backend = resolve_backend(self.backend, x)
+        if backend == "reference":
+            # The branch is recomputed in the backward rather than held through it.
+            return checkpoint(lambda x: centered_cross_grams(self._channel_attention(x, self.gamma_cam),
+                                                             backend=backend), x, use_reentrant=False)
+        return channel_gram(x, self.gamma_cam, temperature=self.temperature, backend=backend)
 
     def _teacher_channel_gram(self, x):
         """Centered Gram of CAM(x) = g Y + x as a function of g = gamma_cam, CAM(x) never stored.

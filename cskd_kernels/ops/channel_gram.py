@@ -1,0 +1,65 @@
+"""The centered Gram of channel attention's output, keeping only the attention for the backward.
+
+CSKDLoss needs the student's CAM(x) = gamma * A X + x only through its B x B
+centered Gram. Holding CAM(x) (the size of x) through the rest of the loss
+costs memory, and a checkpoint that recomputes the whole branch in the
+backward costs the Gram X X^T, the softmax and A X again. This op keeps what
+the channel-attention kernel already saves, A (C x C per image), and in the
+backward recomputes CAM(x) = gamma * A X + x with one product:
+
+    forward   out, A = channel_attention_forward(x);  K = H out out^T H;  out freed
+    backward  out = gamma * A X + x;  dOut = M (out - out_0), M = H (dK + dK^T) H;
+              dx, d gamma = channel_attention_backward(dOut, x, A)
+
+Fused backends only (the kernels' contract); the reference composes the ops.
+"""
+
+import torch
+
+from cskd_kernels._validation import accumulation_dtype
+from cskd_kernels.ops.channel_attention import channel_attention_backward, channel_attention_forward
+from cskd_kernels.ops.cka import _gram_input_grad, centered_gram, centering_matrix
+
+
+def _double_centered(gram):
+    """H K H in float64: the kernel's centered Gram, re-centered exactly (as the cross-Grams are)."""
+    h = centering_matrix(gram.shape[-1], torch.float64, gram.device)
+    return h @ gram.double() @ h
+
+
+class ChannelGramFunction(torch.autograd.Function):
+    """(1, B, B) float64 centered Gram of CAM(features), features (B, C, N) contiguous."""
+
+    @staticmethod
+    def forward(ctx, features, gamma, temperature, backend):
+        out, attention = channel_attention_forward(features, gamma, temperature, backend)
+        gram = centered_gram(out.reshape(1, features.shape[0], -1), backend)
+        ctx.save_for_backward(features, gamma, attention)
+        ctx.temperature, ctx.backend = temperature, backend
+        return _double_centered(gram)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gram):
+        features, gamma, attention = ctx.saved_tensors
+        acc = accumulation_dtype(features.dtype)
+        h = centering_matrix(grad_gram.shape[-1], torch.float64, grad_gram.device)
+        x = features.to(acc)
+        out = torch.bmm(attention, x).mul_(gamma).add_(x)
+        grad_out = _gram_input_grad(out.reshape(1, out.shape[0], -1), (h @ grad_gram @ h).to(acc), ctx.backend)
+        grad_x, grad_gamma = channel_attention_backward(
+            grad_out.reshape(features.shape).to(features.dtype), features, attention, gamma, ctx.temperature,
+            ctx.needs_input_grad[0], ctx.backend,
+        )
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_gamma, None, None
+
+
+def channel_gram(x, gamma, *, temperature, backend):
+    """Centered Gram (1, B, B), float64, of channel_attention(x, gamma): differentiable in x and gamma.
+
+    ``backend`` is a resolved fused backend ("cpu" or "triton"); x (B, C, H, W).
+    """
+    b, c, h, w = x.shape
+    features = x.reshape(b, c, h * w).contiguous()
+    gamma_acc = gamma.reshape(1).to(accumulation_dtype(x.dtype))
+    return ChannelGramFunction.apply(features, gamma_acc, float(temperature), backend)
