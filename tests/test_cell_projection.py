@@ -8,6 +8,10 @@ from cskd_kernels import reference
 from cskd_kernels.ops import cell_projection as cell_projection_module
 from cskd_kernels.ops.cell_projection import cell_projection
 from cskd_kernels.grid import CellLayout
+from conftest import HAS_EXTENSION
+
+# "reference": the PyTorch path (padded cells, batched products); "cpu": the C++ kernels.
+BACKENDS = ["reference"] + (["cpu"] if HAS_EXTENSION else [])
 
 
 def _per_cell_reference(x, projections, grid):
@@ -30,13 +34,14 @@ def _per_cell_reference(x, projections, grid):
 @pytest.mark.parametrize("shape,grid", [((3, 5, 13, 26), (5, 5)), ((2, 4, 6, 6), (5, 5)), ((2, 3, 13, 11), (2, 3)),
                                         ((3, 4, 7, 9), None)])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
-def test_matches_per_cell_convolution_values_and_gradients(shape, grid, shared):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_per_cell_convolution_values_and_gradients(shape, grid, shared, backend):
     b, c, h, w = shape
     cells = 1 if shared else CellLayout(h, w, grid or (1, 1)).num_cells
     x = (torch.randn(shape, dtype=torch.float64) + 1.0).requires_grad_(True)
     projections = [(torch.randn(cells, out, c, dtype=torch.float64, requires_grad=True),
                     torch.randn(cells, out, dtype=torch.float64, requires_grad=True)) for out in (2, 2, c + 1)]
-    outs = cell_projection(x, projections, grid=grid)
+    outs = cell_projection(x, projections, grid=grid, backend=backend)
     leaves = [x] + [t for pair in projections for t in pair]
     copies = [t.detach().clone().requires_grad_(True) for t in leaves]
     expected = _per_cell_reference(copies[0], list(zip(copies[1::2], copies[2::2])), grid)
@@ -61,7 +66,7 @@ def test_chunks_of_images_give_the_same_values_and_gradients(monkeypatch, chunk_
     grads_out = [torch.randn_like(e) for e in expected]
     want = torch.autograd.grad(expected, leaves, grads_out)
     monkeypatch.setitem(cell_projection_module.CHUNK_BYTES, "cpu", chunk_bytes)
-    outs = cell_projection(x, projections, grid=(5, 5))
+    outs = cell_projection(x, projections, grid=(5, 5), backend="reference")
     got = torch.autograd.grad(outs, leaves, grads_out)
     for out, e in zip(outs, expected):
         torch.testing.assert_close(out, e, rtol=1e-12, atol=1e-12)
@@ -69,11 +74,13 @@ def test_chunks_of_images_give_the_same_values_and_gradients(monkeypatch, chunk_
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)  # 6x7 under (2, 2): 4 cells
     bias = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: cell_projection(x, [(w, b)], grid=(2, 2))[0], (x, w, bias))
+    assert torch.autograd.gradcheck(lambda x, w, b: cell_projection(x, [(w, b)], grid=(2, 2), backend=backend)[0],
+                                    (x, w, bias))
 
 
 def test_float32_output_in_input_dtype():

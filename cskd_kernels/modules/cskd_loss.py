@@ -183,7 +183,7 @@ class CSKDLoss(nn.Module):
         need_graph = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
         with torch.set_grad_enabled(need_graph):
             wq, bq, wk, bk, wv, bv = weights
-            q, k, v = cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), grid=self.grid)
+            q, k, v = cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), grid=self.grid, backend=self.backend)
             attention = position_attention(q, k, v, temperature=self.temperature, grid=self.grid,
                                            backend=self.backend)
             del q, k, v

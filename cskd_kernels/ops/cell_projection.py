@@ -10,12 +10,20 @@ than memory): only one chunk's padded cells are ever held, in buffers reused
 from chunk to chunk (fresh large buffers cost page faults on the CPU), the
 outputs are written straight into contiguous (B, out_j, H, W) maps, and the
 backward saves just x and the weights (not the padded cells).
-Plain PyTorch batched products: any device.
+
+Two paths, the same contract:
+- backend "cpu" (the C++ extension, csrc/cell_projection.cpp): one task per
+  (image, cell) gathers the cell's pixels in cache, one product, the outputs
+  scattered into the maps: the maps are read and written once, no padding.
+  Weight and bias gradients (projection "learned") take the PyTorch path.
+- otherwise: PyTorch batched products on padded cells, any device.
 """
 
 import torch
 
+from cskd_kernels.backend import kernels, resolve_backend
 from cskd_kernels.grid import CellLayout
+from cskd_kernels.ops.position_attention import cell_table
 
 # Bytes of padded cells one chunk may hold, per device type: the CPU keeps a
 # chunk cache-sized, a GPU takes the whole batch in one launch per product.
@@ -49,28 +57,61 @@ def _batched(weight, layout, images):
         layout.num_cells * images, *weight.shape[1:])
 
 
+@torch.library.custom_op("cskd::cell_projection_forward", mutates_args=())
+def cell_projection_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cells: torch.Tensor, sizes: list[int]
+) -> list[torch.Tensor]:
+    """The C++ forward: the (B, size_j, H, W) maps of the row blocks ``sizes`` of weight."""
+    outs = _output_maps(x, sizes)
+    kernels("cell_projection", "cpu").forward(x, weight, bias, cells, outs)
+    return outs
+
+
+@cell_projection_forward.register_fake
+def _cell_projection_forward_fake(x, weight, bias, cells, sizes):
+    return _output_maps(x, sizes)
+
+
+@torch.library.custom_op("cskd::cell_projection_backward", mutates_args=())
+def cell_projection_backward(grads: list[torch.Tensor], weight: torch.Tensor, cells: torch.Tensor,
+                             channels: int) -> torch.Tensor:
+    """The C++ input gradient: (B, channels, H, W) from the outputs' gradients."""
+    grad_x = _input_map(grads[0], channels)
+    kernels("cell_projection", "cpu").backward(grads, weight, cells, grad_x)
+    return grad_x
+
+
+@cell_projection_backward.register_fake
+def _cell_projection_backward_fake(grads, weight, cells, channels):
+    return _input_map(grads[0], channels)
+
+
+def _output_maps(x, sizes):
+    return [x.new_empty((x.shape[0], size, *x.shape[2:])) for size in sizes]
+
+
+def _input_map(like, channels):
+    return like.new_empty((like.shape[0], channels, *like.shape[2:]))
+
+
+def _table(layout, grid):
+    return cell_table(layout.height, layout.width, grid, "cpu")
+
+
 class CellProjectionFunction(torch.autograd.Function):
     """Outputs (B, out_j, H, W) for the row blocks ``sizes`` of weight (cells|1, sum(sizes), C)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layout, sizes):
-        b, c, h, w = x.shape
-        outs = [x.new_empty((b, size, h, w)) for size in sizes]
-        step = chunk_images(x, layout, c + weight.shape[1])
-        positions, rows = layout.cell_h * layout.cell_w, weight.shape[1]
-        cells_buffer = _Buffer(x, (layout.num_cells, step, c, positions))
-        y_buffer = _Buffer(x, (layout.num_cells, step, rows, positions))
-        for i0, i1 in _chunks(b, step):
-            n = i1 - i0
-            cells = layout.to_cells(x[i0:i1], out=cells_buffer.take(layout.num_cells, n, c, positions))
-            y = y_buffer.take(layout.num_cells, n, rows, positions)
-            torch.baddbmm(_batched(bias[:, :, None], layout, n), _batched(weight, layout, n),
-                          cells.view(-1, c, positions), out=y.view(-1, rows, positions))
-            for out, part in zip(outs, y.split(sizes, dim=2)):
-                layout.cells_into(part, out[i0:i1])
-        ctx.layout, ctx.sizes = layout, sizes
+    def forward(ctx, x, weight, bias, grid_rows, grid_cols, sizes, native):
+        # The grid travels as plain ints (torch.compile traces the arguments); the layout is rebuilt.
+        grid = (grid_rows, grid_cols)
+        layout = CellLayout(x.shape[2], x.shape[3], grid)
+        ctx.layout, ctx.grid, ctx.sizes, ctx.native = layout, grid, sizes, native
         ctx.save_for_backward(x, weight)
-        return tuple(outs)
+        if native:
+            return tuple(cell_projection_forward(x, weight.contiguous(), bias.contiguous(), _table(layout, grid),
+                                                 list(sizes)))
+        return tuple(_padded_forward(x, weight, bias, layout, sizes))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -78,47 +119,79 @@ class CellProjectionFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layout, sizes = ctx.layout, ctx.sizes
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        b, c = x.shape[:2]
-        grads = [torch.zeros_like(x[:1, :1]).expand(b, size, *x.shape[2:]) if g is None else g
+        grads = [torch.zeros_like(x[:1, :1]).expand(x.shape[0], size, *x.shape[2:]) if g is None else g
                  for g, size in zip(grads, sizes)]
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = weight.new_zeros(weight.shape[:2]) if need_bias else None
-        shared = weight.shape[0] == 1 and layout.num_cells > 1
-        positions = layout.cell_h * layout.cell_w
-        step = chunk_images(x, layout, c + weight.shape[1])
-        g_buffer = _Buffer(x, (layout.num_cells, step, sum(sizes), positions))
-        cells_buffer = _Buffer(x, (layout.num_cells, step, c, positions)) if need_weight else None
-        dx_buffer = _Buffer(x, (layout.num_cells, step, c, positions)) if need_x else None
-        for i0, i1 in _chunks(b, step):
-            n = i1 - i0
-            # Padded positions get zero gradient, so they add nothing to the weight gradients.
-            g = g_buffer.take(layout.num_cells, n, sum(sizes), positions)
-            for grad, part in zip(grads, g.split(sizes, dim=2)):
-                layout.to_cells(grad[i0:i1], out=part)
-            g_rows = g.reshape(-1, sum(sizes), positions)
-            if need_x:
-                dx = dx_buffer.take(layout.num_cells, n, c, positions)
-                torch.bmm(_batched(weight.transpose(1, 2), layout, n), g_rows, out=dx.view(-1, c, positions))
-                layout.cells_into(dx, grad_x[i0:i1])
-            if need_weight:
-                cells = layout.to_cells(x[i0:i1], out=cells_buffer.take(layout.num_cells, n, c, positions))
-                cells = cells.view(-1, c, positions)
-                dw = torch.bmm(g_rows, cells.transpose(1, 2)).view(layout.num_cells, n, *weight.shape[1:]).sum(1)
-                grad_weight += dw.sum(0, keepdim=True) if shared else dw
-            if need_bias:
-                db = g.sum((1, 3))
-                grad_bias += db.sum(0, keepdim=True) if shared else db
-        return grad_x, grad_weight, grad_bias, None, None
+        grad_x = None
+        if need_x and ctx.native:
+            grad_x = cell_projection_backward([g.contiguous() for g in grads], weight.contiguous(),
+                                              _table(layout, ctx.grid), x.shape[1])
+            need_x = False
+        grad_x_padded, grad_weight, grad_bias = _padded_backward(x, weight, grads, layout, sizes,
+                                                                 need_x, need_weight, need_bias)
+        return (grad_x if grad_x is not None else grad_x_padded), grad_weight, grad_bias, None, None, None, None
 
 
-def cell_projection(x, projections, grid=None):
+def _padded_forward(x, weight, bias, layout, sizes):
+    """The PyTorch path: chunks of images cut into padded cells, one batched product per chunk."""
+    b, c, h, w = x.shape
+    outs = [x.new_empty((b, size, h, w)) for size in sizes]
+    step = chunk_images(x, layout, c + weight.shape[1])
+    positions, rows = layout.cell_h * layout.cell_w, weight.shape[1]
+    cells_buffer = _Buffer(x, (layout.num_cells, step, c, positions))
+    y_buffer = _Buffer(x, (layout.num_cells, step, rows, positions))
+    for i0, i1 in _chunks(b, step):
+        n = i1 - i0
+        cells = layout.to_cells(x[i0:i1], out=cells_buffer.take(layout.num_cells, n, c, positions))
+        y = y_buffer.take(layout.num_cells, n, rows, positions)
+        torch.baddbmm(_batched(bias[:, :, None], layout, n), _batched(weight, layout, n),
+                      cells.view(-1, c, positions), out=y.view(-1, rows, positions))
+        for out, part in zip(outs, y.split(sizes, dim=2)):
+            layout.cells_into(part, out[i0:i1])
+    return outs
+
+
+def _padded_backward(x, weight, grads, layout, sizes, need_x, need_weight, need_bias):
+    """The PyTorch path's (grad_x, grad_weight, grad_bias), each None where not needed."""
+    b, c = x.shape[:2]
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_bias = weight.new_zeros(weight.shape[:2]) if need_bias else None
+    shared = weight.shape[0] == 1 and layout.num_cells > 1
+    positions = layout.cell_h * layout.cell_w
+    step = chunk_images(x, layout, c + weight.shape[1])
+    g_buffer = _Buffer(x, (layout.num_cells, step, sum(sizes), positions))
+    cells_buffer = _Buffer(x, (layout.num_cells, step, c, positions)) if need_weight else None
+    dx_buffer = _Buffer(x, (layout.num_cells, step, c, positions)) if need_x else None
+    for i0, i1 in _chunks(b, step):
+        n = i1 - i0
+        # Padded positions get zero gradient, so they add nothing to the weight gradients.
+        g = g_buffer.take(layout.num_cells, n, sum(sizes), positions)
+        for grad, part in zip(grads, g.split(sizes, dim=2)):
+            layout.to_cells(grad[i0:i1], out=part)
+        g_rows = g.reshape(-1, sum(sizes), positions)
+        if need_x:
+            dx = dx_buffer.take(layout.num_cells, n, c, positions)
+            torch.bmm(_batched(weight.transpose(1, 2), layout, n), g_rows, out=dx.view(-1, c, positions))
+            layout.cells_into(dx, grad_x[i0:i1])
+        if need_weight:
+            cells = layout.to_cells(x[i0:i1], out=cells_buffer.take(layout.num_cells, n, c, positions))
+            cells = cells.view(-1, c, positions)
+            dw = torch.bmm(g_rows, cells.transpose(1, 2)).view(layout.num_cells, n, *weight.shape[1:]).sum(1)
+            grad_weight += dw.sum(0, keepdim=True) if shared else dw
+        if need_bias:
+            db = g.sum((1, 3))
+            grad_bias += db.sum(0, keepdim=True) if shared else db
+    return grad_x, grad_weight, grad_bias
+
+
+def cell_projection(x, projections, grid=None, backend=None):
     """Per-cell 1x1 projections of x (B, C, H, W): one (B, out_j, H, W) map per (weight, bias) pair.
 
     ``projections``: pairs (weight (cells|1, out_j, C), bias (cells|1, out_j)),
     a leading 1 meaning one projection shared by every cell. Cells as
     torch.chunk cuts the map (grid=None: one cell). Differentiable in x and
-    every weight and bias.
+    every weight and bias. ``backend``: "cpu" runs the C++ kernels (float32 /
+    float64 CPU tensors), anything else the PyTorch path; None picks as the ops do.
     """
     layout = CellLayout(x.shape[2], x.shape[3], grid or (1, 1))
     for weight, bias in projections:
@@ -129,4 +202,7 @@ def cell_projection(x, projections, grid=None):
     weight = torch.cat([w.to(x.dtype) for w, _ in projections], dim=1)
     bias = torch.cat([b.to(x.dtype) for _, b in projections], dim=1)
     sizes = [w.shape[1] for w, _ in projections]
-    return CellProjectionFunction.apply(x, weight, bias, layout, sizes)
+    native = resolve_backend(backend, x) == "cpu"
+    if native:
+        x = x.contiguous()
+    return CellProjectionFunction.apply(x, weight, bias, *(grid or (1, 1)), sizes, native)

@@ -1,0 +1,196 @@
+// Per-cell 1x1 projections (see cskd_kernels/ops/cell_projection.py for the contract).
+//
+//   cell_projection_forward(x, weight, bias, cells, outs)   outs[j][b, :, cell] = W_cell,j x[b, :, cell] + b_cell,j
+//   cell_projection_backward(grads, weight, cells, grad_x)  grad_x[b, :, cell] = sum_j W_cell,j^T grads[j][b, :, cell]
+//
+// x (B, C, H, W) contiguous; weight (cells | 1, R, C) with R = the outputs'
+// channels stacked, bias (cells | 1, R); cells the (cells, 4) int32 table
+// (row0, height, col0, width) of torch.chunk's cells; outs / grads the
+// contiguous (B, R_j, H, W) maps. One task per (image, cell): its pixels are
+// gathered once into a thread-local tile (C x positions, in L2), one product
+// makes all R outputs, and they are scattered straight into the maps. The maps
+// are read and written once, with no padded copy of the whole map, and every
+// output pixel is written by exactly one task. The products run on
+// cskd::blas::gemm (our AVX-512 kernel where MKL would run AVX2).
+#include <ATen/ATen.h>
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "gemm.h"
+#include "ops.h"
+
+namespace {
+
+using cskd::blas::gemm;
+using cskd::blas::workspace;
+
+struct Cell {
+  int64_t row0, height, col0, width;
+  int64_t positions() const { return height * width; }
+};
+
+std::vector<Cell> read_cells(const torch::Tensor& cells) {
+  TORCH_CHECK(cells.dim() == 2 && cells.size(1) == 4 && cells.scalar_type() == at::kInt,
+              "cells must be an int32 (cells, 4) table, got ", cells.sizes(), " ", cells.scalar_type());
+  const auto c = cells.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  std::vector<Cell> out;
+  for (int64_t i = 0; i < c.size(0); ++i) out.push_back({p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]});
+  return out;
+}
+
+// tile (channels x positions, row-major) <- map[:, cell] of one image (channels, H, W).
+template <typename scalar_t>
+void gather(const scalar_t* map, int64_t channels, int64_t hw, int64_t w, const Cell& cell, scalar_t* tile) {
+  const int64_t n = cell.positions();
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t* src = map + c * hw + cell.row0 * w + cell.col0;
+    scalar_t* dst = tile + c * n;
+    for (int64_t i = 0; i < cell.height; ++i) std::copy_n(src + i * w, cell.width, dst + i * cell.width);
+  }
+}
+
+// map[:, cell] of one image <- tile (+ bias per channel, if given).
+template <typename scalar_t>
+void scatter(const scalar_t* tile, const scalar_t* bias, int64_t channels, int64_t hw, int64_t w, const Cell& cell,
+             scalar_t* map) {
+  const int64_t n = cell.positions();
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t* src = tile + c * n;
+    scalar_t* dst = map + c * hw + cell.row0 * w + cell.col0;
+    const scalar_t add = bias ? bias[c] : scalar_t(0);
+    for (int64_t i = 0; i < cell.height; ++i) {
+      scalar_t* d = dst + i * w;
+      const scalar_t* s = src + i * cell.width;
+#pragma omp simd
+      for (int64_t j = 0; j < cell.width; ++j) d[j] = s[j] + add;
+    }
+  }
+}
+
+void check_map(const torch::Tensor& t, const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.is_contiguous() && t.size(0) == x.size(0) && t.size(2) == x.size(2) &&
+                  t.size(3) == x.size(3) && t.scalar_type() == x.scalar_type() && t.device().is_cpu(),
+              name, " must be a contiguous CPU map (B, channels, H, W) like x ", x.sizes(), ", got ", t.sizes());
+}
+
+// Row offsets of the maps in the stacked rows of weight.
+std::vector<int64_t> row_starts(const std::vector<torch::Tensor>& maps) {
+  std::vector<int64_t> starts{0};
+  for (const auto& m : maps) starts.push_back(starts.back() + m.size(1));
+  return starts;
+}
+
+template <typename scalar_t>
+void forward_typed(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                   const std::vector<Cell>& cells, std::vector<torch::Tensor>& outs) {
+  const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
+  const int64_t rows = weight.size(1), num_cells = static_cast<int64_t>(cells.size());
+  const bool shared = weight.size(0) == 1;
+  const auto starts = row_starts(outs);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* wp = weight.data_ptr<scalar_t>();
+  const scalar_t* bp = bias.data_ptr<scalar_t>();
+  std::vector<scalar_t*> out_ptrs;
+  for (auto& o : outs) out_ptrs.push_back(o.data_ptr<scalar_t>());
+  int64_t largest = 0;
+  for (const auto& cell : cells) largest = std::max(largest, cell.positions());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < b * num_cells; ++task) {
+    const int64_t image = task / num_cells, k = task % num_cells;
+    const Cell& cell = cells[k];
+    const int64_t n = cell.positions();
+    scalar_t* tile = workspace<scalar_t>((c + rows) * largest);
+    scalar_t* y = tile + c * largest;
+    gather(xp + image * c * hw, c, hw, w, cell, tile);
+    const int64_t wk = shared ? 0 : k;
+    gemm<scalar_t>(false, false, rows, n, c, wp + wk * rows * c, c, tile, n, y, n);
+    for (size_t j = 0; j < outs.size(); ++j) {
+      const int64_t r0 = starts[j], r = starts[j + 1] - r0;
+      scatter(y + r0 * n, bp + wk * rows + r0, r, hw, w, cell, out_ptrs[j] + image * r * hw);
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_typed(const std::vector<torch::Tensor>& grads, const torch::Tensor& weight,
+                    const std::vector<Cell>& cells, torch::Tensor& grad_x) {
+  const int64_t b = grad_x.size(0), c = grad_x.size(1), h = grad_x.size(2), w = grad_x.size(3), hw = h * w;
+  const int64_t rows = weight.size(1), num_cells = static_cast<int64_t>(cells.size());
+  const bool shared = weight.size(0) == 1;
+  const auto starts = row_starts(grads);
+  const scalar_t* wp = weight.data_ptr<scalar_t>();
+  std::vector<const scalar_t*> grad_ptrs;
+  for (const auto& g : grads) grad_ptrs.push_back(g.data_ptr<scalar_t>());
+  scalar_t* dxp = grad_x.data_ptr<scalar_t>();
+  int64_t largest = 0;
+  for (const auto& cell : cells) largest = std::max(largest, cell.positions());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < b * num_cells; ++task) {
+    const int64_t image = task / num_cells, k = task % num_cells;
+    const Cell& cell = cells[k];
+    const int64_t n = cell.positions();
+    scalar_t* g = workspace<scalar_t>((c + rows) * largest);
+    scalar_t* dx = g + rows * largest;
+    for (size_t j = 0; j < grads.size(); ++j) {
+      const int64_t r0 = starts[j], r = starts[j + 1] - r0;
+      gather(grad_ptrs[j] + image * r * hw, r, hw, w, cell, g + r0 * n);
+    }
+    // dx (C x n) = W^T (C x R) g (R x n); W stored R x C, so op(A) = W^T reads it transposed.
+    gemm<scalar_t>(true, false, c, n, rows, wp + (shared ? 0 : k) * rows * c, c, g, n, dx, n);
+    scatter<scalar_t>(dx, nullptr, c, hw, w, cell, dxp + image * c * hw);
+  }
+}
+
+}  // namespace
+
+void cell_projection_forward(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                             const torch::Tensor& cells, std::vector<torch::Tensor> outs) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU (B, C, H, W) map");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
+  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() && weight.size(2) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type(),
+              "weight must be contiguous (cells | 1, R, C) in x's dtype, got ", weight.sizes());
+  TORCH_CHECK(bias.is_contiguous() && bias.dim() == 2 && bias.size(0) == weight.size(0) &&
+                  bias.size(1) == weight.size(1) && bias.scalar_type() == x.scalar_type(),
+              "bias must be contiguous (cells | 1, R) like weight");
+  const auto table = read_cells(cells);
+  TORCH_CHECK(weight.size(0) == 1 || weight.size(0) == static_cast<int64_t>(table.size()),
+              "weight has ", weight.size(0), " cells, the table ", table.size());
+  int64_t rows = 0;
+  for (const auto& o : outs) {
+    check_map(o, x, "every output");
+    rows += o.size(1);
+  }
+  TORCH_CHECK(rows == weight.size(1), "the outputs have ", rows, " channels, weight ", weight.size(1), " rows");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cell_projection_forward",
+                             [&] { forward_typed<scalar_t>(x, weight, bias, table, outs); });
+}
+
+void cell_projection_backward(std::vector<torch::Tensor> grads, const torch::Tensor& weight,
+                              const torch::Tensor& cells, torch::Tensor grad_x) {
+  TORCH_CHECK(grad_x.dim() == 4 && grad_x.is_contiguous() && grad_x.device().is_cpu(),
+              "grad_x must be a contiguous CPU (B, C, H, W) map");
+  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() && weight.size(2) == grad_x.size(1) &&
+                  weight.scalar_type() == grad_x.scalar_type(),
+              "weight must be contiguous (cells | 1, R, C) in grad_x's dtype, got ", weight.sizes());
+  const auto table = read_cells(cells);
+  int64_t rows = 0;
+  for (const auto& g : grads) {
+    check_map(g, grad_x, "every output gradient");
+    rows += g.size(1);
+  }
+  TORCH_CHECK(rows == weight.size(1), "the gradients have ", rows, " channels, weight ", weight.size(1), " rows");
+  AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "cell_projection_backward",
+                             [&] { backward_typed<scalar_t>(grads, weight, table, grad_x); });
+}
+
+void register_cell_projection(pybind11::module& m) {
+  m.def("cell_projection_forward", &cell_projection_forward,
+        "outs[j][b, :, cell] = W_cell,j x[b, :, cell] + b_cell,j, written in place");
+  m.def("cell_projection_backward", &cell_projection_backward,
+        "grad_x[b, :, cell] = sum_j W_cell,j^T grads[j][b, :, cell], written in place");
+}
