@@ -50,6 +50,7 @@ def median_ms(fn, warmup, repeats, device):
 
 def training_step(distill, args, device):
     """A callable running one training step with objective `distill` ("cwd" or "cskd")."""
+    from cskd_train.demo import training_step
     from cskd_train.models import build_model, feature_channels
     from cskd_train.objective import Objective, ObjectiveConfig
 
@@ -65,16 +66,7 @@ def training_step(distill, args, device):
     optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=1e-3, momentum=0.9)
     images = torch.randn(args.batch, 3, args.height, args.width, device=device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch, args.height, args.width), device=device)
-
-    def step():
-        with torch.no_grad():
-            teacher_out = teacher(images)
-        loss = objective(student(images), labels, teacher_out)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return training_step(student, teacher, objective, optimizer, images, labels)
 
 
 def loss_alone(kind, args, device):

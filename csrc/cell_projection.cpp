@@ -42,6 +42,19 @@ std::vector<Cell> read_cells(const torch::Tensor& cells) {
   return out;
 }
 
+int64_t largest_positions(const std::vector<Cell>& cells) {
+  int64_t largest = 0;
+  for (const auto& cell : cells) largest = std::max(largest, cell.positions());
+  return largest;
+}
+
+// task(image, cell index) for every (image, cell) pair, one OpenMP task each.
+template <typename Task>
+void for_each_cell_task(int64_t images, int64_t num_cells, const Task& task) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < images * num_cells; ++t) task(t / num_cells, t % num_cells);
+}
+
 // tile (channels x positions, row-major) <- map[:, cell] of one image (channels, H, W).
 template <typename scalar_t>
 void gather(const scalar_t* map, int64_t channels, int64_t hw, int64_t w, const Cell& cell, scalar_t* tile) {
@@ -96,11 +109,8 @@ void forward_typed(const torch::Tensor& x, const torch::Tensor& weight, const to
   const scalar_t* bp = bias.data_ptr<scalar_t>();
   std::vector<scalar_t*> out_ptrs;
   for (auto& o : outs) out_ptrs.push_back(o.data_ptr<scalar_t>());
-  int64_t largest = 0;
-  for (const auto& cell : cells) largest = std::max(largest, cell.positions());
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < b * num_cells; ++task) {
-    const int64_t image = task / num_cells, k = task % num_cells;
+  const int64_t largest = largest_positions(cells);
+  for_each_cell_task(b, num_cells, [&](int64_t image, int64_t k) {
     const Cell& cell = cells[k];
     const int64_t n = cell.positions();
     scalar_t* tile = workspace<scalar_t>((c + rows) * largest);
@@ -112,7 +122,7 @@ void forward_typed(const torch::Tensor& x, const torch::Tensor& weight, const to
       const int64_t r0 = starts[j], r = starts[j + 1] - r0;
       scatter(y + r0 * n, bp + wk * rows + r0, r, hw, w, cell, out_ptrs[j] + image * r * hw);
     }
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -126,11 +136,8 @@ void backward_typed(const std::vector<torch::Tensor>& grads, const torch::Tensor
   std::vector<const scalar_t*> grad_ptrs;
   for (const auto& g : grads) grad_ptrs.push_back(g.data_ptr<scalar_t>());
   scalar_t* dxp = grad_x.data_ptr<scalar_t>();
-  int64_t largest = 0;
-  for (const auto& cell : cells) largest = std::max(largest, cell.positions());
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < b * num_cells; ++task) {
-    const int64_t image = task / num_cells, k = task % num_cells;
+  const int64_t largest = largest_positions(cells);
+  for_each_cell_task(b, num_cells, [&](int64_t image, int64_t k) {
     const Cell& cell = cells[k];
     const int64_t n = cell.positions();
     scalar_t* g = workspace<scalar_t>((c + rows) * largest);
@@ -142,7 +149,7 @@ void backward_typed(const std::vector<torch::Tensor>& grads, const torch::Tensor
     // dx (C x n) = W^T (C x R) g (R x n); W stored R x C, so op(A) = W^T reads it transposed.
     gemm<scalar_t>(true, false, c, n, rows, wp + (shared ? 0 : k) * rows * c, c, g, n, dx, n);
     scatter<scalar_t>(dx, nullptr, c, hw, w, cell, dxp + image * c * hw);
-  }
+  });
 }
 
 }  // namespace

@@ -172,6 +172,13 @@ def step_without_cskd_seconds(args, num_classes, warmup=2, repeats=10):
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, num_classes, (args.batch_size, args.image_size, args.image_size))
 
+    step = training_step(student, teacher, objective, optimizer, images, labels)
+    return median_seconds({"step": step}, warmup, repeats)["step"]
+
+
+def training_step(student, teacher, objective, optimizer, images, labels):
+    """One whole training step as a callable: teacher forward (no grad), student forward, loss, backward, SGD."""
+
     def step():
         with torch.no_grad():
             teacher_out = teacher(images)
@@ -180,7 +187,7 @@ def step_without_cskd_seconds(args, num_classes, warmup=2, repeats=10):
         loss.backward()
         optimizer.step()
 
-    return median_seconds({"step": step}, warmup, repeats)["step"]
+    return step
 
 
 def step_shares(timing, rest_seconds):
