@@ -62,9 +62,10 @@ def draw_projections(channels, reduction, cells=1, *, generator=None, device=Non
     reduced = channels // reduction
     shapes = [(cells, reduced, channels), (cells, reduced), (cells, reduced, channels), (cells, reduced),
               (cells, channels, channels), (cells, channels)]
-    return tuple(
-        (torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2.0 - 1.0) * bound for shape in shapes
-    )
+    sizes = [math.prod(shape) for shape in shapes]
+    # One draw for all six (three launches on a GPU instead of two dozen), cut in that order.
+    flat = torch.rand(sum(sizes), generator=generator, device=device, dtype=dtype).mul_(2.0 * bound).sub_(bound)
+    return tuple(part.view(shape) for part, shape in zip(flat.split(sizes), shapes))
 
 
 class PositionProjection(nn.Module):
