@@ -1,10 +1,12 @@
 // Channel self-attention (CAM, SPEC section 2) on the CPU.
 //
 // Per image X (C x N): E = X X^T, A = softmax_rows(-E / T), out = gamma A X + X.
-// The three C x N products of the backward and the two of the forward run on
-// the BLAS that PyTorch links (at::bmm / at::baddbmm); everything else is C x C
-// algebra done in OpenMP loops, so the only C x N tensors ever allocated are
-// the output of the forward and dX of the backward.
+// The Gram products (X X^T, dOut X^T) run on the BLAS that PyTorch links
+// (at::bmm); the products with a C x C left operand (A X, A^T dOut, dE X) run
+// panel by panel on cskd::blas::gemm (our AVX-512 kernel where MKL would run
+// AVX2), the residual added while the panel is in cache. Everything else is
+// C x C algebra done in OpenMP loops, so the only C x N tensors ever allocated
+// are the output of the forward and dX of the backward.
 //
 // Backward, with G = dOut X^T (C x C):
 //   d gamma = sum(dOut * A X) = sum(A * G)          (no A X needed)
@@ -17,9 +19,42 @@
 #include <cmath>
 #include <vector>
 
+#include "gemm.h"
 #include "ops.h"
 
 namespace {
+
+constexpr int64_t kColumnPanel = 256;  // a C x 256 float panel of the product: L2-resident up to C = 512
+
+// out_b = op(m_b) rhs_b + residual_b for every image b, op(m) = m or m^T (m: B x C x C,
+// rhs, residual, out: B x C x N contiguous; residual may be out itself). One task per
+// (image, column panel); the product lands in a thread-local panel, then the residual is added.
+template <typename scalar_t>
+void product_plus_residual(const torch::Tensor& m, bool transpose_m, const torch::Tensor& rhs,
+                           const torch::Tensor& residual, torch::Tensor& out) {
+  const int64_t batch = rhs.size(0), channels = rhs.size(1), n = rhs.size(2);
+  const int64_t panels = (n + kColumnPanel - 1) / kColumnPanel;
+  const scalar_t* mp = m.data_ptr<scalar_t>();
+  const scalar_t* rp = rhs.data_ptr<scalar_t>();
+  const scalar_t* sp = residual.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < batch * panels; ++task) {
+    const int64_t b = task / panels, j0 = (task % panels) * kColumnPanel;
+    const int64_t width = std::min(kColumnPanel, n - j0);
+    scalar_t* panel = cskd::blas::workspace<scalar_t>(channels * kColumnPanel);
+    const int64_t offset = b * channels * n + j0;
+    cskd::blas::gemm<scalar_t>(transpose_m, false, channels, width, channels, mp + b * channels * channels,
+                               channels, rp + offset, n, panel, width);
+    for (int64_t i = 0; i < channels; ++i) {
+      const scalar_t* pi = panel + i * width;
+      const scalar_t* si = sp + offset + i * n;
+      scalar_t* oi = op + offset + i * n;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) oi[j] = pi[j] + si[j];
+    }
+  }
+}
 
 // A = softmax(-E / T) row by row, in place. The row minimum of E is the row
 // maximum of -E, so every exponent is <= 0 and the sum is >= 1.
@@ -140,8 +175,11 @@ std::vector<torch::Tensor> channel_attention_forward(const torch::Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_forward", [&] {
     softmax_negated_rows_<scalar_t>(attention.data_ptr<scalar_t>(), x.size(0) * x.size(1), x.size(1), temperature);
   });
-  // out = x + gamma * (A x): one product, the residual folded in as baddbmm's beta term.
-  auto out = at::baddbmm(x, attention, x, /*beta=*/1.0, /*alpha=*/g);
+  // out = (gamma A) x + x: one product, the residual added panel by panel.
+  auto scaled = attention * g;
+  auto out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_forward_product",
+                             [&] { product_plus_residual<scalar_t>(scaled, false, x, x, out); });
   return {out, attention};
 }
 
@@ -164,8 +202,10 @@ std::vector<torch::Tensor> channel_attention_backward(const torch::Tensor& grad_
     if (need_x) {
       auto symmetric = at::empty_like(grad_gram);
       symmetrize<scalar_t>(grad_gram.data_ptr<scalar_t>(), symmetric.data_ptr<scalar_t>(), batch, channels);
-      grad_x = at::baddbmm(grad_out, attention.transpose(1, 2), grad_out, /*beta=*/1.0, /*alpha=*/g);
-      grad_x.baddbmm_(symmetric, x);
+      // dX = (gamma A)^T dOut + dOut, then dX += (dE + dE^T) X in place.
+      grad_x = at::empty_like(x);
+      product_plus_residual<scalar_t>(attention * g, true, grad_out, grad_out, grad_x);
+      product_plus_residual<scalar_t>(symmetric, false, x, grad_x, grad_x);
     }
   });
   // sum_i r_i = sum(A * G) = d gamma; accumulated in float64 (B*C terms).
