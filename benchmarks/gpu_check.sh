@@ -13,8 +13,10 @@
 # Environment: STEPS (which of "tests bench fraction" to run, default all three; install always
 # runs unless SKIP_INSTALL=1, so a second call on a fresh machine can run only the rest),
 # SKIP_INSTALL=1 (the package is already installed), TESTS_ARGS and
-# BENCH_ARGS (extra pytest arguments), BENCH_DEVICE (cuda | cpu | all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT /
-# BENCH_TIMEOUT in seconds (default 120 / 200 / 240: the whole script fits in 10 minutes;
+# BENCH_ARGS (extra pytest arguments), CUDA_TESTS_ONLY (default 1: only the tests that run on
+# CUDA, 8 xdist workers when pytest-xdist is there; CI runs the CPU ones), BENCH_DEVICE (cuda | cpu | all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT /
+# BENCH_TIMEOUT in seconds (default 120 / 300 / 240; with FRACTION_TIMEOUT 120 more than one call's
+# 10 minutes: split with STEPS;
 # the benchmarks write their CSV after every case, so a timeout keeps what was measured).
 
 set -u
@@ -56,8 +58,11 @@ wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 if wants tests; then
 step "tests (pytest tests/)"
+export CSKD_CUDA_TESTS_ONLY="${CUDA_TESTS_ONLY:-1}"
+PARALLEL=""
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL="-n 8 -p xdist"
 # shellcheck disable=SC2086
-timeout "${TESTS_TIMEOUT:-200}" "$PY" -m pytest tests/ -q -rfEs --junitxml="$OUTDIR/tests.xml" ${TESTS_ARGS:-} \
+timeout "${TESTS_TIMEOUT:-300}" "$PY" -m pytest tests/ -q -rfEs --junitxml="$OUTDIR/tests.xml" $PARALLEL ${TESTS_ARGS:-} \
   > "$OUTDIR/tests.log" 2>&1
 status=$?
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -n 20

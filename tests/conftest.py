@@ -19,8 +19,19 @@ from cskd_kernels.backend import extension, triton_available, triton_interpretin
 HAS_CUDA = torch.cuda.is_available()
 HAS_EXTENSION = extension() is not None
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+CUDA_REASON = "needs a CUDA device"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
 requires_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+
+
+def pytest_collection_modifyitems(config, items):
+    """CSKD_CUDA_TESTS_ONLY=1 (benchmarks/gpu_check.sh): only the tests that run on CUDA; CI runs the rest."""
+    if os.environ.get("CSKD_CUDA_TESTS_ONLY") != "1":
+        return
+    on_cuda = [item for item in items if "cuda" in item.nodeid
+               or any(mark.kwargs.get("reason") == CUDA_REASON for mark in item.iter_markers("skipif"))]
+    config.hook.pytest_deselected(items=[item for item in items if item not in on_cuda])
+    items[:] = on_cuda
 
 
 def fused_backends():
