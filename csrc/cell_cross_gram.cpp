@@ -17,10 +17,13 @@
 // (backward; every pixel is in exactly one cell, so every gradient element is
 // written exactly once).
 //
-// Work is cut into items of (cell, channel range) that threads take
-// dynamically. Each item accumulates its partial Gram in its own double slots
-// (each tile's dot products are summed in the input dtype first), and the
-// slots of a cell are summed in item order: the result depends neither on the
+// The cells of one grid row (a band) are read together, a whole map row at a
+// time, each cell's segments going to its own tile: every cache line of the
+// maps is read once, in order. Work is cut into items of (band, channel
+// range) that threads take dynamically. Each item accumulates the partial
+// Gram of each of its cells in its own double slots (each tile's dot products
+// are summed in the input dtype first), and the slots of a cell are summed in
+// item order: the result depends neither on the
 // schedule nor on the number of threads. The shift makes row 0 exactly zero
 // and removes any common offset of the features (centering, done afterwards
 // in Python, is invariant to it).
@@ -77,25 +80,41 @@ struct Cell {
   int64_t row0, rows, col0, cols;
 };
 
-// The work items: channels [c0, c1) of cell `cell`.
-struct Item {
-  int64_t cell;
-  int64_t c0;
-  int64_t c1;
+// A band: consecutive cells of the table on the same rows (a row of the grid).
+// The band's cells are read together, a whole map row at a time, so every
+// cache line of the maps is read once and in order (cell by cell, a row of
+// 26 values in 5 cells would touch most lines twice, in short strided runs
+// that the prefetchers miss).
+struct Band {
+  int64_t first;  // index of the first cell in the table
+  int64_t count;
+  const Cell* cells;
 };
 
-// Calls run(offset, length) for the contiguous runs of channels [c0, c1) of a
-// cell, offsets relative to an image's first element, in feature order.
+// The work items: channels [c0, c1) of a band.
+struct Item {
+  int64_t band;
+  int64_t c0;
+  int64_t c1;
+  int64_t slot;  // its first partial Gram (one per cell of the band)
+};
+
+// Calls run(cell of the band, offset, length) for the contiguous runs of
+// channels [c0, c1) of a band, offsets relative to an image's first element,
+// in feature order within each cell.
 template <typename Run>
-CSKD_TILES_INLINE void for_each_run(const Geometry& geo, const Cell& cell, int64_t c0, int64_t c1, const Run& run) {
-  if (cell.cols == geo.width && cell.rows == geo.height) {
-    run(c0 * geo.plane, (c1 - c0) * geo.plane);
-  } else if (cell.cols == geo.width) {
-    for (int64_t c = c0; c < c1; ++c) run(c * geo.plane + cell.row0 * geo.width, cell.rows * geo.width);
+CSKD_TILES_INLINE void for_each_run(const Geometry& geo, const Band& band, int64_t c0, int64_t c1, const Run& run) {
+  const Cell& first = band.cells[0];
+  if (band.count == 1 && first.cols == geo.width && first.rows == geo.height) {
+    run(0, c0 * geo.plane, (c1 - c0) * geo.plane);
+  } else if (band.count == 1 && first.cols == geo.width) {
+    for (int64_t c = c0; c < c1; ++c) run(0, c * geo.plane + first.row0 * geo.width, first.rows * geo.width);
   } else {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t base = c * geo.plane + cell.row0 * geo.width + cell.col0;
-      for (int64_t y = 0; y < cell.rows; ++y) run(base + y * geo.width, cell.cols);
+      for (int64_t y = 0; y < first.rows; ++y) {
+        const int64_t base = c * geo.plane + (first.row0 + y) * geo.width;
+        for (int64_t j = 0; j < band.count; ++j) run(j, base + band.cells[j].col0, band.cells[j].cols);
+      }
     }
   }
 }
@@ -163,25 +182,28 @@ CSKD_TILES_INLINE void shift_run(const T* const* rows, int64_t n, int64_t offset
   for (int64_t l = 1; l < n; ++l) Ops::shift(rows[l] + offset, r0, tile + (l - 1) * ld, len);
 }
 
-// G of one item into acc (n x n, lower triangle; row and column 0 stay zero).
+// G of one item into acc: one n x n slot per cell of the band (lower triangle;
+// row and column 0 stay zero). tile: one (n - 1) x ld tile per cell of the band.
 template <typename Ops, typename T>
-CSKD_TILES_INLINE void gram_item_body(const T* const* rows, int64_t n, const Geometry& geo, const Cell& cell,
+CSKD_TILES_INLINE void gram_item_body(const T* const* rows, int64_t n, const Geometry& geo, const Band& band,
                                       int64_t c0, int64_t c1, int64_t block, int64_t ld, T* tile, double* acc) {
-  int64_t pos = 0;
-  auto flush = [&] {
-    if (pos > 0) gram_block(tile, ld, n - 1, pos, acc + n + 1, n);
-    pos = 0;
+  const int64_t tile_stride = (n - 1) * ld;
+  std::vector<int64_t> pos(static_cast<size_t>(band.count), 0);
+  auto flush = [&](int64_t j) {
+    if (pos[j] > 0) gram_block(tile + j * tile_stride, ld, n - 1, pos[j], acc + j * n * n + n + 1, n);
+    pos[j] = 0;
   };
-  for_each_run(geo, cell, c0, c1, [&](int64_t offset, int64_t len) {
+  for_each_run(geo, band, c0, c1, [&](int64_t j, int64_t offset, int64_t len) {
+    T* t = tile + j * tile_stride;
     for (int64_t done = 0; done < len;) {
-      const int64_t take = std::min(len - done, block - pos);
-      shift_run<Ops>(rows, n, offset + done, take, tile + pos, ld);
-      pos += take;
+      const int64_t take = std::min(len - done, block - pos[j]);
+      shift_run<Ops>(rows, n, offset + done, take, t + pos[j], ld);
+      pos[j] += take;
       done += take;
-      if (pos == block) flush();
+      if (pos[j] == block) flush(j);
     }
   });
-  flush();
+  for (int64_t j = 0; j < band.count; ++j) flush(j);
 }
 
 struct Piece {
@@ -190,111 +212,117 @@ struct Piece {
   int64_t len;
 };
 
-// The gradients of one item. m_c: the cell's n x n matrix; out: ld scratch;
-// pieces: scratch for up to `block` pieces.
+// The gradients of one item. m_band: the n x n matrices of the band's cells;
+// tile: one (n - 1) x ld tile per cell of the band; out: ld scratch; pieces:
+// up to `block` pieces per cell of the band.
 template <typename Ops, typename T>
 CSKD_TILES_INLINE void grad_item_body(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo,
-                                      const Cell& cell, int64_t c0, int64_t c1, const T* m_c, int64_t block,
+                                      const Band& band, int64_t c0, int64_t c1, const T* m_band, int64_t block,
                                       int64_t ld, T* tile, T* out, Piece* pieces) {
   constexpr int64_t L = kGradLanes<T>;
-  int64_t pos = 0, count = 0;
-  auto flush = [&] {
-    if (pos == 0) return;
+  const int64_t tile_stride = (n - 1) * ld;
+  std::vector<int64_t> pos(static_cast<size_t>(band.count), 0), count(static_cast<size_t>(band.count), 0);
+  auto flush = [&](int64_t q) {
+    if (pos[q] == 0) return;
+    const T* t = tile + q * tile_stride;
+    const Piece* pq = pieces + q * block;
     // Whole register blocks: the columns past pos hold stale (finite) tile values and are not copied out.
-    const int64_t width = (pos + L - 1) / L * L;
+    const int64_t width = (pos[q] + L - 1) / L * L;
     for (int64_t i = 0; i < n; ++i) {
-      const T* m_i = m_c + i * n;
-      for (int64_t j = 0; j < width; j += L) grad_lanes<T, L>(m_i, tile + j, ld, n, out + j);
+      const T* m_i = m_band + q * n * n + i * n;
+      for (int64_t j = 0; j < width; j += L) grad_lanes<T, L>(m_i, t + j, ld, n, out + j);
       T* g = grads[i];
-      for (int64_t s = 0; s < count; ++s) {
-        Ops::copy(out + pieces[s].pos, g + pieces[s].offset, pieces[s].len);
-      }
+      for (int64_t s = 0; s < count[q]; ++s) Ops::copy(out + pq[s].pos, g + pq[s].offset, pq[s].len);
     }
-    pos = 0;
-    count = 0;
+    pos[q] = 0;
+    count[q] = 0;
   };
-  for_each_run(geo, cell, c0, c1, [&](int64_t offset, int64_t len) {
+  for_each_run(geo, band, c0, c1, [&](int64_t q, int64_t offset, int64_t len) {
+    T* t = tile + q * tile_stride;
     for (int64_t done = 0; done < len;) {
-      const int64_t take = std::min(len - done, block - pos);
-      shift_run<Ops>(rows, n, offset + done, take, tile + pos, ld);
-      pieces[count++] = Piece{pos, offset + done, take};
-      pos += take;
+      const int64_t take = std::min(len - done, block - pos[q]);
+      shift_run<Ops>(rows, n, offset + done, take, t + pos[q], ld);
+      pieces[q * block + count[q]++] = Piece{pos[q], offset + done, take};
+      pos[q] += take;
       done += take;
-      if (pos == block) flush();
+      if (pos[q] == block) flush(q);
     }
   });
-  flush();
+  for (int64_t q = 0; q < band.count; ++q) flush(q);
 }
 
 template <typename T>
-void gram_item_baseline(const T* const* rows, int64_t n, const Geometry& geo, const Cell& cell, int64_t c0,
+void gram_item_baseline(const T* const* rows, int64_t n, const Geometry& geo, const Band& band, int64_t c0,
                         int64_t c1, int64_t block, int64_t ld, T* tile, double* acc) {
-  gram_item_body<PlainOps>(rows, n, geo, cell, c0, c1, block, ld, tile, acc);
+  gram_item_body<PlainOps>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
 }
 
 template <typename T>
-void grad_item_baseline(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo, const Cell& cell,
+void grad_item_baseline(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo, const Band& band,
                         int64_t c0, int64_t c1, const T* m_c, int64_t block, int64_t ld, T* tile, T* out,
                         Piece* pieces) {
-  grad_item_body<PlainOps>(rows, grads, n, geo, cell, c0, c1, m_c, block, ld, tile, out, pieces);
+  grad_item_body<PlainOps>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
 }
 
 #ifdef CSKD_XG_X86_DISPATCH
 template <typename T>
 __attribute__((target("avx2,fma"))) void gram_item_avx2(const T* const* rows, int64_t n, const Geometry& geo,
-                                                        const Cell& cell, int64_t c0, int64_t c1, int64_t block,
+                                                        const Band& band, int64_t c0, int64_t c1, int64_t block,
                                                         int64_t ld, T* tile, double* acc) {
-  gram_item_body<PlainOps>(rows, n, geo, cell, c0, c1, block, ld, tile, acc);
+  gram_item_body<PlainOps>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
 }
 
 template <typename T>
 __attribute__((target("avx2,fma"))) void grad_item_avx2(const T* const* rows, T* const* grads, int64_t n,
-                                                        const Geometry& geo, const Cell& cell, int64_t c0,
+                                                        const Geometry& geo, const Band& band, int64_t c0,
                                                         int64_t c1, const T* m_c, int64_t block, int64_t ld,
                                                         T* tile, T* out, Piece* pieces) {
-  grad_item_body<PlainOps>(rows, grads, n, geo, cell, c0, c1, m_c, block, ld, tile, out, pieces);
+  grad_item_body<PlainOps>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
 }
 
 template <typename T>
-CSKD_XG_AVX512 void gram_item_avx512(const T* const* rows, int64_t n, const Geometry& geo, const Cell& cell,
+CSKD_XG_AVX512 void gram_item_avx512(const T* const* rows, int64_t n, const Geometry& geo, const Band& band,
                                      int64_t c0, int64_t c1, int64_t block, int64_t ld, T* tile, double* acc) {
-  gram_item_body<Avx512Ops>(rows, n, geo, cell, c0, c1, block, ld, tile, acc);
+  gram_item_body<Avx512Ops>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
 }
 
 template <typename T>
 CSKD_XG_AVX512 void grad_item_avx512(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo,
-                                     const Cell& cell, int64_t c0, int64_t c1, const T* m_c, int64_t block,
+                                     const Band& band, int64_t c0, int64_t c1, const T* m_c, int64_t block,
                                      int64_t ld, T* tile, T* out, Piece* pieces) {
-  grad_item_body<Avx512Ops>(rows, grads, n, geo, cell, c0, c1, m_c, block, ld, tile, out, pieces);
+  grad_item_body<Avx512Ops>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
 }
 #endif
 
 template <typename T>
-void gram_item(const T* const* rows, int64_t n, const Geometry& geo, const Cell& cell, int64_t c0, int64_t c1,
+void gram_item(const T* const* rows, int64_t n, const Geometry& geo, const Band& band, int64_t c0, int64_t c1,
                int64_t block, int64_t ld, T* tile, double* acc) {
 #ifdef CSKD_XG_X86_DISPATCH
-  if (cskd::cpu::has_avx512_core()) return gram_item_avx512(rows, n, geo, cell, c0, c1, block, ld, tile, acc);
-  if (cskd::cpu::has_avx2_fma()) return gram_item_avx2(rows, n, geo, cell, c0, c1, block, ld, tile, acc);
+  if (cskd::cpu::has_avx512_core()) return gram_item_avx512(rows, n, geo, band, c0, c1, block, ld, tile, acc);
+  if (cskd::cpu::has_avx2_fma()) return gram_item_avx2(rows, n, geo, band, c0, c1, block, ld, tile, acc);
 #endif
-  gram_item_baseline(rows, n, geo, cell, c0, c1, block, ld, tile, acc);
+  gram_item_baseline(rows, n, geo, band, c0, c1, block, ld, tile, acc);
 }
 
 template <typename T>
-void grad_item(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo, const Cell& cell, int64_t c0,
+void grad_item(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo, const Band& band, int64_t c0,
                int64_t c1, const T* m_c, int64_t block, int64_t ld, T* tile, T* out, Piece* pieces) {
 #ifdef CSKD_XG_X86_DISPATCH
   if (cskd::cpu::has_avx512_core()) {
-    return grad_item_avx512(rows, grads, n, geo, cell, c0, c1, m_c, block, ld, tile, out, pieces);
+    return grad_item_avx512(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
   }
   if (cskd::cpu::has_avx2_fma()) {
-    return grad_item_avx2(rows, grads, n, geo, cell, c0, c1, m_c, block, ld, tile, out, pieces);
+    return grad_item_avx2(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
   }
 #endif
-  grad_item_baseline(rows, grads, n, geo, cell, c0, c1, m_c, block, ld, tile, out, pieces);
+  grad_item_baseline(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
 }
 
 // ---------------------------------------------------------------------------
 // Entry points.
+
+// Cells per band at most: each takes a tile of its own (16 KiB) in the thread's scratch.
+constexpr int64_t kMaxBand = 8;
 
 struct Problem {
   std::vector<torch::Tensor> parts;  // contiguous, one dtype
@@ -302,7 +330,10 @@ struct Problem {
   int64_t batch;
   int64_t n;  // k * batch
   std::vector<Cell> cells;
+  std::vector<Band> bands;
   std::vector<Item> items;
+  int64_t slots = 0;      // partial Grams of all items
+  int64_t widest = 1;     // cells in the largest band
 };
 
 Problem prepare(const std::vector<torch::Tensor>& parts_in, const torch::Tensor& cells_in) {
@@ -335,11 +366,31 @@ Problem prepare(const std::vector<torch::Tensor>& parts_in, const torch::Tensor&
                 "cell ", q, " [", c.row0, ", ", c.rows, ", ", c.col0, ", ", c.cols, "] is outside the ",
                 pb.geo.height, " x ", pb.geo.width, " map");
     pb.cells.push_back(c);
-    const int64_t positions = std::max<int64_t>(c.rows * c.cols, 1);
-    const int64_t step = std::max<int64_t>(1, kItemFeatures / positions);
-    if (c.rows == 0 || c.cols == 0) continue;
+  }
+  // Bands: runs of consecutive non-empty cells on the same rows (empty cells keep a zero Gram).
+  const int64_t q_count = static_cast<int64_t>(pb.cells.size());
+  for (int64_t q = 0; q < q_count;) {
+    const Cell& c = pb.cells[q];
+    if (c.rows == 0 || c.cols == 0) {
+      ++q;
+      continue;
+    }
+    int64_t e = q + 1;
+    while (e < q_count && e - q < kMaxBand && pb.cells[e].row0 == c.row0 && pb.cells[e].rows == c.rows &&
+           pb.cells[e].cols > 0) {
+      ++e;
+    }
+    pb.bands.push_back(Band{q, e - q, nullptr});
+    q = e;
+  }
+  for (int64_t b = 0; b < static_cast<int64_t>(pb.bands.size()); ++b) {
+    Band& band = pb.bands[b];
+    band.cells = pb.cells.data() + band.first;
+    pb.widest = std::max(pb.widest, band.count);
+    const int64_t step = std::max<int64_t>(1, kItemFeatures / (band.cells[0].rows * band.cells[0].cols));
     for (int64_t c0 = 0; c0 < pb.geo.channels; c0 += step) {
-      pb.items.push_back(Item{q, c0, std::min(pb.geo.channels, c0 + step)});
+      pb.items.push_back(Item{b, c0, std::min(pb.geo.channels, c0 + step), pb.slots});
+      pb.slots += band.count;
     }
   }
   return pb;
@@ -361,20 +412,23 @@ void forward_typed(const Problem& pb, torch::Tensor& out) {
   const int threads = item_threads(count);
   const int64_t block = block_columns<T>(n);
   const int64_t ld = tile_ld<T>(block);
-  const int64_t tile_size = std::max<int64_t>(n - 1, 1) * ld;
-  std::vector<double> partial(static_cast<size_t>(count * slot), 0.0);
+  const int64_t tile_size = std::max<int64_t>(n - 1, 1) * ld * pb.widest;
+  std::vector<double> partial(static_cast<size_t>(pb.slots * slot), 0.0);
   AlignedBuffer<T> scratch(threads * tile_size);
   for_each_item(count, threads, [&](int64_t i, int tid) {
     const Item& item = pb.items[i];
-    gram_item(rows.data(), n, pb.geo, pb.cells[item.cell], item.c0, item.c1, block, ld,
-              scratch.data() + tid * tile_size, partial.data() + i * slot);
+    gram_item(rows.data(), n, pb.geo, pb.bands[item.band], item.c0, item.c1, block, ld,
+              scratch.data() + tid * tile_size, partial.data() + item.slot * slot);
   });
   double* o = out.data_ptr<double>();
-  for (int64_t i = 0; i < count; ++i) {  // item order: fixed, whatever the schedule
-    double* g = o + pb.items[i].cell * slot;
-    const double* s = partial.data() + i * slot;
-    for (int64_t a = 0; a < n; ++a)
-      for (int64_t b = 0; b <= a; ++b) g[a * n + b] += s[a * n + b];
+  for (const Item& item : pb.items) {  // item order: fixed, whatever the schedule
+    const Band& band = pb.bands[item.band];
+    for (int64_t j = 0; j < band.count; ++j) {
+      double* g = o + (band.first + j) * slot;
+      const double* s = partial.data() + (item.slot + j) * slot;
+      for (int64_t a = 0; a < n; ++a)
+        for (int64_t b = 0; b <= a; ++b) g[a * n + b] += s[a * n + b];
+    }
   }
   for (int64_t q = 0; q < static_cast<int64_t>(pb.cells.size()); ++q) {
     double* g = o + q * slot;
@@ -395,16 +449,19 @@ void backward_typed(const Problem& pb, const torch::Tensor& m, std::vector<torch
   const int threads = item_threads(count);
   const int64_t block = block_columns<T>(n);
   const int64_t ld = tile_ld<T>(block);
-  const int64_t tile_size = std::max<int64_t>(n - 1, 1) * ld + ld;  // the tile, then one output row
+  // The band's tiles, then one output row.
+  const int64_t tile_size = std::max<int64_t>(n - 1, 1) * ld * pb.widest + ld;
   AlignedBuffer<T> scratch(threads * tile_size);
   // The padded columns of the tiles are read (never used): start them finite.
   std::memset(scratch.data(), 0, static_cast<size_t>(threads * tile_size) * sizeof(T));
-  std::vector<Piece> pieces(static_cast<size_t>(threads * block));
+  const int64_t piece_size = block * pb.widest;
+  std::vector<Piece> pieces(static_cast<size_t>(threads * piece_size));
   for_each_item(count, threads, [&](int64_t i, int tid) {
     const Item& item = pb.items[i];
+    const Band& band = pb.bands[item.band];
     T* tile = scratch.data() + tid * tile_size;
-    grad_item(rows.data(), grad_rows.data(), n, pb.geo, pb.cells[item.cell], item.c0, item.c1,
-              m_data + item.cell * n * n, block, ld, tile, tile + (tile_size - ld), pieces.data() + tid * block);
+    grad_item(rows.data(), grad_rows.data(), n, pb.geo, band, item.c0, item.c1, m_data + band.first * n * n, block,
+              ld, tile, tile + (tile_size - ld), pieces.data() + tid * piece_size);
   });
 }
 
