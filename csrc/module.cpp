@@ -10,4 +10,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_channel_attention(m);
   register_position_attention(m);
   register_cell_projection(m);
+  register_cell_cross_gram(m);
 }

@@ -7,3 +7,4 @@ void register_cwd(pybind11::module& m);
 void register_channel_attention(pybind11::module& m);
 void register_position_attention(pybind11::module& m);
 void register_cell_projection(pybind11::module& m);
+void register_cell_cross_gram(pybind11::module& m);

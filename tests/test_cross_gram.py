@@ -1,5 +1,7 @@
 """centered_cross_grams and combine_grams against per-cell Grams built directly from the reference."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -97,3 +99,73 @@ def test_combine_grams_is_the_gram_of_the_combined_map(grid):
 def test_maps_of_different_shapes_are_an_error(shapes):
     with pytest.raises(ValueError, match="one shape"):
         centered_cross_grams(torch.randn(shapes[0]), torch.randn(shapes[1]))
+
+
+requires_cpu_kernels = pytest.mark.skipif(not any(p.values[0] == "cpu" for p in fused_backends()),
+                                          reason="the C++ extension is not built")
+
+
+def _grams_and_grads(parts, grid, backend, weights):
+    parts = [p.detach().clone().requires_grad_(True) for p in parts]
+    grams = centered_cross_grams(*parts, grid=grid, backend=backend)
+    (grams * weights).sum().backward()
+    return grams.detach(), [p.grad for p in parts]
+
+
+@requires_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hw,grid", [((13, 26), (5, 5)), ((6, 6), (5, 5)), ((13, 11), (2, 3)), ((7, 9), None)],
+                         ids=["13x26-5x5", "6x6-5x5", "13x11-2x3", "7x9-whole"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("b", [1, 2, 3, 5])
+def test_in_place_cpu_kernels_match_the_stacked_reference(dtype, hw, grid, k, b):
+    """The cpu backend reads the maps in place; the stacked reference path (float64) is the truth.
+
+    A large common offset (+1000) checks that the shift by row 0 keeps float32 accurate.
+    """
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, hw, k, b)).encode()))
+    parts = [(torch.randn(b, 3, *hw, generator=gen, dtype=torch.float64) + 1000.0 + i).to(dtype)
+             for i in range(k)]
+    weights = torch.randn((1, k * b, k * b), generator=gen, dtype=torch.float64)
+    grams, grads = _grams_and_grads(parts, grid, "cpu", weights)
+    expected, expected_grads = _grams_and_grads([p.double() for p in parts], grid, "reference", weights)
+    assert grams.dtype == torch.float64 and grams.shape == expected.shape
+    rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-4, 1e-4)
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(grams, expected, rtol=rtol, atol=atol * scale)
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == dtype and g.shape == e.shape and g.is_contiguous()
+        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol * max(e.abs().max().item(), 1.0))
+
+
+@requires_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_cpu_kernels_do_not_depend_on_the_thread_count(dtype):
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(4, 40, 27, 53, generator=gen, dtype=torch.float64).to(dtype) + i for i in range(2)]
+    weights = torch.randn((1, 8, 8), generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_grams_and_grads(parts, (5, 5), "cpu", weights))
+    finally:
+        torch.set_num_threads(threads)
+    for grams, grads in results[1:]:
+        assert torch.equal(grams, results[0][0])
+        for g, g0 in zip(grads, results[0][1]):
+            assert torch.equal(g, g0)
+
+
+@requires_cpu_kernels
+def test_in_place_cpu_kernels_take_non_contiguous_and_mixed_dtype_parts():
+    a = torch.randn(3, 4, 9, 10, dtype=torch.float64).permute(0, 1, 3, 2).requires_grad_(True)  # (3, 4, 10, 9)
+    x = torch.randn(3, 4, 10, 9, dtype=torch.float32).requires_grad_(True)
+    weights = torch.randn(1, 6, 6, dtype=torch.float64)
+    grams, grads = _grams_and_grads([a, x], (2, 2), "cpu", weights)
+    expected, expected_grads = _grams_and_grads([a.double(), x.double()], (2, 2), "reference", weights)
+    torch.testing.assert_close(grams, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+    assert grads[0].dtype == torch.float64 and grads[1].dtype == torch.float32
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.double(), e, rtol=1e-6, atol=1e-6 * e.abs().max().item())

@@ -22,15 +22,24 @@ each B-row block afterwards gives the per-map centering exactly, because
 H_blocks H_all = H_blocks. Grams add up over feature blocks, so the blocks
 are summed in float64. The backward is the CKA kernel's backward, M (x - x_0),
 on the same stacked blocks, with M = H_blocks (G + G^T) H_blocks.
+
+On the "cpu" backend (the C++ extension) nothing is stacked: the kernels
+cskd::cell_cross_gram and cskd::cell_cross_gram_backward (csrc/cell_cross_gram.cpp)
+read every map in place, cell by cell through the cell table, and return the
+Gram of the k*B rows shifted by row 0 (float64), which the block centering
+turns into the same result (centering is invariant to a common shift), and
+the gradients M (x - x_0) written straight into maps shaped like the parts.
+The stacked path above serves the "reference" and "triton" backends.
 """
 
 import torch
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
-from cskd_kernels.backend import resolve_backend
+from cskd_kernels.backend import kernels, resolve_backend
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.ops.cka import centered_gram, centered_gram_backward, centering_matrix
+from cskd_kernels.ops.position_attention import cell_table
 
 # Bytes of one stacked channel block, per device type: on the CPU large enough
 # for long kernel passes, small enough that the transient copies of a block
@@ -47,6 +56,45 @@ def _layout(x, grid):
 def _block_centering(k, n, dtype, device):
     """Block-diagonal centering matrix: H_n on each of the k diagonal n x n blocks."""
     return torch.block_diag(*[centering_matrix(n, dtype, device)] * k)
+
+
+# The in-place CPU kernels are PyTorch custom ops with fake implementations, so
+# torch.compile sees each as one op; CrossGramFunction calls them for autograd.
+
+
+@torch.library.custom_op("cskd::cell_cross_gram", mutates_args=())
+def cell_cross_gram(parts: list[torch.Tensor], cells: torch.Tensor) -> torch.Tensor:
+    """(cells, k*B, k*B) float64: per cell the Gram of the k*B rows shifted by row 0, maps read in place."""
+    return kernels("cell_cross_gram", "cpu").forward(parts, cells)
+
+
+@cell_cross_gram.register_fake
+def _cell_cross_gram_fake(parts, cells):
+    n = len(parts) * parts[0].shape[0]
+    return parts[0].new_empty((cells.shape[0], n, n), dtype=torch.float64)
+
+
+@torch.library.custom_op("cskd::cell_cross_gram_backward", mutates_args=())
+def cell_cross_gram_backward(parts: list[torch.Tensor], cells: torch.Tensor, m: torch.Tensor) -> list[torch.Tensor]:
+    """Per part a: grad[b, :, cell] = sum_j m[cell][a*B + b, j] (row_j - row_0)[:, cell], m centered."""
+    return kernels("cell_cross_gram", "cpu").backward(parts, cells, m)
+
+
+@cell_cross_gram_backward.register_fake
+def _cell_cross_gram_backward_fake(parts, cells, m):
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in parts]
+
+
+def _in_place_parts(parts):
+    """The parts as the in-place kernels take them: one dtype, contiguous."""
+    dtype = parts[0].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return [p.to(dtype).contiguous() for p in parts]
+
+
+def _cells(parts, grid):
+    return cell_table(parts[0].shape[2], parts[0].shape[3], tuple(grid), parts[0].device)
 
 
 def _whole(layout, k):
@@ -88,8 +136,13 @@ def _gram_backward(stacked, m, backend):
 
 def _cross_grams(parts, grid, backend):
     """The block-centered Grams of ``parts`` per cell, and the channel blocks they were read in."""
+    k, n = len(parts), parts[0].shape[0]
+    if backend == "cpu":
+        gram = cell_cross_gram(_in_place_parts(parts), _cells(parts, grid))
+        h = _block_centering(k, n, gram.dtype, gram.device)
+        return h @ gram @ h, None
     layout = _layout(parts[0], grid)
-    k, n, channels = len(parts), parts[0].shape[0], parts[0].shape[1]
+    channels = parts[0].shape[1]
     blocks = _channel_blocks(layout, k, n, channels, parts[0])
     gram = None
     for c0, c1 in blocks:
@@ -119,6 +172,12 @@ class CrossGramFunction(torch.autograd.Function):
         layout, k, n = _layout(parts[0], ctx.grid), len(parts), parts[0].shape[0]
         h = _block_centering(k, n, grad_gram.dtype, grad_gram.device)
         m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
+        if ctx.backend == "cpu":
+            same = _in_place_parts(parts)
+            m = m.to(accumulation_dtype(same[0].dtype)).contiguous()
+            grads = cell_cross_gram_backward(same, _cells(same, ctx.grid), m)
+            grads = [g.to(p.dtype) if need else None for g, p, need in zip(grads, parts, ctx.needs_input_grad[3:])]
+            return (None, None, None, *grads)
         if _whole(layout, k):
             return None, None, None, _gram_backward(_stacked_cells(parts, layout, 0, 0), m, ctx.backend).view(parts[0].shape)
         grads = [torch.empty_like(p) if need else None for p, need in zip(parts, ctx.needs_input_grad[3:])]
