@@ -101,6 +101,17 @@ inline bool use_own_avx512_gemm() {
 }
 #endif
 
+// Whether gemm<scalar_t>(., trans_b, ...) runs our AVX-512 kernel rather than the BLAS.
+template <typename scalar_t>
+bool own_kernel_runs(bool trans_b) {
+#ifdef CSKD_X86_SIMD
+  return std::is_same_v<scalar_t, float> && !trans_b && use_own_avx512_gemm();
+#else
+  (void)trans_b;
+  return false;
+#endif
+}
+
 // Row-major C (m x n) = op(A) op(B), op(A) m x k, op(B) k x n; a transposed
 // operand is stored the other way round (A as k x m). Runs on the calling
 // thread: inside our OpenMP loop the BLAS sees a parallel region and stays serial.
@@ -109,7 +120,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const sca
           const scalar_t* b, int64_t ldb, scalar_t* c, int64_t ldc) {
 #ifdef CSKD_X86_SIMD
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!trans_b && use_own_avx512_gemm()) {
+    if (own_kernel_runs<scalar_t>(trans_b)) {
       gemm_avx512(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, c, ldc);
       return;
     }
