@@ -25,6 +25,7 @@
 namespace {
 
 constexpr int64_t kColumnPanel = 256;  // a C x 256 float panel of the product: L2-resident up to C = 512
+constexpr int64_t kPackPad = 16;       // packed rows 272 values apart: consecutive rows in different cache sets
 
 // out_b = op(m_b) rhs_b + residual_b for every image b, op(m) = m or m^T (m: B x C x C,
 // rhs, residual, out: B x C x N contiguous; residual may be out itself). One task per
@@ -42,10 +43,15 @@ void product_plus_residual(const torch::Tensor& m, bool transpose_m, const torch
   for (int64_t task = 0; task < batch * panels; ++task) {
     const int64_t b = task / panels, j0 = (task % panels) * kColumnPanel;
     const int64_t width = std::min(kColumnPanel, n - j0);
-    scalar_t* panel = cskd::blas::workspace<scalar_t>(channels * kColumnPanel);
+    scalar_t* panel = cskd::blas::workspace<scalar_t>(channels * (2 * kColumnPanel + kPackPad));
+    scalar_t* packed = panel + channels * kColumnPanel;
     const int64_t offset = b * channels * n + j0;
+    // The rhs panel's rows lie n apart (a power of two at the usual map sizes): read in place, every
+    // row falls in the same cache sets and the product runs from L3. Packed with a padded stride first.
+    const int64_t ld = kColumnPanel + kPackPad;
+    for (int64_t i = 0; i < channels; ++i) std::copy_n(rp + offset + i * n, width, packed + i * ld);
     cskd::blas::gemm<scalar_t>(transpose_m, false, channels, width, channels, mp + b * channels * channels,
-                               channels, rp + offset, n, panel, width);
+                               channels, packed, ld, panel, width);
     for (int64_t i = 0; i < channels; ++i) {
       const scalar_t* pi = panel + i * width;
       const scalar_t* si = sp + offset + i * n;
