@@ -74,6 +74,17 @@ def _channel_attention_backward_fake(grad_out, features, attention, gamma, tempe
     return (torch.empty_like(features) if need_x else features.new_empty(0)), torch.empty_like(gamma)
 
 
+@torch.library.custom_op("cskd::channel_attention_apply", mutates_args=())
+def channel_attention_apply(features: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """gamma A X + X from a saved attention A, on the C++ kernels (backend "cpu")."""
+    return kernels("channel_attention", "cpu").apply(features, attention, gamma)
+
+
+@channel_attention_apply.register_fake
+def _channel_attention_apply_fake(features, attention, gamma):
+    return torch.empty_like(features)
+
+
 def _setup_context(ctx, inputs, output):
     features, gamma, temperature, backend = inputs
     _, attention = output

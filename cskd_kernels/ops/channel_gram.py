@@ -17,7 +17,11 @@ Fused backends only (the kernels' contract); the reference composes the ops.
 import torch
 
 from cskd_kernels._validation import accumulation_dtype
-from cskd_kernels.ops.channel_attention import channel_attention_backward, channel_attention_forward
+from cskd_kernels.ops.channel_attention import (
+    channel_attention_apply,
+    channel_attention_backward,
+    channel_attention_forward,
+)
 from cskd_kernels.ops.cka import _gram_input_grad, centered_gram, centering_matrix
 
 
@@ -44,8 +48,11 @@ class ChannelGramFunction(torch.autograd.Function):
         features, gamma, attention = ctx.saved_tensors
         acc = accumulation_dtype(features.dtype)
         h = centering_matrix(grad_gram.shape[-1], torch.float64, grad_gram.device)
-        x = features.to(acc)
-        out = torch.bmm(attention, x).mul_(gamma).add_(x)
+        if ctx.backend == "cpu":
+            out = channel_attention_apply(features, attention, gamma)
+        else:
+            x = features.to(acc)
+            out = torch.bmm(attention, x).mul_(gamma).add_(x)
         grad_out = _gram_input_grad(out.reshape(1, out.shape[0], -1), (h @ grad_gram @ h).to(acc), ctx.backend)
         grad_x, grad_gamma = channel_attention_backward(
             grad_out.reshape(features.shape).to(features.dtype), features, attention, gamma, ctx.temperature,
