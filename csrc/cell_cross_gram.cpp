@@ -48,19 +48,8 @@ namespace {
 
 using namespace cskd::tiles;
 
-// Tiles of about half an L1 data cache, as in cka.cpp.
-constexpr int64_t kTileBytes = 16 * 1024;
-constexpr int64_t kColumnQuantum = 16;
-constexpr int64_t kMaxBlock = 1024;
 // Features per work item (channels x cell positions), about cka.cpp's item size.
 constexpr int64_t kItemFeatures = 8192;
-
-template <typename T>
-int64_t block_columns(int64_t n) {
-  int64_t columns = kTileBytes / (std::max<int64_t>(n - 1, 1) * static_cast<int64_t>(sizeof(T)));
-  columns = columns / kColumnQuantum * kColumnQuantum;
-  return std::min(std::max(columns, kColumnQuantum), kMaxBlock);
-}
 
 // Tile rows are padded to whole register blocks of the backward (kGradLanes).
 template <typename T>
@@ -410,7 +399,7 @@ void forward_typed(const Problem& pb, torch::Tensor& out) {
   const std::vector<const T*> rows = row_pointers<T>(pb);
   const int64_t count = static_cast<int64_t>(pb.items.size());
   const int threads = item_threads(count);
-  const int64_t block = block_columns<T>(n);
+  const int64_t block = block_columns<T>(n - 1);
   const int64_t ld = tile_ld<T>(block);
   const int64_t tile_size = std::max<int64_t>(n - 1, 1) * ld * pb.widest;
   std::vector<double> partial(static_cast<size_t>(pb.slots * slot), 0.0);
@@ -447,7 +436,7 @@ void backward_typed(const Problem& pb, const torch::Tensor& m, std::vector<torch
   const T* m_data = m.data_ptr<T>();
   const int64_t count = static_cast<int64_t>(pb.items.size());
   const int threads = item_threads(count);
-  const int64_t block = block_columns<T>(n);
+  const int64_t block = block_columns<T>(n - 1);
   const int64_t ld = tile_ld<T>(block);
   // The band's tiles, then one output row.
   const int64_t tile_size = std::max<int64_t>(n - 1, 1) * ld * pb.widest + ld;

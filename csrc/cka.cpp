@@ -63,26 +63,12 @@ namespace {
 
 using namespace cskd::tiles;
 
-// Tiles of about half an L1 data cache (32 KiB on current x86 cores), so the
-// tile and the streaming rows of x fit together.
-constexpr int64_t kTileBytes = 16 * 1024;
-// Block widths and item cuts are multiples of this many columns: whole 64-byte
-// lines, and every tile row starts aligned for any vector width up to AVX-512.
-constexpr int64_t kColumnQuantum = 16;
-constexpr int64_t kMaxBlock = 1024;
 // Columns per work item: 32 KiB of each float row, so p = 2^20 gives 128 items
 // (enough to balance two to a few dozen threads) and an item's slots are tiny.
 constexpr int64_t kItemColumns = 8192;
 static_assert(kItemColumns % kColumnQuantum == 0, "items start on whole cache lines");
 // Columns summed in the input dtype before the partial goes into double.
 constexpr int64_t kPartialColumns = 512;
-
-template <typename T>
-int64_t block_columns(int64_t n) {
-  int64_t columns = kTileBytes / (std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)));
-  columns = columns / kColumnQuantum * kColumnQuantum;
-  return std::min(std::max(columns, kColumnQuantum), kMaxBlock);
-}
 
 // x viewed as g groups of n rows of p columns, rows unit-stride.
 template <typename T>

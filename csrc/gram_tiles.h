@@ -20,6 +20,22 @@
 
 namespace cskd::tiles {
 
+// Tiles of about half an L1 data cache (32 KiB on current x86 cores), so the
+// tile and the streaming rows of the input fit together.
+constexpr int64_t kTileBytes = 16 * 1024;
+// Block widths and item cuts are multiples of this many columns: whole 64-byte
+// lines, and every tile row starts aligned for any vector width up to AVX-512.
+constexpr int64_t kColumnQuantum = 16;
+constexpr int64_t kMaxBlock = 1024;
+
+// Columns of a tile of `rows` rows: the tile fits kTileBytes, in whole quanta, at most kMaxBlock.
+template <typename T>
+int64_t block_columns(int64_t rows) {
+  int64_t columns = kTileBytes / (std::max<int64_t>(rows, 1) * static_cast<int64_t>(sizeof(T)));
+  columns = columns / kColumnQuantum * kColumnQuantum;
+  return std::min(std::max(columns, kColumnQuantum), kMaxBlock);
+}
+
 // A thread-local scratch buffer on a cache-line boundary.
 template <typename T>
 class AlignedBuffer {
