@@ -126,8 +126,10 @@ class CellProjectionFunction(torch.autograd.Function):
             grad_x = cell_projection_backward([g.contiguous() for g in grads], weight.contiguous(),
                                               _table(layout, ctx.grid), x.shape[1])
             need_x = False
-        grad_x_padded, grad_weight, grad_bias = _padded_backward(x, weight, grads, layout, sizes,
-                                                                 need_x, need_weight, need_bias)
+        grad_x_padded = grad_weight = grad_bias = None
+        if need_x or need_weight or need_bias:  # what the C++ kernels did not already give
+            grad_x_padded, grad_weight, grad_bias = _padded_backward(x, weight, grads, layout, sizes,
+                                                                     need_x, need_weight, need_bias)
         return (grad_x if grad_x is not None else grad_x_padded), grad_weight, grad_bias, None, None, None, None
 
 
