@@ -13,17 +13,24 @@ released formulation. Medians of CUDA-event timings after a warm-up; the printed
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-import cskd_kernels  # noqa: E402
-from cskd_kernels import released  # noqa: E402
+# The demo's timing pieces: one training step, the loss alone, both losses with the same non-zero gammas.
+from cskd_train.demo import (  # noqa: E402
+    ReleasedCSKDLoss,
+    fused_cskd_loss,
+    loss_step,
+    training_step,
+    with_timing_gammas,
+)
+from cskd_train.datasets import NUM_CLASSES as CLASSES_OF  # noqa: E402
 
-NUM_CLASSES = 19  # Cityscapes
-GAMMA = 0.1  # non-zero gammas, so the attention branches count in the backward
+NUM_CLASSES = CLASSES_OF["cityscapes"]
 
 
 def median_ms(fn, warmup, repeats, device):
@@ -40,17 +47,14 @@ def median_ms(fn, warmup, repeats, device):
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
-
             started = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - started))
     return sorted(times)[len(times) // 2]
 
 
-def training_step(distill, args, device):
+def objective_step(distill, args, device):
     """A callable running one training step with objective `distill` ("cwd" or "cskd")."""
-    from cskd_train.demo import training_step
     from cskd_train.models import build_model, feature_channels
     from cskd_train.objective import Objective, ObjectiveConfig
 
@@ -60,9 +64,7 @@ def training_step(distill, args, device):
     objective = Objective(ObjectiveConfig(distill=distill), feature_channels(student),
                           feature_channels(teacher)).to(device)
     if objective.cskd is not None:
-        with torch.no_grad():
-            objective.cskd.gamma_cam.fill_(GAMMA)
-            objective.cskd.gamma_pam.fill_(GAMMA)
+        with_timing_gammas(objective.cskd)
     optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=1e-3, momentum=0.9)
     images = torch.randn(args.batch, 3, args.height, args.width, device=device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch, args.height, args.width), device=device)
@@ -74,20 +76,8 @@ def loss_alone(kind, args, device):
     size = (args.height // 8, args.width // 8)
     feat_s = torch.randn(args.batch, 128, *size, device=device)
     feat_t = torch.randn(args.batch, 256, *size, device=device)
-    gammas = [torch.full((1,), GAMMA, device=device, requires_grad=True) for _ in range(2)]
-    module = cskd_kernels.CSKDLoss(128, 256).to(device)
-    with torch.no_grad():
-        module.gamma_cam.fill_(GAMMA)
-        module.gamma_pam.fill_(GAMMA)
-
-    def step():
-        student = feat_s.clone().requires_grad_(True)
-        if kind == "fused":
-            module(student, feat_t).loss.backward()
-        else:
-            released.cskd_loss(student, feat_t, *gammas).backward()
-
-    return step
+    loss = fused_cskd_loss(128, 256) if kind == "fused" else ReleasedCSKDLoss()
+    return loss_step(loss.to(device), feat_s, feat_t)
 
 
 def main(argv=None):
@@ -108,7 +98,7 @@ def main(argv=None):
     for kind in ("fused", "released"):
         ms[f"loss_{kind}"] = median_ms(loss_alone(kind, args, device), args.warmup, args.repeats, device)
     for distill in ("cwd", "cskd"):
-        ms[f"step_{distill}"] = median_ms(training_step(distill, args, device), args.warmup, args.repeats, device)
+        ms[f"step_{distill}"] = median_ms(objective_step(distill, args, device), args.warmup, args.repeats, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = {

@@ -130,12 +130,16 @@ class ReleasedCSKDLoss(nn.Module):
         return released.cskd_loss(feat_s, feat_t, self.gamma_cam, self.gamma_pam)
 
 
-def fused_cskd_loss(student_channels, teacher_channels):
-    loss = cskd_kernels.CSKDLoss(student_channels, teacher_channels)
+def with_timing_gammas(loss):
+    """``loss`` (a CSKDLoss) with both gammas set to GAMMA in place, so both attention branches count."""
     with torch.no_grad():
         loss.gamma_cam.fill_(GAMMA)
         loss.gamma_pam.fill_(GAMMA)
     return loss
+
+
+def fused_cskd_loss(student_channels, teacher_channels):
+    return with_timing_gammas(cskd_kernels.CSKDLoss(student_channels, teacher_channels))
 
 
 def distillation_timing(args, student_channels, teacher_channels):
