@@ -171,6 +171,24 @@ CSKD_TILES_INLINE void shift_run(const T* const* rows, int64_t n, int64_t offset
   for (int64_t l = 1; l < n; ++l) Ops::shift(rows[l] + offset, r0, tile + (l - 1) * ld, len);
 }
 
+// Cuts the band's runs of columns [c0, c1) into pieces that fill each cell's tile up to `block`
+// columns: pack(q, offset, take) packs one piece at column pos[q] of cell q's tile (pos[q] then
+// advances), flush(q) empties a full tile (and resets pos[q]); every tile is flushed at the end.
+template <typename Pack, typename Flush>
+CSKD_TILES_INLINE void pack_band(const Geometry& geo, const Band& band, int64_t c0, int64_t c1, int64_t block,
+                                 std::vector<int64_t>& pos, const Pack& pack, const Flush& flush) {
+  for_each_run(geo, band, c0, c1, [&](int64_t q, int64_t offset, int64_t len) {
+    for (int64_t done = 0; done < len;) {
+      const int64_t take = std::min(len - done, block - pos[q]);
+      pack(q, offset + done, take);
+      pos[q] += take;
+      done += take;
+      if (pos[q] == block) flush(q);
+    }
+  });
+  for (int64_t q = 0; q < band.count; ++q) flush(q);
+}
+
 // G of one item into acc: one n x n slot per cell of the band (lower triangle;
 // row and column 0 stay zero). tile: one (n - 1) x ld tile per cell of the band.
 template <typename Ops, typename T>
@@ -182,17 +200,9 @@ CSKD_TILES_INLINE void gram_item_body(const T* const* rows, int64_t n, const Geo
     if (pos[j] > 0) gram_block(tile + j * tile_stride, ld, n - 1, pos[j], acc + j * n * n + n + 1, n);
     pos[j] = 0;
   };
-  for_each_run(geo, band, c0, c1, [&](int64_t j, int64_t offset, int64_t len) {
-    T* t = tile + j * tile_stride;
-    for (int64_t done = 0; done < len;) {
-      const int64_t take = std::min(len - done, block - pos[j]);
-      shift_run<Ops>(rows, n, offset + done, take, t + pos[j], ld);
-      pos[j] += take;
-      done += take;
-      if (pos[j] == block) flush(j);
-    }
-  });
-  for (int64_t j = 0; j < band.count; ++j) flush(j);
+  pack_band(geo, band, c0, c1, block, pos, [&](int64_t j, int64_t offset, int64_t take) {
+    shift_run<Ops>(rows, n, offset, take, tile + j * tile_stride + pos[j], ld);
+  }, flush);
 }
 
 struct Piece {
@@ -226,18 +236,10 @@ CSKD_TILES_INLINE void grad_item_body(const T* const* rows, T* const* grads, int
     pos[q] = 0;
     count[q] = 0;
   };
-  for_each_run(geo, band, c0, c1, [&](int64_t q, int64_t offset, int64_t len) {
-    T* t = tile + q * tile_stride;
-    for (int64_t done = 0; done < len;) {
-      const int64_t take = std::min(len - done, block - pos[q]);
-      shift_run<Ops>(rows, n, offset + done, take, t + pos[q], ld);
-      pieces[q * block + count[q]++] = Piece{pos[q], offset + done, take};
-      pos[q] += take;
-      done += take;
-      if (pos[q] == block) flush(q);
-    }
-  });
-  for (int64_t q = 0; q < band.count; ++q) flush(q);
+  pack_band(geo, band, c0, c1, block, pos, [&](int64_t q, int64_t offset, int64_t take) {
+    shift_run<Ops>(rows, n, offset, take, tile + q * tile_stride + pos[q], ld);
+    pieces[q * block + count[q]++] = Piece{pos[q], offset, take};
+  }, flush);
 }
 
 template <typename T>

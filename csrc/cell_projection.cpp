@@ -90,6 +90,26 @@ void check_map(const torch::Tensor& t, const torch::Tensor& x, const char* name)
               name, " must be a contiguous CPU map (B, channels, H, W) like x ", x.sizes(), ", got ", t.sizes());
 }
 
+// weight (cells | 1, R, C) contiguous in like's dtype, with C = like's channels and a cell count the table has.
+void check_weight(const torch::Tensor& weight, const torch::Tensor& like, size_t cells) {
+  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() && weight.size(2) == like.size(1) &&
+                  weight.scalar_type() == like.scalar_type(),
+              "weight must be contiguous (cells | 1, R, C) in the maps' dtype, got ", weight.sizes());
+  TORCH_CHECK(weight.size(0) == 1 || weight.size(0) == static_cast<int64_t>(cells), "weight has ", weight.size(0),
+              " cells, the table ", cells);
+}
+
+// Every map (outputs, or their gradients) shaped like `like`, their channels stacking to weight's R rows.
+void check_stacked_maps(const std::vector<torch::Tensor>& maps, const torch::Tensor& like,
+                        const torch::Tensor& weight, const char* what) {
+  int64_t rows = 0;
+  for (const auto& m : maps) {
+    check_map(m, like, what);
+    rows += m.size(1);
+  }
+  TORCH_CHECK(rows == weight.size(1), what, ": ", rows, " channels in all, weight has ", weight.size(1), " rows");
+}
+
 // Row offsets of the maps in the stacked rows of weight.
 std::vector<int64_t> row_starts(const std::vector<torch::Tensor>& maps) {
   std::vector<int64_t> starts{0};
@@ -158,21 +178,12 @@ void cell_projection_forward(const torch::Tensor& x, const torch::Tensor& weight
                              const torch::Tensor& cells, std::vector<torch::Tensor> outs) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU (B, C, H, W) map");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
-  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() && weight.size(2) == x.size(1) &&
-                  weight.scalar_type() == x.scalar_type(),
-              "weight must be contiguous (cells | 1, R, C) in x's dtype, got ", weight.sizes());
+  const auto table = read_cells(cells);
+  check_weight(weight, x, table.size());
   TORCH_CHECK(bias.is_contiguous() && bias.dim() == 2 && bias.size(0) == weight.size(0) &&
                   bias.size(1) == weight.size(1) && bias.scalar_type() == x.scalar_type(),
               "bias must be contiguous (cells | 1, R) like weight");
-  const auto table = read_cells(cells);
-  TORCH_CHECK(weight.size(0) == 1 || weight.size(0) == static_cast<int64_t>(table.size()),
-              "weight has ", weight.size(0), " cells, the table ", table.size());
-  int64_t rows = 0;
-  for (const auto& o : outs) {
-    check_map(o, x, "every output");
-    rows += o.size(1);
-  }
-  TORCH_CHECK(rows == weight.size(1), "the outputs have ", rows, " channels, weight ", weight.size(1), " rows");
+  check_stacked_maps(outs, x, weight, "the outputs");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cell_projection_forward",
                              [&] { forward_typed<scalar_t>(x, weight, bias, table, outs); });
 }
@@ -181,16 +192,9 @@ void cell_projection_backward(std::vector<torch::Tensor> grads, const torch::Ten
                               const torch::Tensor& cells, torch::Tensor grad_x) {
   TORCH_CHECK(grad_x.dim() == 4 && grad_x.is_contiguous() && grad_x.device().is_cpu(),
               "grad_x must be a contiguous CPU (B, C, H, W) map");
-  TORCH_CHECK(weight.dim() == 3 && weight.is_contiguous() && weight.size(2) == grad_x.size(1) &&
-                  weight.scalar_type() == grad_x.scalar_type(),
-              "weight must be contiguous (cells | 1, R, C) in grad_x's dtype, got ", weight.sizes());
   const auto table = read_cells(cells);
-  int64_t rows = 0;
-  for (const auto& g : grads) {
-    check_map(g, grad_x, "every output gradient");
-    rows += g.size(1);
-  }
-  TORCH_CHECK(rows == weight.size(1), "the gradients have ", rows, " channels, weight ", weight.size(1), " rows");
+  check_weight(weight, grad_x, table.size());
+  check_stacked_maps(grads, grad_x, weight, "the output gradients");
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "cell_projection_backward",
                              [&] { backward_typed<scalar_t>(grads, weight, table, grad_x); });
 }
