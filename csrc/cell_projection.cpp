@@ -1,12 +1,12 @@
 // Per-cell 1x1 projections (see cskd_kernels/ops/cell_projection.py for the contract).
 //
-//   cell_projection_forward(x, weight, bias, cells, outs)   outs[j][b, :, cell] = W_cell,j x[b, :, cell] + b_cell,j
-//   cell_projection_backward(grads, weight, cells, grad_x)  grad_x[b, :, cell] = sum_j W_cell,j^T grads[j][b, :, cell]
+//   cell_projection_forward(x, weight, bias, cells, sizes) -> outs    outs[j][b, :, cell] = W_cell,j x[b, :, cell] + b_cell,j
+//   cell_projection_backward(grads, weight, cells, channels) -> grad_x  grad_x[b, :, cell] = sum_j W_cell,j^T grads[j][b, :, cell]
 //
 // x (B, C, H, W) contiguous; weight (cells | 1, R, C) with R = the outputs'
 // channels stacked, bias (cells | 1, R); cells the (cells, 4) int32 table
 // (row0, height, col0, width) of torch.chunk's cells; outs / grads the
-// contiguous (B, R_j, H, W) maps. One task per (image, cell): its pixels are
+// contiguous (B, R_j, H, W) maps (fresh huge-page-backed tensors, huge_pages.h). One task per (image, cell): its pixels are
 // gathered once into a thread-local tile (C x positions, in L2), one product
 // makes all R outputs, and they are scattered straight into the maps. The maps
 // are read and written once, with no padded copy of the whole map, and every
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "huge_pages.h"
 #include "ops.h"
 
 namespace {
@@ -174,8 +175,9 @@ void backward_typed(const std::vector<torch::Tensor>& grads, const torch::Tensor
 
 }  // namespace
 
-void cell_projection_forward(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
-                             const torch::Tensor& cells, std::vector<torch::Tensor> outs) {
+std::vector<torch::Tensor> cell_projection_forward(const torch::Tensor& x, const torch::Tensor& weight,
+                                                   const torch::Tensor& bias, const torch::Tensor& cells,
+                                                   const std::vector<int64_t>& sizes) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU (B, C, H, W) map");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
   const auto table = read_cells(cells);
@@ -183,25 +185,34 @@ void cell_projection_forward(const torch::Tensor& x, const torch::Tensor& weight
   TORCH_CHECK(bias.is_contiguous() && bias.dim() == 2 && bias.size(0) == weight.size(0) &&
                   bias.size(1) == weight.size(1) && bias.scalar_type() == x.scalar_type(),
               "bias must be contiguous (cells | 1, R) like weight");
+  std::vector<torch::Tensor> outs;
+  for (const int64_t size : sizes) {
+    TORCH_CHECK(size > 0, "output sizes must be positive, got ", size);
+    outs.push_back(cskd::empty_output({x.size(0), size, x.size(2), x.size(3)}, x.options()));
+  }
   check_stacked_maps(outs, x, weight, "the outputs");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cell_projection_forward",
                              [&] { forward_typed<scalar_t>(x, weight, bias, table, outs); });
+  return outs;
 }
 
-void cell_projection_backward(std::vector<torch::Tensor> grads, const torch::Tensor& weight,
-                              const torch::Tensor& cells, torch::Tensor grad_x) {
-  TORCH_CHECK(grad_x.dim() == 4 && grad_x.is_contiguous() && grad_x.device().is_cpu(),
-              "grad_x must be a contiguous CPU (B, C, H, W) map");
+torch::Tensor cell_projection_backward(std::vector<torch::Tensor> grads, const torch::Tensor& weight,
+                                       const torch::Tensor& cells, int64_t channels) {
+  TORCH_CHECK(!grads.empty(), "cell_projection_backward needs the outputs' gradients");
+  const auto& like = grads[0];
+  TORCH_CHECK(like.dim() == 4 && like.device().is_cpu(), "the output gradients must be CPU (B, R_j, H, W) maps");
+  auto grad_x = cskd::empty_output({like.size(0), channels, like.size(2), like.size(3)}, like.options());
   const auto table = read_cells(cells);
   check_weight(weight, grad_x, table.size());
   check_stacked_maps(grads, grad_x, weight, "the output gradients");
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "cell_projection_backward",
                              [&] { backward_typed<scalar_t>(grads, weight, table, grad_x); });
+  return grad_x;
 }
 
 void register_cell_projection(pybind11::module& m) {
   m.def("cell_projection_forward", &cell_projection_forward,
-        "outs[j][b, :, cell] = W_cell,j x[b, :, cell] + b_cell,j, written in place");
+        "the maps outs[j][b, :, cell] = W_cell,j x[b, :, cell] + b_cell,j of the row blocks `sizes` of weight");
   m.def("cell_projection_backward", &cell_projection_backward,
-        "grad_x[b, :, cell] = sum_j W_cell,j^T grads[j][b, :, cell], written in place");
+        "grad_x[b, :, cell] = sum_j W_cell,j^T grads[j][b, :, cell], with `channels` channels");
 }

@@ -1,12 +1,13 @@
 // Channel self-attention (CAM, SPEC section 2) on the CPU.
 //
 // Per image X (C x N): E = X X^T, A = softmax_rows(-E / T), out = gamma A X + X.
-// The Gram products (X X^T, dOut X^T) run on the BLAS that PyTorch links
-// (at::bmm); the products with a C x C left operand (A X, A^T dOut, dE X) run
-// panel by panel on cskd::blas::gemm (our AVX-512 kernel where MKL would run
-// AVX2), the residual added while the panel is in cache. Everything else is
-// C x C algebra done in OpenMP loops, so the only C x N tensors ever allocated
-// are the output of the forward and dX of the backward.
+// Every product runs on cskd::blas::gemm (our AVX-512 kernel where MKL would
+// run AVX2): the Grams (X X^T, its upper triangle only, and dOut X^T) one
+// image per task, the products with a C x C left operand (A X, A^T dOut,
+// dE X) one (image, column panel) per task with the residual added as the
+// tiles are stored. Everything else is C x C algebra done in OpenMP loops, so
+// the only C x N tensors ever allocated are the output of the forward and dX
+// of the backward.
 //
 // Backward, with G = dOut X^T (C x C):
 //   d gamma = sum(dOut * A X) = sum(A * G)          (no A X needed)
@@ -20,16 +21,16 @@
 #include <vector>
 
 #include "gemm.h"
+#include "huge_pages.h"
 #include "ops.h"
 
 namespace {
 
-constexpr int64_t kColumnPanel = 256;  // a C x 256 float panel of the product: L2-resident up to C = 512
-constexpr int64_t kPackPad = 16;       // packed rows 272 values apart: consecutive rows in different cache sets
+constexpr int64_t kColumnPanel = 1024;  // columns per task: the C x C operand's packing is shared by 1024 columns
 
 // out_b = op(m_b) rhs_b + residual_b for every image b, op(m) = m or m^T (m: B x C x C,
 // rhs, residual, out: B x C x N contiguous; residual may be out itself). One task per
-// (image, column panel); the product lands in a thread-local panel, then the residual is added.
+// (image, column panel); the product adds the residual as it stores its tiles.
 template <typename scalar_t>
 void product_plus_residual(const torch::Tensor& m, bool transpose_m, const torch::Tensor& rhs,
                            const torch::Tensor& residual, torch::Tensor& out) {
@@ -42,23 +43,28 @@ void product_plus_residual(const torch::Tensor& m, bool transpose_m, const torch
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < batch * panels; ++task) {
     const int64_t b = task / panels, j0 = (task % panels) * kColumnPanel;
-    const int64_t width = std::min(kColumnPanel, n - j0);
-    scalar_t* panel = cskd::blas::workspace<scalar_t>(channels * (2 * kColumnPanel + kPackPad));
-    scalar_t* packed = panel + channels * kColumnPanel;
     const int64_t offset = b * channels * n + j0;
-    // The rhs panel's rows lie n apart (a power of two at the usual map sizes): read in place, every
-    // row falls in the same cache sets and the product runs from L3. Packed with a padded stride first.
-    const int64_t ld = kColumnPanel + kPackPad;
-    for (int64_t i = 0; i < channels; ++i) std::copy_n(rp + offset + i * n, width, packed + i * ld);
-    cskd::blas::gemm<scalar_t>(transpose_m, false, channels, width, channels, mp + b * channels * channels,
-                               channels, packed, ld, panel, width);
-    for (int64_t i = 0; i < channels; ++i) {
-      const scalar_t* pi = panel + i * width;
-      const scalar_t* si = sp + offset + i * n;
-      scalar_t* oi = op + offset + i * n;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) oi[j] = pi[j] + si[j];
-    }
+    cskd::blas::gemm<scalar_t>(transpose_m, false, channels, std::min(kColumnPanel, n - j0), channels,
+                               mp + b * channels * channels, channels, rp + offset, n, op + offset, n, sp + offset, n);
+  }
+}
+
+// out_b = lhs_b rhs_b^T for every image b (lhs, rhs: B x C x N contiguous, out B x C x C), one task per
+// image. With symmetric (lhs = rhs) only the upper triangle is computed, then mirrored.
+template <typename scalar_t>
+void grams(const torch::Tensor& lhs, const torch::Tensor& rhs, torch::Tensor& out, bool symmetric) {
+  const int64_t batch = lhs.size(0), channels = lhs.size(1), n = lhs.size(2), square = channels * channels;
+  const scalar_t* lp = lhs.data_ptr<scalar_t>();
+  const scalar_t* rp = rhs.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < batch; ++b) {
+    scalar_t* e = op + b * square;
+    cskd::blas::gemm<scalar_t>(false, true, channels, channels, n, lp + b * channels * n, n, rp + b * channels * n, n,
+                               e, channels, nullptr, 0, symmetric);
+    if (symmetric)
+      for (int64_t r = 1; r < channels; ++r)
+        for (int64_t c = 0; c < r; ++c) e[r * channels + c] = e[c * channels + r];
   }
 }
 
@@ -117,44 +123,10 @@ void symmetrize(const scalar_t* d, scalar_t* m, int64_t batch, int64_t channels)
   }
 }
 
-// Row r's columns left of its panel are E[c, r] with c in an earlier panel:
-// computed by the panel products, never written here, so rows run in parallel.
-template <typename scalar_t>
-void mirror_lower_panels(scalar_t* gram, int64_t batch, int64_t channels, const std::vector<int64_t>& starts) {
-  const int64_t square = channels * channels;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t r = 0; r < channels; ++r) {
-      const int64_t first = *(std::upper_bound(starts.begin(), starts.end(), r) - 1);  // r's panel start
-      scalar_t* e = gram + b * square;
-      for (int64_t c = 0; c < first; ++c) e[r * channels + c] = e[c * channels + r];
-    }
-  }
-}
-
-// Panels of at least this many channels keep each product large enough for the BLAS to run at speed.
-constexpr int64_t kGramPanel = 64;
-
-// E = X X^T computed on and above the diagonal panel by panel, then mirrored:
-// with P panels the products do C^2 N (P + 1) / (2P) multiply-adds instead of
-// C^2 N (3/4 of it at C = 128, 5/8 at 256, 9/16 at 512; 64-row panels measured
-// faster than 128-row ones at the released sizes).
+// E = X X^T per image: the upper triangle, mirrored (C^2 N / 2 multiply-adds plus the diagonal tiles).
 torch::Tensor symmetric_gram(const torch::Tensor& x) {
-  const int64_t batch = x.size(0), channels = x.size(1);
-  const int64_t panels = std::max<int64_t>(1, channels / kGramPanel);
-  if (panels == 1) return at::bmm(x, x.transpose(1, 2));
-  auto gram = at::empty({batch, channels, channels}, x.options());
-  std::vector<int64_t> starts(panels + 1);
-  for (int64_t p = 0; p <= panels; ++p) starts[p] = p * channels / panels;
-  for (int64_t p = 0; p < panels; ++p) {
-    const int64_t begin = starts[p], end = starts[p + 1];
-    auto rows = x.narrow(1, begin, end - begin);
-    auto rest = x.narrow(1, begin, channels - begin);
-    gram.narrow(1, begin, end - begin).narrow(2, begin, channels - begin).copy_(at::bmm(rows, rest.transpose(1, 2)));
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "symmetric_gram", [&] {
-    mirror_lower_panels<scalar_t>(gram.data_ptr<scalar_t>(), batch, channels, starts);
-  });
+  auto gram = at::empty({x.size(0), x.size(1), x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "symmetric_gram", [&] { grams<scalar_t>(x, x, gram, true); });
   return gram;
 }
 
@@ -183,7 +155,7 @@ torch::Tensor channel_attention_apply(const torch::Tensor& x, const torch::Tenso
               "channel_attention (cpu): attention must be contiguous (B, C, C) like x ", x.sizes(), ", got ",
               attention.sizes());
   auto scaled = attention * scalar_of(gamma);
-  auto out = at::empty_like(x);
+  auto out = cskd::empty_output_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_apply",
                              [&] { product_plus_residual<scalar_t>(scaled, false, x, x, out); });
   return out;
@@ -193,7 +165,7 @@ torch::Tensor channel_attention_apply(const torch::Tensor& x, const torch::Tenso
 std::vector<torch::Tensor> channel_attention_forward(const torch::Tensor& x, const torch::Tensor& gamma,
                                                      double temperature) {
   check_features(x);
-  const double g = scalar_of(gamma);
+  scalar_of(gamma);  // gamma checked before any work
   auto attention = symmetric_gram(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_forward", [&] {
     softmax_negated_rows_<scalar_t>(attention.data_ptr<scalar_t>(), x.size(0) * x.size(1), x.size(1), temperature);
@@ -210,10 +182,11 @@ std::vector<torch::Tensor> channel_attention_backward(const torch::Tensor& grad_
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "channel_attention (cpu): grad ", grad_out.sizes(), " vs x ", x.sizes());
   const double g = scalar_of(gamma);
   const int64_t batch = x.size(0), channels = x.size(1);
-  auto grad_gram = at::bmm(grad_out, x.transpose(1, 2));  // G = dOut X^T, becomes dE in place
+  auto grad_gram = at::empty({batch, channels, channels}, x.options());  // G = dOut X^T, becomes dE in place
   auto row_dots = at::empty({batch, channels}, x.options());
   torch::Tensor grad_x;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_backward", [&] {
+    grams<scalar_t>(grad_out, x, grad_gram, false);
     const auto scale = static_cast<scalar_t>(-g / temperature);
     softmax_backward_rows_<scalar_t>(grad_gram.data_ptr<scalar_t>(), attention.data_ptr<scalar_t>(),
                                      row_dots.data_ptr<scalar_t>(), batch * channels, channels, scale);
@@ -221,7 +194,7 @@ std::vector<torch::Tensor> channel_attention_backward(const torch::Tensor& grad_
       auto symmetric = at::empty_like(grad_gram);
       symmetrize<scalar_t>(grad_gram.data_ptr<scalar_t>(), symmetric.data_ptr<scalar_t>(), batch, channels);
       // dX = (gamma A)^T dOut + dOut, then dX += (dE + dE^T) X in place.
-      grad_x = at::empty_like(x);
+      grad_x = cskd::empty_output_like(x);
       product_plus_residual<scalar_t>(attention * g, true, grad_out, grad_out, grad_x);
       product_plus_residual<scalar_t>(symmetric, false, x, grad_x, grad_x);
     }

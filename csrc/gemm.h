@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "cpu_features.h"
-#include "simd_exp.h"
+#include "gemm_avx512.h"
 
 // The BLAS that libtorch links (MKL, OpenBLAS, ...) exports the Fortran
 // symbols; calling them directly skips ATen's per-call dispatch, which is
@@ -39,61 +39,6 @@ fortran_gemm<scalar_t> blas_gemm() {
 }
 
 #ifdef CSKD_X86_SIMD
-// Single-precision products on AVX-512 for CPUs where the linked MKL does not
-// use it: MKL picks its AVX-512 kernels on Intel CPUs only and runs AVX2 ones
-// on AMD (measured on an AVX-512 EPYC: ~113 GFLOP/s per core for the cell
-// products, against ~230 with its AVX-512 kernels). C (m x n, row-major,
-// ldc) = A B with A(i, p) at a[i * sa_i + p * sa_p] (plain or transposed) and
-// B row-major (k x n, ldb). Register blocking only: a cell's operands
-// (k <= 512) already sit in L2, and a 32-column panel of B in L1.
-template <int MR>
-CSKD_AVX512 inline void gemm_micro_avx512(int64_t k, const float* a, int64_t sa_i, int64_t sa_p, const float* b,
-                                          int64_t ldb, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
-  __m512 acc0[MR], acc1[MR];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < k; ++p) {
-    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + p * ldb), b1 = _mm512_maskz_loadu_ps(m1, b + p * ldb + 16);
-    const float* ap = a + p * sa_p;
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512 x = _mm512_set1_ps(ap[r * sa_i]);
-      acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    _mm512_mask_storeu_ps(c + r * ldc, m0, acc0[r]);
-    _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc1[r]);
-  }
-}
-
-CSKD_AVX512 inline void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t sa_i, int64_t sa_p,
-                             const float* b, int64_t ldb, float* c, int64_t ldc) {
-  constexpr int64_t kMR = 8;
-  for (int64_t j = 0; j < n; j += 32) {
-    const int64_t w = std::min<int64_t>(32, n - j);
-    const __mmask16 m0 = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
-    const __mmask16 m1 = w >= 32 ? __mmask16(0xFFFF) : w > 16 ? __mmask16((1u << (w - 16)) - 1) : __mmask16(0);
-    int64_t i = 0;
-    for (; i + kMR <= m; i += kMR)
-      gemm_micro_avx512<kMR>(k, a + i * sa_i, sa_i, sa_p, b + j, ldb, c + i * ldc + j, ldc, m0, m1);
-    const float* ai = a + i * sa_i;
-    float* ci = c + i * ldc + j;
-    switch (m - i) {
-      case 7: gemm_micro_avx512<7>(k, ai, sa_i, sa_p, b + j, ldb, ci, ldc, m0, m1); break;
-      case 6: gemm_micro_avx512<6>(k, ai, sa_i, sa_p, b + j, ldb, ci, ldc, m0, m1); break;
-      case 5: gemm_micro_avx512<5>(k, ai, sa_i, sa_p, b + j, ldb, ci, ldc, m0, m1); break;
-      case 4: gemm_micro_avx512<4>(k, ai, sa_i, sa_p, b + j, ldb, ci, ldc, m0, m1); break;
-      case 3: gemm_micro_avx512<3>(k, ai, sa_i, sa_p, b + j, ldb, ci, ldc, m0, m1); break;
-      case 2: gemm_micro_avx512<2>(k, ai, sa_i, sa_p, b + j, ldb, ci, ldc, m0, m1); break;
-      case 1: gemm_micro_avx512<1>(k, ai, sa_i, sa_p, b + j, ldb, ci, ldc, m0, m1); break;
-      default: break;
-    }
-  }
-}
-
 // True where MKL would run its AVX2 kernels although the CPU has AVX-512 (non-Intel CPUs).
 inline bool use_own_avx512_gemm() {
   static const bool use = cskd::cpu::has_avx512f() && !cskd::cpu::is_intel();
@@ -101,37 +46,45 @@ inline bool use_own_avx512_gemm() {
 }
 #endif
 
-// Whether gemm<scalar_t>(., trans_b, ...) runs our AVX-512 kernel rather than the BLAS.
+// Whether gemm<scalar_t> runs our AVX-512 kernel rather than the BLAS.
 template <typename scalar_t>
-bool own_kernel_runs(bool trans_b) {
+bool own_kernel_runs() {
 #ifdef CSKD_X86_SIMD
-  return std::is_same_v<scalar_t, float> && !trans_b && use_own_avx512_gemm();
+  return std::is_same_v<scalar_t, float> && use_own_avx512_gemm();
 #else
-  (void)trans_b;
   return false;
 #endif
 }
 
-// Row-major C (m x n) = op(A) op(B), op(A) m x k, op(B) k x n; a transposed
-// operand is stored the other way round (A as k x m). Runs on the calling
-// thread: inside our OpenMP loop the BLAS sees a parallel region and stays serial.
+// Row-major C (m x n) = op(A) op(B) (+ addend, m x n with leading dimension
+// ld_addend; it may be C itself), op(A) m x k, op(B) k x n; a transposed
+// operand is stored the other way round (A as k x m). With upper, C is
+// symmetric (op(A) op(B) = (op(A) op(B))^T, e.g. X X^T) and only elements on
+// or above the diagonal are guaranteed written. Runs on the calling thread:
+// inside our OpenMP loop the BLAS sees a parallel region and stays serial.
 template <typename scalar_t>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
-          const scalar_t* b, int64_t ldb, scalar_t* c, int64_t ldc) {
+          const scalar_t* b, int64_t ldb, scalar_t* c, int64_t ldc, const scalar_t* addend = nullptr,
+          int64_t ld_addend = 0, bool upper = false) {
 #ifdef CSKD_X86_SIMD
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (own_kernel_runs<scalar_t>(trans_b)) {
-      gemm_avx512(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, c, ldc);
+    if (own_kernel_runs<scalar_t>()) {
+      avx512::gemm(m, n, k, {a, trans_a ? 1 : lda, trans_a ? lda : 1}, {b, trans_b ? ldb : 1, trans_b ? 1 : ldb}, c,
+                   ldc, addend, ld_addend, upper);
       return;
     }
   }
 #endif
+  (void)upper;  // the BLAS computes the whole product
+  if (addend && addend != c)
+    for (int64_t i = 0; i < m; ++i) std::copy_n(addend + i * ld_addend, n, c + i * ldc);
+  const scalar_t beta = addend ? 1 : 0;
   if (const auto blas = blas_gemm<scalar_t>()) {
     // Column-major BLAS computes C^T = op(B)^T op(A)^T: the operands swap places.
     const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
     const int M = n, N = m, K = k, LDA = ldb, LDB = lda, LDC = ldc;
-    const scalar_t one = 1, zero = 0;
-    blas(&ta, &tb, &M, &N, &K, &one, b, &LDA, a, &LDB, &zero, c, &LDC);
+    const scalar_t one = 1;
+    blas(&ta, &tb, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
     return;
   }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
@@ -140,7 +93,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const sca
     return trans ? t.t() : t;
   };
   at::Tensor out = view(c, m, n, ldc, false);
-  at::mm_out(out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b));
+  at::addmm_out(out, out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, 1);
 }
 
 // Scratch reused by every task a thread runs (and kept for the next call):

@@ -39,17 +39,14 @@
 #include <type_traits>
 #include <vector>
 
-#include "ops.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "gemm.h"
+#include "huge_pages.h"
+#include "ops.h"
 #include "simd_exp.h"
 
 namespace {
 
+using cskd::empty_output;
 using cskd::blas::gemm;
 using cskd::blas::workspace;
 
@@ -440,12 +437,8 @@ void forward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
                   int64_t cv, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
   const int64_t n = cell.size(), lds = Carver<scalar_t>::round_up(n);
   Carver<scalar_t> carver;
-  // With our AVX-512 kernel the product wants P^T row-major (it takes no transposed right operand):
-  // one transpose of the n x n block in L2 costs far less than running the product on MKL's AVX2.
-  const bool transpose_p = cskd::blas::own_kernel_runs<scalar_t>(false);
   const int64_t iS = carver.add(n * lds), iQ = carver.add(d * n), iK = carver.add(d * n), iV = carver.add(cv * n),
-                iO = carver.add(cv * n), iInv = carver.add(n), iLse = carver.add(n),
-                iPT = carver.add(transpose_p ? n * lds : 0);
+                iO = carver.add(cv * n), iInv = carver.add(n), iLse = carver.add(n);
   const std::vector<scalar_t*> ws = carver.carve();
   scalar_t* s = ws[iS];
   scalar_t* inv = ws[iInv];
@@ -460,17 +453,7 @@ void forward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
   }
   // O = V P^T with unnormalised P; the 1 / rowsum is applied on the way out.
   const CellBlock<scalar_t> O = cell_output(out, H, W, cell, ws[iO]);
-  if (transpose_p) {
-    scalar_t* pt = ws[iPT];
-    constexpr int64_t kTile = 16;  // 16 x 16 tiles: both sides touch whole cache lines
-    for (int64_t i0 = 0; i0 < n; i0 += kTile)
-      for (int64_t j0 = 0; j0 < n; j0 += kTile)
-        for (int64_t i = i0; i < std::min(n, i0 + kTile); ++i)
-          for (int64_t j = j0; j < std::min(n, j0 + kTile); ++j) pt[j * lds + i] = s[i * lds + j];
-    gemm<scalar_t>(false, false, cv, n, n, V.ptr, V.ld, pt, lds, O.ptr, O.ld);
-  } else {
-    gemm<scalar_t>(false, true, cv, n, n, V.ptr, V.ld, s, lds, O.ptr, O.ld);
-  }
+  gemm<scalar_t>(false, true, cv, n, n, V.ptr, V.ld, s, lds, O.ptr, O.ld);
   store_cell(O, out, cv, H, W, cell, inv);
   store_cell(CellBlock<scalar_t>{ws[iLse], n}, lse, 1, H, W, cell);
 }
@@ -501,24 +484,6 @@ void backward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, cons
   store_cell(dV, dv, cv, H, W, cell);
   store_cell(dK, dk, d, H, W, cell);
   store_cell(dQ, dq, d, H, W, cell);
-}
-
-// A fresh output tensor. Outputs of tens of MiB come straight from mmap and are
-// page-faulted in 4 KiB at a time on their first write, which costs more than
-// the grid-mode kernel's non-BLAS work (measured here: 23 ms vs 4 ms of CPU time
-// to fill 64 MiB). Transparent huge pages cut the faults 512-fold; with THP in
-// its common "madvise" mode they must be asked for, as torch's own
-// THP_MEM_ALLOC_ENABLE does for every allocation. Only a hint: the 2 MiB-aligned
-// interior is advised, and a system without THP ignores it.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1), last = end & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return t;
 }
 
 // ---------------------------------------------------------------------------

@@ -62,9 +62,7 @@ def cell_projection_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cells: torch.Tensor, sizes: list[int]
 ) -> list[torch.Tensor]:
     """The C++ forward: the (B, size_j, H, W) maps of the row blocks ``sizes`` of weight."""
-    outs = _output_maps(x, sizes)
-    kernels("cell_projection", "cpu").forward(x, weight, bias, cells, outs)
-    return outs
+    return kernels("cell_projection", "cpu").forward(x, weight, bias, cells, list(sizes))
 
 
 @cell_projection_forward.register_fake
@@ -76,9 +74,7 @@ def _cell_projection_forward_fake(x, weight, bias, cells, sizes):
 def cell_projection_backward(grads: list[torch.Tensor], weight: torch.Tensor, cells: torch.Tensor,
                              channels: int) -> torch.Tensor:
     """The C++ input gradient: (B, channels, H, W) from the outputs' gradients."""
-    grad_x = _input_map(grads[0], channels)
-    kernels("cell_projection", "cpu").backward(grads, weight, cells, grad_x)
-    return grad_x
+    return kernels("cell_projection", "cpu").backward(grads, weight, cells, channels)
 
 
 @cell_projection_backward.register_fake
