@@ -20,8 +20,8 @@
 //   whole rows of P and dP, so O is not read. The task owns every position
 //   of its cell, so dQ needs no per-thread copies.
 // - Large cells (global mode): flash-attention tiles. Forward per (image,
-//   cell, query block): online softmax over key blocks; the tile products are
-//   BLAS calls (at::mm_out / addmm_) on cache-sized tiles. Saves the row
+//   cell, query block): online softmax over key blocks; the tile products run
+//   on cskd::blas::gemm on cache-sized tiles. Saves the row
 //   log-sum-exp. Backward per (image, cell, key block): recompute P from the
 //   log-sum-exp, accumulate dK and dV for the key block (owned by the task, no
 //   race) and dQ into per-thread buffers that are summed at the end. Memory is
@@ -327,11 +327,6 @@ struct CellMatrix {
     ptr = storage.data();
     ld = n;
   }
-
-  // Columns [i0, i0 + len) as an at::Tensor view (channels x len), no copy.
-  at::Tensor block(int64_t channels, int64_t i0, int64_t len, const at::TensorOptions& options) const {
-    return at::from_blob(ptr + i0, {channels, len}, {ld, 1}, options);
-  }
 };
 
 // Per-position vector (the log-sum-exp, Delta) of one image restricted to a cell.
@@ -500,14 +495,12 @@ void forward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
   at::Tensor scores = at::empty({nq, keys.size}, options);
   at::Tensor acc = at::zeros({cv, nq}, options);  // output tile, transposed to the (Cv, N) layout
   std::vector<scalar_t> m(nq, -std::numeric_limits<scalar_t>::infinity()), l(nq, 0), alpha(nq);
-  const at::Tensor q_block = Q.block(d, q0, nq, options);
   scalar_t* s = scores.data_ptr<scalar_t>();
   scalar_t* a = acc.data_ptr<scalar_t>();
+  const int64_t ld = scores.stride(0);
   for (int64_t kb = 0; kb < keys.count; ++kb) {
     const int64_t k0 = keys.begin(kb), nk = keys.length(kb, n);
-    at::Tensor s_tile = scores.narrow(1, 0, nk);
-    at::mm_out(s_tile, q_block.t(), K.block(d, k0, nk, options));
-    const int64_t ld = scores.stride(0);
+    gemm<scalar_t>(true, false, nq, nk, d, Q.ptr + q0, Q.ld, K.ptr + k0, K.ld, s, ld);  // S = Q^T K
     for (int64_t i = 0; i < nq; ++i) {
       const scalar_t m_old = m[i];
       const scalar_t row_sum = online_softmax_row(s + i * ld, nk, scale, m[i]);
@@ -521,7 +514,7 @@ void forward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         for (int64_t i = 0; i < nq; ++i) row[i] *= alpha[i];
       }
     }
-    acc.addmm_(V.block(cv, k0, nk, options), s_tile.t());
+    gemm<scalar_t>(false, true, cv, nq, nk, V.ptr + k0, V.ld, s, ld, a, nq, a, nq);  // acc += V P^T
   }
   const int64_t hw = H * W;
   for (int64_t i = 0; i < nq; ++i) {
@@ -604,39 +597,33 @@ void backward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, cons
   const std::vector<scalar_t> cell_lse = gather_positions(lse, W, cell);
   const std::vector<scalar_t> cell_delta = gather_positions(delta, W, cell);
   const Blocking queries(n);
-  const at::Tensor k_block = K.block(d, k0, nk, options);
-  const at::Tensor v_block = V.block(cv, k0, nk, options);
   at::Tensor scores = at::empty({queries.size, nk}, options);
   at::Tensor probs = at::empty({queries.size, nk}, options);
   at::Tensor dscores = at::empty({queries.size, nk}, options);
   at::Tensor dq_tile = at::empty({d, queries.size}, options);
   at::Tensor dk_acc = at::zeros({d, nk}, options);
   at::Tensor dv_acc = at::zeros({cv, nk}, options);
+  scalar_t* sp = scores.data_ptr<scalar_t>();
+  scalar_t* pp = probs.data_ptr<scalar_t>();
+  scalar_t* dsp = dscores.data_ptr<scalar_t>();
+  scalar_t* part = dq_tile.data_ptr<scalar_t>();
+  scalar_t* dka = dk_acc.data_ptr<scalar_t>();
+  scalar_t* dva = dv_acc.data_ptr<scalar_t>();
+  const int64_t ldp = dq_tile.stride(0);
   for (int64_t qb = 0; qb < queries.count; ++qb) {
     const int64_t q0 = queries.begin(qb), nq = queries.length(qb, n);
-    const at::Tensor q_block = Q.block(d, q0, nq, options);
-    const at::Tensor do_block = dO.block(cv, q0, nq, options);
-    at::Tensor s = scores.narrow(0, 0, nq), p = probs.narrow(0, 0, nq), ds = dscores.narrow(0, 0, nq);
-    at::mm_out(s, q_block.t(), k_block);
-    at::mm_out(ds, do_block.t(), v_block);  // dP, turned into dS in place below
-    scalar_t* sp = s.data_ptr<scalar_t>();
-    scalar_t* pp = p.data_ptr<scalar_t>();
-    scalar_t* dsp = ds.data_ptr<scalar_t>();
+    gemm<scalar_t>(true, false, nq, nk, d, Q.ptr + q0, Q.ld, K.ptr + k0, K.ld, sp, nk);     // S
+    gemm<scalar_t>(true, false, nq, nk, cv, dO.ptr + q0, dO.ld, V.ptr + k0, V.ld, dsp, nk);  // dP, dS below
     for (int64_t i = 0; i < nq; ++i)
       softmax_grad_row(sp + i * nk, pp + i * nk, dsp + i * nk, nk, scale, cell_lse[q0 + i], cell_delta[q0 + i]);
-    dv_acc.addmm_(do_block, p);
-    dk_acc.addmm_(q_block, ds);
-    at::Tensor dq_part = dq_tile.narrow(1, 0, nq);
-    at::mm_out(dq_part, k_block, ds.t());
-    const scalar_t* part = dq_tile.data_ptr<scalar_t>();
-    const int64_t ldp = dq_tile.stride(0);
+    gemm<scalar_t>(false, false, cv, nk, nq, dO.ptr + q0, dO.ld, pp, nk, dva, nk, dva, nk);  // dV += dO P
+    gemm<scalar_t>(false, false, d, nk, nq, Q.ptr + q0, Q.ld, dsp, nk, dka, nk, dka, nk);    // dK += Q dS
+    gemm<scalar_t>(false, true, d, nq, nk, K.ptr + k0, K.ld, dsp, nk, part, ldp, nullptr, 0);  // dQ part = K dS^T
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t px = pixel(cell, W, q0 + i);
       for (int64_t c = 0; c < d; ++c) dq_acc[c * hw + px] += part[c * ldp + i];
     }
   }
-  const scalar_t* dka = dk_acc.data_ptr<scalar_t>();
-  const scalar_t* dva = dv_acc.data_ptr<scalar_t>();
   for (int64_t j = 0; j < nk; ++j) {
     const int64_t px = pixel(cell, W, k0 + j);
     for (int64_t c = 0; c < d; ++c) dk[c * hw + px] = dka[c * nk + j];
