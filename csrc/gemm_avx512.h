@@ -35,7 +35,7 @@ constexpr int64_t kMR = 8;     // rows of a micro tile (broadcast from packed A)
 constexpr int64_t kNR = 32;    // columns of a micro tile (two zmm of packed B)
 constexpr int64_t kKC = 256;   // depth of a packed block: a B panel (32 KiB) stays in L1 across A's panels
 constexpr int64_t kMC = 512;   // rows of op(A) packed at once (512 KiB): C x C attention matrices in one block
-constexpr int64_t kNC = 1024;  // columns of op(B) packed at once (1 MiB)
+constexpr int64_t kNC = 512;   // columns of op(B) packed at once (512 KiB, with A's block within L2 + L3)
 
 // Element (i, p) of a matrix view at ptr[i * row + p * depth].
 struct View {
