@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -39,9 +41,14 @@ fortran_gemm<scalar_t> blas_gemm() {
 }
 
 #ifdef CSKD_X86_SIMD
-// True where MKL would run its AVX2 kernels although the CPU has AVX-512 (non-Intel CPUs).
+// True where MKL would run its AVX2 kernels although the CPU has AVX-512 (non-Intel CPUs),
+// unless the environment sets CSKD_OWN_GEMM=0 (the tests use it to run the BLAS path here).
 inline bool use_own_avx512_gemm() {
-  static const bool use = cskd::cpu::has_avx512f() && !cskd::cpu::is_intel();
+  static const bool use = [] {
+    const char* setting = std::getenv("CSKD_OWN_GEMM");
+    const bool allowed = setting == nullptr || std::string(setting) != "0";
+    return allowed && cskd::cpu::has_avx512f() && !cskd::cpu::is_intel();
+  }();
   return use;
 }
 #endif

@@ -8,6 +8,10 @@ packing transposes, the 256-deep blocks and the 512-row / 1024-column blocks.
 """
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -78,3 +82,25 @@ def test_zero_depth_gives_zero_or_the_addend():
 def test_mismatched_inner_sizes_are_refused():
     with pytest.raises(RuntimeError, match="inner sizes differ"):
         _C().gemm(torch.randn(3, 4), torch.randn(5, 6), False, False)
+
+
+def test_blas_path_when_the_own_kernel_is_switched_off():
+    """CSKD_OWN_GEMM=0 runs every product on torch's BLAS, the path of Intel and non-AVX-512 CPUs."""
+    script = textwrap.dedent("""
+        import itertools, torch
+        from cskd_kernels import _C
+        assert not _C.gemm_runs_own_kernel()
+        torch.manual_seed(0)
+        for (m, n, k), (ta, tb) in itertools.product([(9, 33, 17), (130, 70, 300)], itertools.product([0, 1], [0, 1])):
+            a = torch.randn((k, m) if ta else (m, k)); b = torch.randn((n, k) if tb else (k, n))
+            addend = torch.randn(m, n)
+            expected = (a.double().t() if ta else a.double()) @ (b.double().t() if tb else b.double()) + addend.double()
+            out = _C.gemm(a, b, bool(ta), bool(tb), addend)
+            assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 2e-5, (m, n, k, ta, tb)
+        x = torch.randn(40, 300)
+        assert torch.allclose(_C.gemm(x, x, False, True, None, True), (x @ x.t()).triu(), rtol=1e-4, atol=1e-3)
+        print("ok")
+    """)
+    env = dict(os.environ, CSKD_OWN_GEMM="0")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
