@@ -4,8 +4,10 @@ Student DeepLabV3-R18 features (8, 128, 64, 128) requiring grad, teacher R101
 features (8, 256, 64, 128), temperature 2, lambdas 0.3 / 0.8, projection
 "resample" (fresh projections per call, per side and per cell, as released).
 Providers: the released formulation (per-cell Python loop, new Conv2d layers
-per cell, the four-Gram CKA), CSKDLoss on the reference ops, CSKDLoss on the
-C++ and Triton kernels. Global mode (grid=None) runs only on the fused
+per cell, the four-Gram CKA), torch.compile of the reference composition
+(cskd_kernels.reference.cskd_loss, SPEC section 5 cell by cell, with the same
+per-cell projections drawn fresh every call), CSKDLoss on the reference ops,
+CSKDLoss on the C++ and Triton kernels. Global mode (grid=None) runs only on the fused
 backends: the released formulation and the reference need an 8192 x 8192 map
 per image. The floor is FLOPs (counted below) / float32 matmul rate.
 """
@@ -14,7 +16,8 @@ import pytest
 import torch
 
 from benchmarks.harness import Workload, declare_cases
-from cskd_kernels import CSKDLoss, released
+from cskd_kernels import CSKDLoss, reference, released
+from cskd_kernels.modules.cskd_loss import draw_projections
 
 B, CS, CT, H, W = 8, 128, 256, 64, 128
 
@@ -25,8 +28,24 @@ def _features(device):
     return feat_s, feat_t
 
 
+def _compiled_reference(grid):
+    def loss(feat_s, feat_t, gamma_cam, gamma_pam, weights_s, weights_t):
+        return reference.cskd_loss(feat_s, feat_t, gamma_cam, gamma_pam, lambda i: tuple(w[i] for w in weights_s),
+                                   lambda i: tuple(w[i] for w in weights_t), grid=grid)[0]
+    return torch.compile(loss, dynamic=False)
+
+
 def _workload(provider, grid, device):
     feat_s, feat_t = _features(device)
+    if provider == "compile":
+        gammas = torch.full((2,), 0.1, device=device, requires_grad=True)
+        compiled, cells = _compiled_reference(grid), 25 if grid else 1
+        def forward():
+            # "resample": fresh projections every call, per side and per cell, drawn outside the graph.
+            weights_s = draw_projections(CS, 8, cells, device=device)
+            weights_t = draw_projections(CT, 8, cells, device=device)
+            return compiled(feat_s, feat_t, gammas[:1], gammas[1:], weights_s, weights_t)
+        return Workload(forward=forward, grad_inputs=(feat_s, gammas))
     if provider == "released":
         gammas = torch.full((2,), 0.1, device=device, requires_grad=True)
         def forward():
@@ -76,7 +95,7 @@ def flops_for(grid):
 
 
 CASES = declare_cases(
-    op="cskd_loss", case="released_config_grid5x5", providers=("released", "reference", "cpu", "triton"),
+    op="cskd_loss", case="released_config_grid5x5", providers=("released", "reference", "compile", "cpu", "triton"),
     modes=("full",), xs=(H * W,), x_name="N", build=build_grid, flops=flops_for((5, 5)),
 ) + declare_cases(
     op="cskd_loss", case="released_config_global", providers=("cpu", "triton"),

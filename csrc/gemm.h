@@ -17,7 +17,7 @@
 // The BLAS that libtorch links (MKL, OpenBLAS, ...) exports the Fortran
 // symbols; calling them directly skips ATen's per-call dispatch, which is
 // noticeable at ~1400 small products per grid-mode step. Weak: a torch built
-// without BLAS leaves them null and the products go through at::mm_out.
+// without BLAS leaves them null and the products go through at::addmm_out.
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
