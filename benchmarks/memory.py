@@ -48,13 +48,13 @@ def _status_kib(field):
 
 
 def _trim_heap():
-    # Buffers our extension keeps for reuse (the CKA backward's gradient pool) would
-    # otherwise sit in the baseline RSS and hide the gradient from the measured peak.
+    # Buffers our extension keeps for reuse (its output pool) would otherwise sit in
+    # the baseline RSS and hide the outputs and gradients from the measured peak.
     from cskd_kernels.backend import extension
 
     ext = extension()
-    if ext is not None and hasattr(ext, "cka_empty_gradient_cache"):
-        ext.cka_empty_gradient_cache()
+    if ext is not None and hasattr(ext, "empty_cache"):
+        ext.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -35,7 +35,7 @@
 #include <vector>
 
 #include "cpu_features.h"
-#include "gradient_pool.h"
+#include "output_pool.h"
 #include "gram_tiles.h"
 #include "ops.h"
 
@@ -476,7 +476,7 @@ std::vector<torch::Tensor> cell_cross_gram_backward(const std::vector<torch::Ten
   // n x n per cell: converting it to the maps' dtype costs nothing and keeps one kernel per dtype.
   const torch::Tensor m = m_in.to(pb.parts[0].scalar_type()).contiguous();
   std::vector<torch::Tensor> grads;
-  for (const torch::Tensor& p : pb.parts) grads.push_back(cskd::empty_gradient(p));
+  for (const torch::Tensor& p : pb.parts) grads.push_back(cskd::empty_output_like(p));
   int64_t covered = 0;
   for (const Cell& c : pb.cells) covered += c.rows * c.cols;
   TORCH_CHECK(covered == pb.geo.plane, "the cells must cover the ", pb.geo.height, " x ", pb.geo.width,

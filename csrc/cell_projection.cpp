@@ -6,7 +6,7 @@
 // x (B, C, H, W) contiguous; weight (cells | 1, R, C) with R = the outputs'
 // channels stacked, bias (cells | 1, R); cells the (cells, 4) int32 table
 // (row0, height, col0, width) of torch.chunk's cells; outs / grads the
-// contiguous (B, R_j, H, W) maps (fresh huge-page-backed tensors, huge_pages.h). One task per (image, cell): its pixels are
+// contiguous (B, R_j, H, W) maps (from the output pool, output_pool.h). One task per (image, cell): its pixels are
 // gathered once into a thread-local tile (C x positions, in L2), one product
 // makes all R outputs, and they are scattered straight into the maps. The maps
 // are read and written once, with no padded copy of the whole map, and every
@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "gemm.h"
-#include "huge_pages.h"
+#include "output_pool.h"
 #include "ops.h"
 
 namespace {

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "gemm.h"
-#include "huge_pages.h"
+#include "output_pool.h"
 #include "ops.h"
 
 namespace {

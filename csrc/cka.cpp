@@ -37,16 +37,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
-#include <unordered_map>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "cpu_features.h"
-#include "gradient_pool.h"
+#include "output_pool.h"
 #include "gram_tiles.h"
 #include "ops.h"
 
@@ -415,99 +409,6 @@ void centered_gram_typed(const torch::Tensor& x, torch::Tensor& out) {
   }
 }
 
-// Memory for large gradients. dx is written once, into fresh memory: at the
-// sizes that matter (tens of MiB) the kernel's zeroing of fresh pages at the
-// first touch costs as much as writing dx, and 4 KiB pages add a fault per
-// page on top. So buffers of kRecycleBytes or more come from this pool: fresh
-// ones on 2 MiB boundaries with transparent huge pages requested (Linux, THP
-// in "madvise" mode), and a freed one is kept (at most kRecycleSlots of them)
-// for the next backward of the same size, which then finds its pages mapped.
-// The cost is that memory: up to kRecycleSlots buffers stay allocated after
-// their tensors are gone, as in a caching allocator.
-constexpr size_t kRecycleBytes = size_t{8} << 20;
-constexpr size_t kHugePage = size_t{2} << 20;
-constexpr size_t kRecycleSlots = 2;
-
-class GradientPool final : public c10::Allocator {
- public:
-  // Never destroyed: tensors from the pool may be freed during interpreter exit.
-  static GradientPool& instance() {
-    static GradientPool* pool = new GradientPool();
-    return *pool;
-  }
-
-  c10::DataPtr allocate(size_t bytes) override {
-    const size_t size = (std::max(bytes, size_t{1}) + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = take(size);
-    if (data == nullptr) data = fresh(size);
-    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
-  }
-
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
-
-  // Frees the kept buffers (those of live tensors stay), like torch.cuda.empty_cache.
-  void empty_cache() {
-    std::vector<void*> kept;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      kept.swap(free_);
-      for (void* data : kept) sizes_.erase(data);
-    }
-    for (void* data : kept) std::free(data);
-  }
-
-  void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
-
- private:
-  void* take(size_t size) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (size_t i = 0; i < free_.size(); ++i) {
-      if (sizes_[free_[i]] == size) {
-        void* data = free_[i];
-        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
-        return data;
-      }
-    }
-    return nullptr;
-  }
-
-  void* fresh(size_t size) {
-    void* data = std::aligned_alloc(kHugePage, size);
-    TORCH_CHECK(data != nullptr, "cka: cannot allocate ", size, " bytes for the gradient");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(data, size, MADV_HUGEPAGE);  // before the first touch; refused or unsupported changes nothing
-#endif
-    std::lock_guard<std::mutex> lock(mutex_);
-    sizes_[data] = size;
-    return data;
-  }
-
-  static void release(void* data) {
-    GradientPool& pool = instance();
-    {
-      std::lock_guard<std::mutex> lock(pool.mutex_);
-      if (pool.free_.size() < kRecycleSlots) {
-        pool.free_.push_back(data);
-        return;
-      }
-      pool.sizes_.erase(data);
-    }
-    std::free(data);
-  }
-
-  std::mutex mutex_;
-  std::unordered_map<void*, size_t> sizes_;  // every buffer of the pool, in use or free
-  std::vector<void*> free_;
-};
-
-// An empty contiguous tensor shaped like x for its gradient (from the pool when large).
-torch::Tensor empty_gradient(const torch::Tensor& x) {
-  const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
-  if (bytes < kRecycleBytes) return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  return at::detail::empty_generic(x.sizes(), &GradientPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   x.scalar_type(), at::MemoryFormat::Contiguous);
-}
-
 // Backward on x (g, n, p) with unit-stride rows and contiguous m (g, n, n) into contiguous dx.
 template <typename T>
 void centered_gram_backward_typed(const torch::Tensor& x, const torch::Tensor& m, torch::Tensor& dx) {
@@ -548,18 +449,14 @@ torch::Tensor centered_gram_backward(const torch::Tensor& x_in, const torch::Ten
   // m is n x n per group: converting it to x's dtype costs nothing and keeps
   // one kernel per dtype (float32 x with float64 m happens for mixed inputs).
   const torch::Tensor m = m_in.to(x.scalar_type()).contiguous();
-  torch::Tensor dx = empty_gradient(x);
+  torch::Tensor dx = cskd::empty_output_like(x);
   if (dx.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cka_centered_gram_backward",
                              [&] { centered_gram_backward_typed<scalar_t>(x, m, dx); });
   return dx;
 }
 
-void empty_gradient_cache() { GradientPool::instance().empty_cache(); }
-
 }  // namespace
-
-torch::Tensor cskd::empty_gradient(const torch::Tensor& like) { return ::empty_gradient(like); }
 
 void register_cka(pybind11::module& m) {
   m.def("cka_centered_gram", &centered_gram, pybind11::arg("x"),
@@ -569,6 +466,4 @@ void register_cka(pybind11::module& m) {
   m.def("cka_centered_gram_backward", &centered_gram_backward, pybind11::arg("x"), pybind11::arg("m"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "dx = m @ (x - x[:, 0:1, :]) for x (g, n, p) and m (g, n, n); shape and dtype of x.");
-  m.def("cka_empty_gradient_cache", &empty_gradient_cache,
-        "Frees the gradient buffers the CKA backward keeps for reuse (as torch.cuda.empty_cache does).");
 }

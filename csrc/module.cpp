@@ -12,4 +12,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cell_projection(m);
   register_cell_cross_gram(m);
   register_gemm(m);
+  register_output_pool(m);
 }

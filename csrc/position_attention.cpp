@@ -40,7 +40,7 @@
 #include <vector>
 
 #include "gemm.h"
-#include "huge_pages.h"
+#include "output_pool.h"
 #include "ops.h"
 #include "simd_exp.h"
 

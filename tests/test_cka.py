@@ -256,7 +256,7 @@ def test_pooled_gradients_are_never_shared_while_alive():
     third = ext.cka_centered_gram_backward(x, m2)  # may reuse the freed buffer: fully overwritten
     torch.testing.assert_close(third.double(), _backward_expected(x, m2), rtol=1e-4, atol=1e-4)
     del second, third
-    ext.cka_empty_gradient_cache()
+    ext.empty_cache()
     fourth = ext.cka_centered_gram_backward(x, m1)
     torch.testing.assert_close(fourth.double(), _backward_expected(x, m1), rtol=1e-4, atol=1e-4)
 

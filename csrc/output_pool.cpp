@@ -1,0 +1,137 @@
+// The output pool of output_pool.h: a c10::Allocator whose deleter keeps freed buffers.
+#include "output_pool.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "ops.h"
+
+namespace {
+
+constexpr size_t kPooledBytes = size_t{2} << 20;  // one huge page: smaller outputs take at::empty
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kKeptBuffers = 32;
+// The bytes kept: 64 MiB (two gradients of the released CKA's student) unless CSKD_OUTPUT_CACHE_MB
+// says otherwise. Keeping more trades memory for time (README, "The whole CSKD loss").
+size_t kept_bytes_limit() {
+  static const size_t limit = [] {
+    const char* setting = std::getenv("CSKD_OUTPUT_CACHE_MB");
+    if (setting == nullptr || *setting == '\0') return size_t{64} << 20;
+    char* end = nullptr;
+    const unsigned long long megabytes = std::strtoull(setting, &end, 10);
+    TORCH_CHECK(*end == '\0', "CSKD_OUTPUT_CACHE_MB must be a whole number of MiB, got '", setting, "'");
+    return static_cast<size_t>(megabytes) << 20;
+  }();
+  return limit;
+}
+
+class OutputPool final : public c10::Allocator {
+ public:
+  // Never destroyed: tensors from the pool may be freed during interpreter exit.
+  static OutputPool& instance() {
+    static OutputPool* pool = new OutputPool();
+    return *pool;
+  }
+
+  c10::DataPtr allocate(size_t bytes) override {
+    kept_bytes_limit();  // read (and checked) here, where an error can reach Python, not in the deleter
+    const size_t size = (std::max(bytes, size_t{1}) + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = take(size);
+    if (data == nullptr) data = fresh(size);
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void empty_cache() {
+    std::vector<void*> kept;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      kept.swap(free_);
+      for (void* data : kept) sizes_.erase(data);
+      kept_bytes_ = 0;
+    }
+    for (void* data : kept) std::free(data);
+  }
+
+  void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
+
+ private:
+  void* take(size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < free_.size(); ++i) {
+      if (sizes_[free_[i]] == size) {
+        void* data = free_[i];
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+        kept_bytes_ -= size;
+        return data;
+      }
+    }
+    return nullptr;
+  }
+
+  void* fresh(size_t size) {
+    void* data = std::aligned_alloc(kHugePage, size);
+    TORCH_CHECK(data != nullptr, "cskd: cannot allocate ", size, " bytes for an output");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(data, size, MADV_HUGEPAGE);  // before the first touch; refused or unsupported changes nothing
+#endif
+    std::lock_guard<std::mutex> lock(mutex_);
+    sizes_[data] = size;
+    return data;
+  }
+
+  // Keeps the freed buffer, dropping the oldest kept ones past the limits.
+  static void release(void* data) {
+    OutputPool& pool = instance();
+    std::vector<void*> dropped;
+    {
+      std::lock_guard<std::mutex> lock(pool.mutex_);
+      const size_t size = pool.sizes_[data];
+      if (size > kept_bytes_limit()) {
+        dropped.push_back(data);
+      } else {
+        pool.free_.push_back(data);
+        pool.kept_bytes_ += size;
+      }
+      while (pool.free_.size() > kKeptBuffers || pool.kept_bytes_ > kept_bytes_limit()) {
+        dropped.push_back(pool.free_.front());
+        pool.kept_bytes_ -= pool.sizes_[pool.free_.front()];
+        pool.free_.erase(pool.free_.begin());
+      }
+      for (void* d : dropped) pool.sizes_.erase(d);
+    }
+    for (void* d : dropped) std::free(d);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<void*, size_t> sizes_;  // every buffer of the pool, in use or kept
+  std::vector<void*> free_;                  // kept buffers, oldest first
+  size_t kept_bytes_ = 0;
+};
+
+}  // namespace
+
+at::Tensor cskd::empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_CHECK(options.device().is_cpu(), "cskd::empty_output: CPU tensors only");
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (bytes < kPooledBytes) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &OutputPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), at::MemoryFormat::Contiguous);
+}
+
+void cskd::empty_output_cache() { OutputPool::instance().empty_cache(); }
+
+void register_output_pool(pybind11::module& m) {
+  m.def("empty_cache", &cskd::empty_output_cache,
+        "Frees the output buffers the C++ kernels keep for reuse (as torch.cuda.empty_cache does).");
+}
