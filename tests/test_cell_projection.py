@@ -8,10 +8,23 @@ from cskd_kernels import reference
 from cskd_kernels.ops import cell_projection as cell_projection_module
 from cskd_kernels.ops.cell_projection import cell_projection
 from cskd_kernels.grid import CellLayout
-from conftest import HAS_EXTENSION
+from conftest import HAS_EXTENSION, fused_backends
 
 # "reference": the PyTorch path (padded cells, batched products); "cpu": the C++ kernels.
 BACKENDS = ["reference"] + (["cpu"] if HAS_EXTENSION else [])
+
+
+def _cases():
+    """(backend, device, dtype): float64 where the backend runs it, float32 on every fused backend."""
+    cases = [pytest.param(backend, "cpu", torch.float64, id=f"{backend}-float64") for backend in BACKENDS]
+    for p in fused_backends():
+        backend, device = p.values
+        cases.append(pytest.param(backend, device, torch.float32, id=f"{p.id}-float32"))
+    return cases
+
+
+# (rtol, atol relative to the largest expected value) against the float64 per-cell convolution.
+TOLERANCES = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 2e-5)}
 
 
 def _per_cell_reference(x, projections, grid):
@@ -34,25 +47,29 @@ def _per_cell_reference(x, projections, grid):
 @pytest.mark.parametrize("shape,grid", [((3, 5, 13, 26), (5, 5)), ((2, 4, 6, 6), (5, 5)), ((2, 3, 13, 11), (2, 3)),
                                         ((3, 4, 7, 9), None)])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_per_cell_convolution_values_and_gradients(shape, grid, shared, backend):
+@pytest.mark.parametrize("outputs", ["qkv", "four"])  # four: past the Triton kernels' three, the PyTorch path
+@pytest.mark.parametrize("backend,device,dtype", _cases())
+def test_matches_per_cell_convolution_values_and_gradients(shape, grid, shared, outputs, backend, device, dtype):
     b, c, h, w = shape
     cells = 1 if shared else CellLayout(h, w, grid or (1, 1)).num_cells
+    sizes = (2, 2, c + 1) if outputs == "qkv" else (1, 2, 3, c)
     x = (torch.randn(shape, dtype=torch.float64) + 1.0).requires_grad_(True)
     projections = [(torch.randn(cells, out, c, dtype=torch.float64, requires_grad=True),
-                    torch.randn(cells, out, dtype=torch.float64, requires_grad=True)) for out in (2, 2, c + 1)]
-    outs = cell_projection(x, projections, grid=grid, backend=backend)
+                    torch.randn(cells, out, dtype=torch.float64, requires_grad=True)) for out in sizes]
     leaves = [x] + [t for pair in projections for t in pair]
-    copies = [t.detach().clone().requires_grad_(True) for t in leaves]
-    expected = _per_cell_reference(copies[0], list(zip(copies[1::2], copies[2::2])), grid)
+    inputs = [t.detach().to(device, dtype).requires_grad_(True) for t in leaves]
+    outs = cell_projection(inputs[0], list(zip(inputs[1::2], inputs[2::2])), grid=grid, backend=backend)
+    expected = _per_cell_reference(x, projections, grid)
     grads_out = [torch.randn_like(e) for e in expected]
+    rtol, atol = TOLERANCES[dtype]
     for out, want in zip(outs, expected):
-        assert out.is_contiguous()
-        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    torch.autograd.backward(outs, grads_out)
+        assert out.is_contiguous() and out.dtype == dtype
+        torch.testing.assert_close(out.cpu().double(), want, rtol=rtol, atol=atol * want.abs().max().item())
+    torch.autograd.backward(outs, [g.to(device, dtype) for g in grads_out])
     torch.autograd.backward(expected, grads_out)
-    for i, (leaf, copy) in enumerate(zip(leaves, copies)):
-        torch.testing.assert_close(leaf.grad, copy.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"leaf {i}: {m}")
+    for i, (leaf, got) in enumerate(zip(leaves, inputs)):
+        torch.testing.assert_close(got.grad.cpu().double(), leaf.grad, rtol=rtol * 100, atol=atol * leaf.grad.abs().max().item(),
+                                   msg=lambda m: f"leaf {i}: {m}")
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 25 * (5 + 6) * 18 * 8, 2**30], ids=["one-image", "three-images", "whole-batch"])

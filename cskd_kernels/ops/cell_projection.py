@@ -12,9 +12,11 @@ outputs are written straight into contiguous (B, out_j, H, W) maps, and the
 backward saves just x and the weights (not the padded cells).
 
 Two paths, the same contract:
-- backend "cpu" (the C++ extension, csrc/cell_projection.cpp): one task per
-  (image, cell) gathers the cell's pixels in cache, one product, the outputs
-  scattered into the maps: the maps are read and written once, no padding.
+- the fused backends, maps read and written once, no padding: "cpu" (the
+  C++ extension, csrc/cell_projection.cpp: one task per (image, cell)
+  gathers the cell's pixels in cache, one product, the outputs scattered into
+  the maps) and "triton" (cskd_kernels/triton/cell_projection.py: one launch
+  per pass for every image, cell and output, up to TRITON_MAX_OUTPUTS outputs).
   Weight and bias gradients (projection "learned") take the PyTorch path.
 - otherwise: PyTorch batched products on padded cells, any device.
 """
@@ -29,6 +31,8 @@ from cskd_kernels.ops.position_attention import cell_table
 # chunk cache-sized, a GPU takes the whole batch in one launch per product.
 CHUNK_BYTES = {"cpu": 16 * 2**20}
 DEFAULT_CHUNK_BYTES = 2**30
+# Outputs one launch of the Triton kernels writes (q, k, v: CSKD needs three).
+TRITON_MAX_OUTPUTS = 3
 
 
 def chunk_images(x, layout, channels):
@@ -59,26 +63,26 @@ def _batched(weight, layout, images):
 
 @torch.library.custom_op("cskd::cell_projection_forward", mutates_args=())
 def cell_projection_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cells: torch.Tensor, sizes: list[int]
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cells: torch.Tensor, sizes: list[int], backend: str
 ) -> list[torch.Tensor]:
-    """The C++ forward: the (B, size_j, H, W) maps of the row blocks ``sizes`` of weight."""
-    return kernels("cell_projection", "cpu").forward(x, weight, bias, cells, list(sizes))
+    """The fused forward: the (B, size_j, H, W) maps of the row blocks ``sizes`` of weight."""
+    return kernels("cell_projection", backend).forward(x, weight, bias, cells, list(sizes))
 
 
 @cell_projection_forward.register_fake
-def _cell_projection_forward_fake(x, weight, bias, cells, sizes):
+def _cell_projection_forward_fake(x, weight, bias, cells, sizes, backend):
     return _output_maps(x, sizes)
 
 
 @torch.library.custom_op("cskd::cell_projection_backward", mutates_args=())
 def cell_projection_backward(grads: list[torch.Tensor], weight: torch.Tensor, cells: torch.Tensor,
-                             channels: int) -> torch.Tensor:
-    """The C++ input gradient: (B, channels, H, W) from the outputs' gradients."""
-    return kernels("cell_projection", "cpu").backward(grads, weight, cells, channels)
+                             channels: int, backend: str) -> torch.Tensor:
+    """The fused input gradient: (B, channels, H, W) from the outputs' gradients."""
+    return kernels("cell_projection", backend).backward(grads, weight, cells, channels)
 
 
 @cell_projection_backward.register_fake
-def _cell_projection_backward_fake(grads, weight, cells, channels):
+def _cell_projection_backward_fake(grads, weight, cells, channels, backend):
     return _input_map(grads[0], channels)
 
 
@@ -90,23 +94,23 @@ def _input_map(like, channels):
     return like.new_empty((like.shape[0], channels, *like.shape[2:]))
 
 
-def _table(layout, grid):
-    return cell_table(layout.height, layout.width, grid, "cpu")
+def _table(layout, grid, device):
+    return cell_table(layout.height, layout.width, grid, device)
 
 
 class CellProjectionFunction(torch.autograd.Function):
     """Outputs (B, out_j, H, W) for the row blocks ``sizes`` of weight (cells|1, sum(sizes), C)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, grid_rows, grid_cols, sizes, native):
+    def forward(ctx, x, weight, bias, grid_rows, grid_cols, sizes, fused):
         # The grid travels as plain ints (torch.compile traces the arguments); the layout is rebuilt.
         grid = (grid_rows, grid_cols)
         layout = CellLayout(x.shape[2], x.shape[3], grid)
-        ctx.layout, ctx.grid, ctx.sizes, ctx.native = layout, grid, sizes, native
+        ctx.layout, ctx.grid, ctx.sizes, ctx.fused = layout, grid, sizes, fused
         ctx.save_for_backward(x, weight)
-        if native:
-            return tuple(cell_projection_forward(x, weight.contiguous(), bias.contiguous(), _table(layout, grid),
-                                                 list(sizes)))
+        if fused:
+            return tuple(cell_projection_forward(x, weight.contiguous(), bias.contiguous(),
+                                                 _table(layout, grid, x.device), list(sizes), fused))
         return tuple(_padded_forward(x, weight, bias, layout, sizes))
 
     @staticmethod
@@ -118,9 +122,9 @@ class CellProjectionFunction(torch.autograd.Function):
         grads = [torch.zeros_like(x[:1, :1]).expand(x.shape[0], size, *x.shape[2:]) if g is None else g
                  for g, size in zip(grads, sizes)]
         grad_x = None
-        if need_x and ctx.native:
+        if need_x and ctx.fused:
             grad_x = cell_projection_backward([g.contiguous() for g in grads], weight.contiguous(),
-                                              _table(layout, ctx.grid), x.shape[1])
+                                              _table(layout, ctx.grid, x.device), x.shape[1], ctx.fused)
             need_x = False
         grad_x_padded = grad_weight = grad_bias = None
         if need_x or need_weight or need_bias:  # what the C++ kernels did not already give
@@ -189,7 +193,8 @@ def cell_projection(x, projections, grid=None, backend=None):
     a leading 1 meaning one projection shared by every cell. Cells as
     torch.chunk cuts the map (grid=None: one cell). Differentiable in x and
     every weight and bias. ``backend``: "cpu" runs the C++ kernels (float32 /
-    float64 CPU tensors), anything else the PyTorch path; None picks as the ops do.
+    float64 CPU tensors), "triton" the Triton kernels (up to TRITON_MAX_OUTPUTS
+    pairs), anything else the PyTorch path; None picks as the ops do.
     """
     layout = CellLayout(x.shape[2], x.shape[3], grid or (1, 1))
     for weight, bias in projections:
@@ -200,7 +205,8 @@ def cell_projection(x, projections, grid=None, backend=None):
     weight = torch.cat([w.to(x.dtype) for w, _ in projections], dim=1)
     bias = torch.cat([b.to(x.dtype) for _, b in projections], dim=1)
     sizes = [w.shape[1] for w, _ in projections]
-    native = resolve_backend(backend, x) == "cpu"
-    if native:
+    name = resolve_backend(backend, x)
+    fused = name if name == "cpu" or (name == "triton" and len(sizes) <= TRITON_MAX_OUTPUTS) else ""
+    if fused:
         x = x.contiguous()
-    return CellProjectionFunction.apply(x, weight, bias, *(grid or (1, 1)), sizes, native)
+    return CellProjectionFunction.apply(x, weight, bias, *(grid or (1, 1)), sizes, fused)

@@ -23,13 +23,16 @@ H_blocks H_all = H_blocks. Grams add up over feature blocks, so the blocks
 are summed in float64. The backward is the CKA kernel's backward, M (x - x_0),
 on the same stacked blocks, with M = H_blocks (G + G^T) H_blocks.
 
-On the "cpu" backend (the C++ extension) nothing is stacked: the kernels
-cskd::cell_cross_gram and cskd::cell_cross_gram_backward (csrc/cell_cross_gram.cpp)
-read every map in place, cell by cell through the cell table, and return the
-Gram of the k*B rows shifted by row 0 (float64), which the block centering
-turns into the same result (centering is invariant to a common shift), and
-the gradients M (x - x_0) written straight into maps shaped like the parts.
-The stacked path above serves the "reference" and "triton" backends.
+On the fused backends nothing is stacked: the kernels cskd::cell_cross_gram
+and cskd::cell_cross_gram_backward read every map in place through the cell
+table, and return a float64 Gram of the k*B rows that the block centering
+turns into the result (centering is invariant to a common shift: the C++
+kernels, csrc/cell_cross_gram.cpp, shift by row 0; the Triton kernels,
+cskd_kernels/triton/cell_cross_gram.py, center over all k*B rows), and the
+gradients M (x - x_0) written straight into maps shaped like the parts.
+On a GPU that is one launch per pass for all cells and maps. The stacked
+path above serves the "reference" backend (and Triton beyond its kernels'
+MAX_PARTS maps or MAX_ROWS rows).
 """
 
 import torch
@@ -47,6 +50,8 @@ from cskd_kernels.ops.position_attention import cell_table
 # more there than memory).
 BLOCK_BYTES = {"cpu": 16 * 2**20}
 DEFAULT_BLOCK_BYTES = 2**30
+# What the Triton in-place kernels take: k maps of batch B with k <= 4, k * B <= 128 rows a cell.
+TRITON_MAX_PARTS, TRITON_MAX_ROWS = 4, 128
 
 
 def _layout(x, grid):
@@ -58,31 +63,38 @@ def _block_centering(k, n, dtype, device):
     return torch.block_diag(*[centering_matrix(n, dtype, device)] * k)
 
 
-# The in-place CPU kernels are PyTorch custom ops with fake implementations, so
+# The in-place kernels are PyTorch custom ops with fake implementations, so
 # torch.compile sees each as one op; CrossGramFunction calls them for autograd.
 
 
 @torch.library.custom_op("cskd::cell_cross_gram", mutates_args=())
-def cell_cross_gram(parts: list[torch.Tensor], cells: torch.Tensor) -> torch.Tensor:
-    """(cells, k*B, k*B) float64: per cell the Gram of the k*B rows shifted by row 0, maps read in place."""
-    return kernels("cell_cross_gram", "cpu").forward(parts, cells)
+def cell_cross_gram(parts: list[torch.Tensor], cells: torch.Tensor, backend: str) -> torch.Tensor:
+    """(cells, k*B, k*B) float64: per cell a Gram of the k*B rows up to centering, maps read in place."""
+    return kernels("cell_cross_gram", backend).forward(parts, cells)
 
 
 @cell_cross_gram.register_fake
-def _cell_cross_gram_fake(parts, cells):
+def _cell_cross_gram_fake(parts, cells, backend):
     n = len(parts) * parts[0].shape[0]
     return parts[0].new_empty((cells.shape[0], n, n), dtype=torch.float64)
 
 
 @torch.library.custom_op("cskd::cell_cross_gram_backward", mutates_args=())
-def cell_cross_gram_backward(parts: list[torch.Tensor], cells: torch.Tensor, m: torch.Tensor) -> list[torch.Tensor]:
+def cell_cross_gram_backward(parts: list[torch.Tensor], cells: torch.Tensor, m: torch.Tensor,
+                             backend: str) -> list[torch.Tensor]:
     """Per part a: grad[b, :, cell] = sum_j m[cell][a*B + b, j] (row_j - row_0)[:, cell], m centered."""
-    return kernels("cell_cross_gram", "cpu").backward(parts, cells, m)
+    return kernels("cell_cross_gram", backend).backward(parts, cells, m)
 
 
 @cell_cross_gram_backward.register_fake
-def _cell_cross_gram_backward_fake(parts, cells, m):
+def _cell_cross_gram_backward_fake(parts, cells, m, backend):
     return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in parts]
+
+
+def _in_place(parts, backend):
+    """Whether ``backend`` has kernels that read these maps in place (else the stacked path)."""
+    return backend == "cpu" or (
+        backend == "triton" and len(parts) <= TRITON_MAX_PARTS and len(parts) * parts[0].shape[0] <= TRITON_MAX_ROWS)
 
 
 def _in_place_parts(parts):
@@ -137,8 +149,8 @@ def _gram_backward(stacked, m, backend):
 def _cross_grams(parts, grid, backend):
     """The block-centered Grams of ``parts`` per cell, and the channel blocks they were read in."""
     k, n = len(parts), parts[0].shape[0]
-    if backend == "cpu":
-        gram = cell_cross_gram(_in_place_parts(parts), _cells(parts, grid))
+    if _in_place(parts, backend):
+        gram = cell_cross_gram(_in_place_parts(parts), _cells(parts, grid), backend)
         h = _block_centering(k, n, gram.dtype, gram.device)
         return h @ gram @ h, None
     layout = _layout(parts[0], grid)
@@ -172,10 +184,10 @@ class CrossGramFunction(torch.autograd.Function):
         layout, k, n = _layout(parts[0], ctx.grid), len(parts), parts[0].shape[0]
         h = _block_centering(k, n, grad_gram.dtype, grad_gram.device)
         m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
-        if ctx.backend == "cpu":
+        if _in_place(parts, ctx.backend):
             same = _in_place_parts(parts)
             m = m.to(accumulation_dtype(same[0].dtype)).contiguous()
-            grads = cell_cross_gram_backward(same, _cells(same, ctx.grid), m)
+            grads = cell_cross_gram_backward(same, _cells(same, ctx.grid), m, ctx.backend)
             grads = [g.to(p.dtype) if need else None for g, p, need in zip(grads, parts, ctx.needs_input_grad[3:])]
             return (None, None, None, *grads)
         if _whole(layout, k):

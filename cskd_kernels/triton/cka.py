@@ -32,13 +32,12 @@ Backward: dx = m (x - x_0) column tile by column tile; m is centered
 (H (G + G^T) H), which is why subtracting the first sample is enough.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from cskd_kernels.backend import triton_interpreting
+from cskd_kernels.triton.common import target_programs
 
 MAX_SAMPLES = 128
 # Up to this many samples every sample of a column lives in one thread (n * n accumulators a thread).
@@ -46,10 +45,6 @@ FEW_SAMPLES = 8
 _FEW_SAMPLES_WARPS = 4
 # tl.dot kernels: elements of one (BLOCK_N, BLOCK_K) float32 tile, 64 registers a thread at 4 warps.
 _TILE_ELEMENTS = 8192
-_PROGRAMS_PER_SM = 4
-# The interpreter runs every program in Python: few programs, still more than one
-# split so the cross-program reduction is exercised.
-_INTERPRETER_PROGRAMS = 4
 
 
 @triton.jit
@@ -312,22 +307,10 @@ def _dot_blocks(n):
     return block_n, block_k, num_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _target_programs(device):
-    if device.type == "cuda" and not triton_interpreting():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return _PROGRAMS_PER_SM * _multiprocessors(index)
-    return _INTERPRETER_PROGRAMS
-
-
 def _column_split(g, p, chunk, device):
     """(programs per group, chunks per program): enough programs to fill the device, whole chunks each."""
     n_chunks = triton.cdiv(p, chunk)
-    wanted = max(1, min(n_chunks, triton.cdiv(_target_programs(device), g)))
+    wanted = max(1, min(n_chunks, triton.cdiv(target_programs(device), g)))
     chunks_per_program = triton.cdiv(n_chunks, wanted)
     return triton.cdiv(n_chunks, chunks_per_program), chunks_per_program
 

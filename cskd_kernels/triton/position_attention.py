@@ -21,22 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from cskd_kernels.triton.common import cell_pixels, load_cell
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _load_cell(cells_ptr, cell):
-    row0 = tl.load(cells_ptr + cell * 4)
-    height = tl.load(cells_ptr + cell * 4 + 1)
-    col0 = tl.load(cells_ptr + cell * 4 + 2)
-    width = tl.load(cells_ptr + cell * 4 + 3)
-    return row0, col0, width, height * width
-
-
-@triton.jit
-def _pixels(index, row0, col0, width, W):
-    """Pixel offset (row * W + col) of position ``index`` of a cell."""
-    return (row0 + index // width) * W + col0 + index % width
 
 
 @triton.jit
@@ -50,14 +37,14 @@ def _forward_kernel(
     cell = tl.program_id(1)
     b = tl.program_id(2) // CV_TILES
     cv_tile = tl.program_id(2) % CV_TILES
-    row0, col0, width, n = _load_cell(cells_ptr, cell)
+    row0, col0, width, n = load_cell(cells_ptr, cell)
     m_start = pid_m * BLOCK_M
     # Query blocks past this cell's end (cells differ in size) skip the key loop.
     kv_end = tl.where(m_start < n, n, 0)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    pix_m = _pixels(offs_m, row0, col0, width, W)
+    pix_m = cell_pixels(offs_m, row0, col0, width, W)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_c = cv_tile * BLOCK_CV + tl.arange(0, BLOCK_CV)
@@ -74,7 +61,7 @@ def _forward_kernel(
     for j0 in range(0, kv_end, BLOCK_N):
         offs_n = j0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n
-        pix_n = _pixels(offs_n, row0, col0, width, W)
+        pix_n = cell_pixels(offs_n, row0, col0, width, W)
         kt = tl.load(k_base + offs_d[:, None] * HW + pix_n[None, :], mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale2
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -114,13 +101,13 @@ def _dv_kernel(
     cell = tl.program_id(1)
     b = tl.program_id(2) // CV_TILES
     cv_tile = tl.program_id(2) % CV_TILES
-    row0, col0, width, n = _load_cell(cells_ptr, cell)
+    row0, col0, width, n = load_cell(cells_ptr, cell)
     n_start = pid_n * BLOCK_N
     q_end = tl.where(n_start < n, n, 0)
 
     offs_n = n_start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
-    pix_n = _pixels(offs_n, row0, col0, width, W)
+    pix_n = cell_pixels(offs_n, row0, col0, width, W)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_c = cv_tile * BLOCK_CV + tl.arange(0, BLOCK_CV)
@@ -135,7 +122,7 @@ def _dv_kernel(
     for i0 in range(0, q_end, BLOCK_M):
         offs_m = i0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n
-        pix_m = _pixels(offs_m, row0, col0, width, W)
+        pix_m = cell_pixels(offs_m, row0, col0, width, W)
         q = tl.load(q_base + offs_d[None, :] * HW + pix_m[:, None], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         lse2 = tl.load(lse_ptr + b64 * HW + pix_m, mask=mask_m, other=0.0) * 1.4426950408889634
         p = _probabilities(q, kt, lse2, mask_m, mask_n, qk_scale2, PRECISION)
@@ -155,13 +142,13 @@ def _dkdq_kernel(
     pid_n = tl.program_id(0)
     cell = tl.program_id(1)
     b = tl.program_id(2)
-    row0, col0, width, n = _load_cell(cells_ptr, cell)
+    row0, col0, width, n = load_cell(cells_ptr, cell)
     n_start = pid_n * BLOCK_N
     q_end = tl.where(n_start < n, n, 0)
 
     offs_n = n_start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
-    pix_n = _pixels(offs_n, row0, col0, width, W)
+    pix_n = cell_pixels(offs_n, row0, col0, width, W)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     b64 = b.to(tl.int64)
@@ -176,7 +163,7 @@ def _dkdq_kernel(
     for i0 in range(0, q_end, BLOCK_M):
         offs_m = i0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n
-        pix_m = _pixels(offs_m, row0, col0, width, W)
+        pix_m = cell_pixels(offs_m, row0, col0, width, W)
         q = tl.load(q_base + offs_d[None, :] * HW + pix_m[:, None], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         lse2 = tl.load(lse_ptr + b64 * HW + pix_m, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + b64 * HW + pix_m, mask=mask_m, other=0.0)

@@ -1,0 +1,48 @@
+"""What several Triton ops share: the grid-cell addressing of (B, C, H, W) maps and the launch size.
+
+A cell table (cells, 4) int32 holds per torch.chunk cell its row start,
+height, column start and width (cskd_kernels.ops.position_attention.cell_table);
+kernels read cells in place through it, nothing is cut or padded on the host.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from cskd_kernels.backend import triton_interpreting
+
+PROGRAMS_PER_SM = 4
+# The interpreter runs every program in Python: few programs, still more than
+# one so the cross-program reductions are exercised.
+INTERPRETER_PROGRAMS = 4
+
+
+@triton.jit
+def load_cell(cells_ptr, cell):
+    """(row start, column start, width, positions) of one cell of the table."""
+    row0 = tl.load(cells_ptr + cell * 4)
+    height = tl.load(cells_ptr + cell * 4 + 1)
+    col0 = tl.load(cells_ptr + cell * 4 + 2)
+    width = tl.load(cells_ptr + cell * 4 + 3)
+    return row0, col0, width, height * width
+
+
+@triton.jit
+def cell_pixels(index, row0, col0, width, W):
+    """Pixel offset (row * W + col) of position ``index`` of a cell."""
+    return (row0 + index // width) * W + col0 + index % width
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device):
+    """Programs that fill the device: a few per SM on a GPU, a handful under the interpreter."""
+    if device.type == "cuda" and not triton_interpreting():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return PROGRAMS_PER_SM * _multiprocessors(index)
+    return INTERPRETER_PROGRAMS
