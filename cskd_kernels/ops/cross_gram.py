@@ -231,9 +231,10 @@ def combine_grams(grams, coefficients):
     """
     k = len(coefficients)
     n = grams.shape[-1] // k
-    blocks = grams.reshape(grams.shape[0], k, n, k, n)
-    total = 0
-    for i, ci in enumerate(coefficients):
-        for j, cj in enumerate(coefficients):
-            total = total + (ci * cj) * blocks[:, i, :, j, :]
-    return total
+    # One vector of coefficients, numbers filled in on the device (no host-to-device copy,
+    # which would wait for the GPU), then a single contraction: a handful of launches.
+    like = next((c for c in coefficients if isinstance(c, torch.Tensor)), grams)
+    c = torch.cat([ci.reshape(1).to(grams.dtype) if isinstance(ci, torch.Tensor)
+                   else like.new_full((1,), ci, dtype=grams.dtype) for ci in coefficients])
+    weights = torch.outer(c, c).reshape(1, k, 1, k, 1)
+    return (grams.reshape(grams.shape[0], k, n, k, n) * weights).sum((1, 3))

@@ -145,7 +145,8 @@ def _check(parts):
 
 def _blocks(n):
     block_n = max(16, triton.next_power_of_2(n))
-    block_f = 32 if triton_interpreting() else max(32, min(128, _TILE_ELEMENTS // block_n))
+    # The interpreter pays per loop step, not per element: wide tiles.
+    block_f = 256 if triton_interpreting() else max(32, min(128, _TILE_ELEMENTS // block_n))
     return block_n, block_f
 
 
