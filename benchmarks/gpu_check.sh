@@ -8,9 +8,9 @@
 # benchmarks; 5. prints the results table last. A failing step does not stop the
 # others; the exit status is non-zero if any step failed.
 #
-# Writes at most 9 files, at most 2 folder levels under OUTDIR: env.txt,
-# install.log, tests.log, tests.xml, bench.log, step_fraction.{log,json}, results/<device>.csv (1 or 2).
-# Environment: STEPS (which of "tests bench fraction" to run, default all three; install always
+# Writes at most 10 files, at most 2 folder levels under OUTDIR: env.txt, install.log, tests.log,
+# tests.xml, profile.log, bench.log, step_fraction.{log,json}, results/<device>.csv (1 or 2).
+# Environment: STEPS (which of "tests profile bench fraction" to run, default all four; install always
 # runs unless SKIP_INSTALL=1, so a second call on a fresh machine can run only the rest),
 # SKIP_INSTALL=1 (the package is already installed), TESTS_ARGS and
 # BENCH_ARGS (extra pytest arguments), CUDA_TESTS_ONLY (default 1: only the tests that run on
@@ -53,7 +53,7 @@ tail -n 3 "$OUTDIR/install.log"
 "$PY" -c 'import cskd_kernels._C' 2>/dev/null && echo "C++ extension: importable" \
   || { echo "C++ extension: NOT importable (see install.log)"; FAILED+=("install (extension not importable)"); }
 
-STEPS="${STEPS:-tests bench fraction}"
+STEPS="${STEPS:-tests profile bench fraction}"
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 if wants tests; then
@@ -68,6 +68,17 @@ status=$?
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -n 20
 tail -n 1 "$OUTDIR/tests.log"
 [ "$status" -eq 0 ] || FAILED+=("tests (exit $status$([ "$status" -eq 124 ] && echo ', timed out'))")
+fi
+
+if wants profile; then
+step "profile (python -m benchmarks.profile_loss)"
+# Where the loss's device time goes, kernel by kernel, grid and global; and how many ops the host issues.
+timeout "${PROFILE_TIMEOUT:-120}" "$PY" -m benchmarks.profile_loss --rows 30 > "$OUTDIR/profile.log" 2>&1
+status=$?
+timeout "${PROFILE_TIMEOUT:-120}" "$PY" -m benchmarks.profile_loss --rows 15 --grid none >> "$OUTDIR/profile.log" 2>&1 \
+  || status=$?
+grep -E "Self CUDA time total|Self CPU time total" "$OUTDIR/profile.log"
+[ "$status" -eq 0 ] || FAILED+=("profile (exit $status)")
 fi
 
 if wants fraction; then

@@ -27,7 +27,7 @@ from benchmarks.machine import synchronize
 MODES = ("forward", "backward", "full")
 
 # Providers bound to one device; the others run on every benchmark device.
-PROVIDER_DEVICES = {"cpu": ("cpu",), "triton": ("cuda",)}
+PROVIDER_DEVICES = {"cpu": ("cpu",), "triton": ("cuda",), "triton-graphs": ("cuda",)}
 
 _REGISTRY = {}
 

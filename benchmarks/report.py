@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 from benchmarks.results import read_csv  # noqa: E402
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PROVIDER_ORDER = ("released", "reference", "compile", "sdpa", "cpu", "triton")
+PROVIDER_ORDER = ("released", "reference", "compile", "sdpa", "cpu", "triton", "triton-graphs")
 
 
 def _float(value):

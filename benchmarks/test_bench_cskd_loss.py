@@ -7,7 +7,10 @@ Providers: the released formulation (per-cell Python loop, new Conv2d layers
 per cell, the four-Gram CKA), torch.compile of the reference composition
 (cskd_kernels.reference.cskd_loss, SPEC section 5 cell by cell, with the same
 per-cell projections drawn fresh every call), CSKDLoss on the reference ops,
-CSKDLoss on the C++ and Triton kernels. Global mode (grid=None) runs only on the fused
+CSKDLoss on the C++ and Triton kernels, and (GPU only) "triton-graphs":
+CSKDLoss on the Triton kernels under torch.compile(mode="reduce-overhead"),
+which replays the whole loss as CUDA graphs (the eager loss is bound by the
+host's launches on a GPU; this measures what graphs recover). Global mode (grid=None) runs only on the fused
 backends: the released formulation and the reference need an 8192 x 8192 map
 per image. The floor is FLOPs (counted below) / float32 matmul rate.
 """
@@ -51,11 +54,12 @@ def _workload(provider, grid, device):
         def forward():
             return released.cskd_loss(feat_s, feat_t, gammas[:1], gammas[1:], grid=grid)
         return Workload(forward=forward, grad_inputs=(feat_s, gammas))
-    loss = CSKDLoss(CS, CT, grid=grid, backend=provider).to(device)
+    loss = CSKDLoss(CS, CT, grid=grid, backend=provider.removesuffix("-graphs")).to(device)
     with torch.no_grad():
         loss.gamma_cam.fill_(0.1)
         loss.gamma_pam.fill_(0.1)
-    return Workload(forward=lambda: loss(feat_s, feat_t).loss, grad_inputs=(feat_s, loss.gamma_cam, loss.gamma_pam))
+    run = torch.compile(loss, mode="reduce-overhead") if provider.endswith("-graphs") else loss
+    return Workload(forward=lambda: run(feat_s, feat_t).loss, grad_inputs=(feat_s, loss.gamma_cam, loss.gamma_pam))
 
 
 def build_grid(provider, x, device):
@@ -95,10 +99,10 @@ def flops_for(grid):
 
 
 CASES = declare_cases(
-    op="cskd_loss", case="released_config_grid5x5", providers=("released", "reference", "compile", "cpu", "triton"),
+    op="cskd_loss", case="released_config_grid5x5", providers=("released", "reference", "compile", "cpu", "triton", "triton-graphs"),
     modes=("full",), xs=(H * W,), x_name="N", build=build_grid, flops=flops_for((5, 5)),
 ) + declare_cases(
-    op="cskd_loss", case="released_config_global", providers=("cpu", "triton"),
+    op="cskd_loss", case="released_config_global", providers=("cpu", "triton", "triton-graphs"),
     modes=("full",), xs=(H * W,), x_name="N", build=build_global, flops=flops_for(None),
 )
 
