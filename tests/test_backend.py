@@ -128,3 +128,19 @@ def test_kernels_run_with_autocast_off():
         out, attention = backend_module.kernels("channel_attention", "cpu").forward(x, gamma, 1.0)
     assert out.dtype == attention.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not backend_module.triton_available(), reason="needs triton")
+def test_triton_float32_dot_precision_follows_torch():
+    from cskd_kernels.triton.common import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "tf32x3"
+        for setting in ("high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == "tf32"  # 16-bit operands ignore it
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -70,7 +70,7 @@ def make_inputs(b, d, cv, h, w, device, dtype, scale=1.0):
     return q, k, v
 
 
-def compare_with_reference(backend, device, case, dtype, score_scale=1.0):
+def compare_with_reference(backend, device, case, dtype, score_scale=1.0, tolerances=None):
     b, d, cv, h, w, grid, temperature = case
     q, k, v = make_inputs(b, d, cv, h, w, device, dtype, score_scale)
     grad = torch.randn(b, cv, h, w, dtype=torch.float64)
@@ -83,7 +83,7 @@ def compare_with_reference(backend, device, case, dtype, score_scale=1.0):
     expected = reference.position_attention(*exact, temperature=temperature, grid=grid)
     expected.backward(grad)
 
-    rtol, atol = TOLERANCES[dtype]
+    rtol, atol = tolerances or TOLERANCES[dtype]
     assert out.shape == expected.shape and out.dtype == dtype and out.device.type == torch.device(device).type
     torch.testing.assert_close(out.detach().cpu().double(), expected.detach(), rtol=rtol, atol=atol)
     for name, got, want in zip("qkv", inputs, exact):
@@ -148,6 +148,18 @@ def test_float64_cpu_matches_reference_tightly():
 @pytest.mark.parametrize("case", [(2, 16, 128, 13, 26, None, 1.0), (1, 32, 300, 45, 45, (5, 5), 2.0)])
 def test_triton_half_precision(dtype, case):
     compare_with_reference("triton", "cuda", case, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", [(2, 16, 128, 13, 26, None, 1.0), (2, 32, 256, 64, 128, (5, 5), 2.0)])
+def test_triton_tf32_when_float32_matmul_precision_allows_it(case):
+    """Under torch.set_float32_matmul_precision("high") float32 runs one TF32 product: about fp16's error."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        compare_with_reference("triton", "cuda", case, torch.float32, tolerances=TOLERANCES[torch.float16])
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())

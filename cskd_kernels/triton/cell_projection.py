@@ -9,8 +9,9 @@ its own pointer): a program owns a block of weight rows (or of input
 channels, backward) of one cell of one image and walks its cell's pixels in
 BLOCK_P tiles, gathered through the cell table (cskd_kernels.triton.common),
 so the maps are neither cut into padded cells nor copied back. Products run
-on tl.dot, float32 accumulation (3xTF32 for float32 inputs). A weight with a
-leading 1 (one projection for every cell) is read with a zero cell stride.
+on tl.dot with float32 accumulation (float32 inputs: common.dot_precision).
+A weight with a leading 1 (one projection for every cell) is read with a
+zero cell stride.
 Weight and bias gradients (projection "learned") stay on the PyTorch path.
 """
 
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from cskd_kernels.backend import triton_interpreting
 from cskd_kernels.ops.cell_projection import TRITON_MAX_OUTPUTS as MAX_OUTPUTS
-from cskd_kernels.triton.common import cell_pixels, load_cell
+from cskd_kernels.triton.common import cell_pixels, dot_precision, load_cell
 
 
 @triton.jit
@@ -124,10 +125,6 @@ def _blocks(x):
     return 64, 32, 64
 
 
-def _precision(x):
-    return "tf32x3" if x.dtype == torch.float32 else "tf32"
-
-
 def _pixel_splits(height, width, cells, block_p):
     """Programs per (image, cell) along the pixels: the pixel tiles of an average cell."""
     return max(1, triton.cdiv(triton.cdiv(height * width, cells), block_p))
@@ -160,7 +157,7 @@ def forward(x, weight, bias, cells, sizes):
     _forward_kernel[(triton.cdiv(rows, block_r), cells.shape[0], b * splits)](
         x, weight, bias, o0, o1, o2, cells, c, h * w, w, rows, s0, s1, s2,
         0 if weight.shape[0] == 1 else weight.stride(0), 0 if bias.shape[0] == 1 else bias.stride(0), splits,
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, OUTPUTS=len(sizes), PRECISION=_precision(x),
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, OUTPUTS=len(sizes), PRECISION=dot_precision(x.dtype),
     )
     return outs
 
@@ -179,6 +176,6 @@ def backward(grads, weight, cells, channels):
     _input_grad_kernel[(triton.cdiv(channels, block_c), cells.shape[0], b * splits)](
         g0, g1, g2, weight, dx, cells, channels, h * w, w, s0, s1, s2,
         0 if weight.shape[0] == 1 else weight.stride(0), splits,
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, OUTPUTS=len(sizes), PRECISION=_precision(dx),
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, OUTPUTS=len(sizes), PRECISION=dot_precision(dx.dtype),
     )
     return dx

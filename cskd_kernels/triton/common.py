@@ -35,6 +35,23 @@ def cell_pixels(index, row0, col0, width, W):
     return (row0 + index // width) * W + col0 + index % width
 
 
+def dot_precision(dtype):
+    """tl.dot's input precision for the compute-bound products (attention, projections) of ``dtype`` operands.
+
+    float32 follows torch.get_float32_matmul_precision(), as PyTorch's own
+    float32 matmuls do: "highest" (PyTorch's default) gives "tf32x3" (three
+    TF32 products: float32 accuracy on the tensor cores; IEEE float32 dots
+    run on the FMA units, measured 20-40x slower on an H100), "high" or
+    "medium" gives "tf32" (one TF32 product, a third of the tensor-core work,
+    about three fewer digits). 16-bit operands multiply as they are.
+    The Gram and CKA kernels keep "tf32x3" always: they are memory-bound, and
+    the CKA needs the digits.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count

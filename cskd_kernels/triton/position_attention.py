@@ -14,14 +14,16 @@ image in one launch.
               _dkdq_kernel  grid (key blocks, cells, B): dP over all value
                             tiles, dS, dK; dQ by float32 atomic adds.
 P is recomputed blockwise from the saved log-sum-exp; nothing N x N is stored.
-Loads are in the input dtype, products accumulate in float32.
+Loads are in the input dtype, products accumulate in float32 (float32
+operands: 3xTF32, or TF32 under torch.set_float32_matmul_precision("high"),
+see common.dot_precision).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from cskd_kernels.triton.common import cell_pixels, load_cell
+from cskd_kernels.triton.common import cell_pixels, dot_precision, load_cell
 
 LOG2E = 1.4426950408889634
 
@@ -198,10 +200,8 @@ def _blocks(q, v, cells):
     block_m = block_n = 64 if q.is_cuda else 16
     if q.is_cuda and block_d >= 128:
         block_m = block_n = 32  # keep the q, k and accumulator tiles in registers
-    # float32: 3xTF32 keeps float32 accuracy on the tensor cores; "ieee" dots run on the FMA units,
-    # measured 20-40x slower than SDPA on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3.csv).
-    precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
-    return block_m, block_n, block_d, block_cv, precision
+    # float32: 3xTF32 (float32 accuracy) unless torch.set_float32_matmul_precision allows TF32.
+    return block_m, block_n, block_d, block_cv, dot_precision(q.dtype)
 
 
 def position_attention_forward(q, k, v, cells, largest_cell, scale):
