@@ -74,35 +74,44 @@ def _store_rows(g0, g1, g2, g3, tile, rows, batch, image_stride, offsets, mask_f
 
 
 @triton.jit
+def _program_tiles(cells_ptr, channels, BLOCK_F: tl.constexpr):
+    """This program's cell (row start, column start, width, positions, features) and feature tiles [begin, end)."""
+    split = tl.program_id(1)
+    row0, col0, width, positions = load_cell(cells_ptr, tl.program_id(0))
+    features = channels * positions
+    tiles = tl.cdiv(features, BLOCK_F)
+    per_split = tl.cdiv(tiles, tl.num_programs(1))
+    return row0, col0, width, positions, features, split * per_split, tl.minimum(split * per_split + per_split, tiles)
+
+
+@triton.jit
+def _shifted_rows(p0, p1, p2, p3, rows, n, batch, image_stride, offsets, mask_f, K: tl.constexpr):
+    """The (BLOCK_N, BLOCK_F) tile of all k*B rows minus row 0, float32, zero past row n."""
+    block = _load_rows(p0, p1, p2, p3, rows, batch, image_stride, offsets, mask_f, K)
+    # Row 0 again: an L1/L2 hit, the tile above is the only DRAM read.
+    first = tl.load(p0 + offsets, mask=mask_f, other=0.0).to(tl.float32)
+    return tl.where((rows < n)[:, None], block - first[None, :], 0.0)
+
+
+@triton.jit
 def _forward_kernel(
     p0, p1, p2, p3, partial_ptr, cells_ptr,
     batch, n, channels, HW, W,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, K: tl.constexpr,
 ):
-    cell = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    row0, col0, width, positions = load_cell(cells_ptr, cell)
-    features = channels * positions
-    tiles = tl.cdiv(features, BLOCK_F)
-    per_split = tl.cdiv(tiles, splits)
+    row0, col0, width, positions, features, begin, end = _program_tiles(cells_ptr, channels, BLOCK_F)
     rows = tl.arange(0, BLOCK_N)
     row_valid = rows < n
-    image_stride = channels * HW
-
     acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
-    for tile in range(split * per_split, tl.minimum(split * per_split + per_split, tiles)):
+    for tile in range(begin, end):
         offsets, mask_f = _feature_offsets(tile, BLOCK_F, features, positions, row0, col0, width, W, HW)
-        block = _load_rows(p0, p1, p2, p3, rows, batch, image_stride, offsets, mask_f, K)
-        # Row 0 again: an L1/L2 hit, the tile above is the only DRAM read.
-        first = tl.load(p0 + offsets, mask=mask_f, other=0.0).to(tl.float32)
-        shifted = tl.where(row_valid[:, None], block - first[None, :], 0.0)
+        shifted = _shifted_rows(p0, p1, p2, p3, rows, n, batch, channels * HW, offsets, mask_f, K)
         mean = tl.sum(shifted, axis=0) / n
         centered = tl.where(row_valid[:, None], shifted - mean[None, :], 0.0)
         acc += tl.dot(centered, tl.trans(centered), input_precision="tf32x3")
 
-    out = partial_ptr + (cell.to(tl.int64) * splits + split) * n * n + rows[:, None] * n + rows[None, :]
-    tl.store(out, acc, mask=row_valid[:, None] & row_valid[None, :])
+    partial = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * n * n
+    tl.store(partial_ptr + partial + rows[:, None] * n + rows[None, :], acc, mask=row_valid[:, None] & row_valid[None, :])
 
 
 @triton.jit
@@ -111,26 +120,16 @@ def _backward_kernel(
     batch, n, channels, HW, W,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, K: tl.constexpr,
 ):
-    cell = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    row0, col0, width, positions = load_cell(cells_ptr, cell)
-    features = channels * positions
-    tiles = tl.cdiv(features, BLOCK_F)
-    per_split = tl.cdiv(tiles, splits)
+    row0, col0, width, positions, features, begin, end = _program_tiles(cells_ptr, channels, BLOCK_F)
     rows = tl.arange(0, BLOCK_N)
-    row_valid = rows < n
-    image_stride = channels * HW
-    square = row_valid[:, None] & row_valid[None, :]
-    m = tl.load(m_ptr + cell.to(tl.int64) * n * n + rows[:, None] * n + rows[None, :], mask=square, other=0.0)
-
-    for tile in range(split * per_split, tl.minimum(split * per_split + per_split, tiles)):
+    square = (rows < n)[:, None] & (rows < n)[None, :]
+    m = tl.load(m_ptr + tl.program_id(0).to(tl.int64) * n * n + rows[:, None] * n + rows[None, :], mask=square,
+                other=0.0)
+    for tile in range(begin, end):
         offsets, mask_f = _feature_offsets(tile, BLOCK_F, features, positions, row0, col0, width, W, HW)
-        block = _load_rows(p0, p1, p2, p3, rows, batch, image_stride, offsets, mask_f, K)
-        first = tl.load(p0 + offsets, mask=mask_f, other=0.0).to(tl.float32)
-        shifted = tl.where(row_valid[:, None], block - first[None, :], 0.0)
+        shifted = _shifted_rows(p0, p1, p2, p3, rows, n, batch, channels * HW, offsets, mask_f, K)
         grad = tl.dot(m, shifted, input_precision="tf32x3")
-        _store_rows(g0, g1, g2, g3, grad, rows, batch, image_stride, offsets, mask_f, K)
+        _store_rows(g0, g1, g2, g3, grad, rows, batch, channels * HW, offsets, mask_f, K)
 
 
 def _check(parts):

@@ -34,6 +34,21 @@ def _store_output(out_ptr, first_row, rows_out, acc, rows, mask_r, b, pix, mask_
 
 
 @triton.jit
+def _program_cell(cells_ptr, PIXEL_SPLITS):
+    """This program's image, first pixel tile (it takes every PIXEL_SPLITS-th), and cell (table entry)."""
+    b = tl.program_id(2) // PIXEL_SPLITS
+    row0, col0, width, positions = load_cell(cells_ptr, tl.program_id(1))
+    return b, tl.program_id(2) % PIXEL_SPLITS, row0, col0, width, positions
+
+
+@triton.jit
+def _pixel_tile(tile, BLOCK_P: tl.constexpr, positions, row0, col0, width, W):
+    """Pixel offsets of the cell's positions [tile * BLOCK_P, +BLOCK_P), and their mask."""
+    index = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    return cell_pixels(index, row0, col0, width, W), index < positions
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, bias_ptr, o0, o1, o2, cells_ptr,
     C, HW, W, R, S0, S1, S2, w_cell_stride, bias_cell_stride, PIXEL_SPLITS,
@@ -41,9 +56,7 @@ def _forward_kernel(
     PRECISION: tl.constexpr,
 ):
     cell = tl.program_id(1)
-    b = tl.program_id(2) // PIXEL_SPLITS
-    pixel_split = tl.program_id(2) % PIXEL_SPLITS
-    row0, col0, width, positions = load_cell(cells_ptr, cell)
+    b, pixel_split, row0, col0, width, positions = _program_cell(cells_ptr, PIXEL_SPLITS)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
     w_rows = w_ptr + cell.to(tl.int64) * w_cell_stride + rows[:, None] * C
@@ -51,9 +64,7 @@ def _forward_kernel(
     x_image = x_ptr + b.to(tl.int64) * C * HW
 
     for tile in range(pixel_split, tl.cdiv(positions, BLOCK_P), PIXEL_SPLITS):
-        index = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = index < positions
-        pix = cell_pixels(index, row0, col0, width, W)
+        pix, mask_p = _pixel_tile(tile, BLOCK_P, positions, row0, col0, width, W)
         acc = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             channels = c0 + tl.arange(0, BLOCK_C)
@@ -94,18 +105,14 @@ def _input_grad_kernel(
     PRECISION: tl.constexpr,
 ):
     cell = tl.program_id(1)
-    b = tl.program_id(2) // PIXEL_SPLITS
-    pixel_split = tl.program_id(2) % PIXEL_SPLITS
-    row0, col0, width, positions = load_cell(cells_ptr, cell)
+    b, pixel_split, row0, col0, width, positions = _program_cell(cells_ptr, PIXEL_SPLITS)
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = channels < C
     w_cell = w_ptr + cell.to(tl.int64) * w_cell_stride
     dx_rows = dx_ptr + (b.to(tl.int64) * C + channels)[:, None] * HW
 
     for tile in range(pixel_split, tl.cdiv(positions, BLOCK_P), PIXEL_SPLITS):
-        index = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = index < positions
-        pix = cell_pixels(index, row0, col0, width, W)
+        pix, mask_p = _pixel_tile(tile, BLOCK_P, positions, row0, col0, width, W)
         acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
         acc = _add_transposed_product(acc, w_cell, 0, S0, g0, b, channels, mask_c, pix, mask_p, C, HW,
                                       BLOCK_R, PRECISION)
