@@ -1,13 +1,15 @@
 """The CSKD loss's share of one whole training step, on a GPU (issue 6's target: under 5%).
 
     python -m benchmarks.step_fraction [--device cuda] [--batch 8] [--height 512 --width 1024]
-                                       [--out results.json]
+                                       [--matmul-precision highest|high] [--out results.json]
 
 One step: the DeepLabV3-R101 teacher's forward (no grad), the DeepLabV3-R18 student's forward,
 CE + 0.4 aux CE + 3 CWD (+ CSKDLoss), backward and an SGD step, as python/cskd_train runs it.
 The step is timed with and without the CSKD term (same models, same batch); the loss alone
 (forward + backward on the step's feature shapes) is timed for the fused CSKDLoss and for the
 released formulation. Medians of CUDA-event timings after a warm-up; the printed table is last.
+--matmul-precision sets torch.set_float32_matmul_precision for the whole run (models, released
+loss and fused kernels alike): "highest" (PyTorch's default) or "high" (TF32 products).
 """
 
 import argparse
@@ -88,8 +90,10 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--matmul-precision", choices=("highest", "high"), default="highest")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
@@ -103,14 +107,15 @@ def main(argv=None):
             torch.cuda.empty_cache()
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "batch": args.batch, "image": [args.height, args.width], "ms": ms,
+        "batch": args.batch, "image": [args.height, args.width], "matmul_precision": args.matmul_precision, "ms": ms,
         "loss_share_of_step": ms["loss_fused"] / ms["step_cskd"],
         "step_difference_share": (ms["step_cskd"] - ms["step_cwd"]) / ms["step_cskd"],
         "fused_vs_released": ms["loss_released"] / ms["loss_fused"],
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
-    print(f"device {result['device']}, batch {args.batch}, {args.height}x{args.width}, medians of {args.repeats}:")
+    print(f"device {result['device']}, batch {args.batch}, {args.height}x{args.width}, "
+          f"float32 matmul precision {args.matmul_precision}, medians of {args.repeats}:")
     for name, value in ms.items():
         print(f"  {name:14s} {value:9.2f} ms")
     print(f"  CSKD loss alone / step with it: {100 * result['loss_share_of_step']:.2f}%  "
