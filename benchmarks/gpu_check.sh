@@ -8,15 +8,17 @@
 # benchmarks; 5. prints the results table last. A failing step does not stop the
 # others; the exit status is non-zero if any step failed.
 #
-# Writes at most 10 files, at most 2 folder levels under OUTDIR: env.txt, install.log, tests.log,
-# tests.xml, profile.log, bench.log, step_fraction.{log,json}, results/<device>.csv (1 or 2).
+# Writes at most 12 files, at most 2 folder levels under OUTDIR: env.txt, install.log, tests.log,
+# tests.xml, profile.log, bench.log, step_fraction_{highest,high}.{log,json}, results/<device>.csv (1 or 2).
 # Environment: STEPS (which of "tests profile bench fraction" to run, default all four; install always
 # runs unless SKIP_INSTALL=1, so a second call on a fresh machine can run only the rest),
 # SKIP_INSTALL=1 (the package is already installed), TESTS_ARGS and
 # BENCH_ARGS (extra pytest arguments), CUDA_TESTS_ONLY (default 1: only the tests that run on
-# CUDA, 8 xdist workers when pytest-xdist is there; CI runs the CPU ones), BENCH_DEVICE (cuda | cpu | all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT /
-# BENCH_TIMEOUT in seconds (default 120 / 300 / 240; with FRACTION_TIMEOUT 120 more than one call's
-# 10 minutes: split with STEPS;
+# CUDA, 8 xdist workers when pytest-xdist is there; CI runs the CPU ones), BENCH_DEVICE (cuda | cpu |
+# all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT / BENCH_TIMEOUT / PROFILE_TIMEOUT (each of two
+# runs) / FRACTION_TIMEOUT (each of two runs) in seconds (default 120 / 300 / 240 / 120 / 120: more
+# than one call's 10 minutes, so split with STEPS, e.g. STEPS="tests profile" then
+# SKIP_INSTALL=1 STEPS="bench fraction" on the same warm machine;
 # the benchmarks write their CSV after every case, so a timeout keeps what was measured).
 
 set -u
@@ -84,11 +86,14 @@ fi
 if wants fraction; then
 step "training-step fraction (python -m benchmarks.step_fraction)"
 # The CSKD loss's share of a DeepLabV3-R101 teacher + R18 student step, batch 8, 512x1024.
-timeout "${FRACTION_TIMEOUT:-120}" "$PY" -m benchmarks.step_fraction --out "$OUTDIR/step_fraction.json" \
-  > "$OUTDIR/step_fraction.log" 2>&1
-status=$?
-tail -n 9 "$OUTDIR/step_fraction.log"
-[ "$status" -eq 0 ] || FAILED+=("step fraction (exit $status)")
+# Twice: PyTorch's default float32 matmul precision, then TF32 ("high") for models and loss alike.
+for precision in highest high; do
+  timeout "${FRACTION_TIMEOUT:-120}" "$PY" -m benchmarks.step_fraction --matmul-precision "$precision" \
+    --out "$OUTDIR/step_fraction_$precision.json" > "$OUTDIR/step_fraction_$precision.log" 2>&1
+  status=$?
+  tail -n 7 "$OUTDIR/step_fraction_$precision.log"
+  [ "$status" -eq 0 ] || FAILED+=("step fraction, $precision (exit $status)")
+done
 fi
 
 if wants bench; then
