@@ -32,7 +32,7 @@ cskd_kernels/triton/cell_cross_gram.py, center over all k*B rows), and the
 gradients M (x - x_0) written straight into maps shaped like the parts.
 On a GPU that is one launch per pass for all cells and maps. The stacked
 path above serves the "reference" backend (and Triton beyond its kernels'
-MAX_PARTS maps or MAX_ROWS rows).
+TRITON_MAX_PARTS maps or TRITON_MAX_ROWS rows).
 """
 
 import torch
