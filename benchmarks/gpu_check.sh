@@ -8,15 +8,17 @@
 # benchmarks; 5. prints the results table last. A failing step does not stop the
 # others; the exit status is non-zero if any step failed.
 #
-# Writes at most 12 files, at most 2 folder levels under OUTDIR: env.txt, install.log, tests.log,
-# tests.xml, profile.log, bench.log, step_fraction_{highest,high}.{log,json}, results/<device>.csv (1 or 2).
+# Writes at most 13 files, at most 2 folder levels under OUTDIR: env.txt, install.log, tests.log,
+# tests.xml, profile.log, bench.log, bench_graphs.log, step_fraction_{highest,high}.{log,json},
+# results/<device>.csv (1 or 2).
 # Environment: STEPS (which of "tests profile bench fraction" to run, default all four; install always
 # runs unless SKIP_INSTALL=1, so a second call on a fresh machine can run only the rest),
 # SKIP_INSTALL=1 (the package is already installed), TESTS_ARGS and
 # BENCH_ARGS (extra pytest arguments), CUDA_TESTS_ONLY (default 1: only the tests that run on
 # CUDA, 8 xdist workers when pytest-xdist is there; CI runs the CPU ones), BENCH_DEVICE (cuda | cpu |
-# all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT / BENCH_TIMEOUT / PROFILE_TIMEOUT (each of two
-# runs) / FRACTION_TIMEOUT (each of two runs) in seconds (default 120 / 300 / 240 / 120 / 120: more
+# all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT / BENCH_TIMEOUT / GRAPHS_TIMEOUT (the
+# CUDA-graphed loss) / PROFILE_TIMEOUT (each of two runs) / FRACTION_TIMEOUT (each of two runs)
+# in seconds (default 120 / 300 / 240 / 180 / 120 / 120: more
 # than one call's 10 minutes, so split with STEPS, e.g. STEPS="tests profile" then
 # SKIP_INSTALL=1 STEPS="bench fraction" on the same warm machine;
 # the benchmarks write their CSV after every case, so a timeout keeps what was measured).
@@ -101,12 +103,21 @@ step "benchmarks (pytest benchmarks/)"
 marker="$OUTDIR/.bench-start"
 touch "$marker"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-240}" "$PY" -m pytest benchmarks/ -q -rfEs --bench-device "${BENCH_DEVICE:-cuda}" ${BENCH_ARGS:-} \
-  > "$OUTDIR/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-240}" "$PY" -m pytest benchmarks/ -q -rfEs -k "not graphs" --bench-device "${BENCH_DEVICE:-cuda}" \
+  ${BENCH_ARGS:-} > "$OUTDIR/bench.log" 2>&1
 status=$?
 grep -E "^(FAILED|ERROR)" "$OUTDIR/bench.log" | head -n 20
 tail -n 1 "$OUTDIR/bench.log"
 [ "$status" -eq 0 ] || FAILED+=("benchmarks (exit $status$([ "$status" -eq 124 ] && echo ', timed out'))")
+# The CUDA-graphed loss (provider triton-graphs) last: compiling it takes minutes, which must not
+# starve the other cases.
+# shellcheck disable=SC2086
+timeout "${GRAPHS_TIMEOUT:-180}" "$PY" -m pytest benchmarks/test_bench_cskd_loss.py -q -rfEs -k graphs \
+  --bench-device "${BENCH_DEVICE:-cuda}" ${BENCH_ARGS:-} > "$OUTDIR/bench_graphs.log" 2>&1
+status=$?
+grep -E "^(FAILED|ERROR)" "$OUTDIR/bench_graphs.log" | head -n 20
+tail -n 1 "$OUTDIR/bench_graphs.log"
+[ "$status" -eq 0 ] || FAILED+=("CUDA-graphed loss benchmark (exit $status$([ "$status" -eq 124 ] && echo ', timed out'))")
 find benchmarks/results -name '*.csv' -newer "$marker" -exec cp {} "$OUTDIR/results/" \;
 rm -f "$marker"
 
