@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from cskd_kernels.backend import triton_interpreting
+from cskd_kernels.triton.common import target_programs
 
-_PROGRAMS_PER_SM = 4
 # The interpreter runs every program in Python: small tiles, few splits, still
 # more than one so the cross-split reduction is exercised.
 _INTERPRETER_SPLITS = 2
@@ -293,8 +293,7 @@ def _splits(x, tile_programs):
     if triton_interpreting():
         wanted = _INTERPRETER_SPLITS
     else:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, batch * tile_programs)
+        wanted = triton.cdiv(target_programs(x.device), batch * tile_programs)
     splits = max(1, min(wanted, k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, splits)
     return triton.cdiv(k_tiles, tiles_per_split), tiles_per_split
