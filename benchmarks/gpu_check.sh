@@ -8,17 +8,17 @@
 # benchmarks; 5. prints the results table last. A failing step does not stop the
 # others; the exit status is non-zero if any step failed.
 #
-# Writes at most 13 files, at most 2 folder levels under OUTDIR: env.txt, install.log, tests.log,
+# Writes at most 15 files, at most 2 folder levels under OUTDIR: env.txt, install.log, tests.log,
 # tests.xml, profile.log, bench.log, bench_graphs.log, step_fraction_{highest,high}.{log,json},
-# results/<device>.csv (1 or 2).
-# Environment: STEPS (which of "tests profile bench fraction" to run, default all four; install always
+# tune.{log,json}, results/<device>.csv (1 or 2).
+# Environment: STEPS (which of "tests profile bench fraction tune" to run, default all five; install always
 # runs unless SKIP_INSTALL=1, so a second call on a fresh machine can run only the rest),
 # SKIP_INSTALL=1 (the package is already installed), TESTS_ARGS and
 # BENCH_ARGS (extra pytest arguments), CUDA_TESTS_ONLY (default 1: only the tests that run on
 # CUDA, 8 xdist workers when pytest-xdist is there; CI runs the CPU ones), BENCH_DEVICE (cuda | cpu |
 # all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT / BENCH_TIMEOUT / GRAPHS_TIMEOUT (the
-# CUDA-graphed loss) / PROFILE_TIMEOUT (each of two runs) / FRACTION_TIMEOUT (each of two runs)
-# in seconds (default 120 / 300 / 240 / 180 / 120 / 120: more
+# CUDA-graphed loss) / PROFILE_TIMEOUT (each of two runs) / FRACTION_TIMEOUT (each of two runs) /
+# TUNE_TIMEOUT in seconds (default 120 / 300 / 240 / 180 / 120 / 120 / 300: more
 # than one call's 10 minutes, so split with STEPS, e.g. STEPS="tests profile" then
 # SKIP_INSTALL=1 STEPS="bench fraction" on the same warm machine;
 # the benchmarks write their CSV after every case, so a timeout keeps what was measured).
@@ -57,7 +57,7 @@ tail -n 3 "$OUTDIR/install.log"
 "$PY" -c 'import cskd_kernels._C' 2>/dev/null && echo "C++ extension: importable" \
   || { echo "C++ extension: NOT importable (see install.log)"; FAILED+=("install (extension not importable)"); }
 
-STEPS="${STEPS:-tests profile bench fraction}"
+STEPS="${STEPS:-tests profile bench fraction tune}"
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 if wants tests; then
@@ -125,6 +125,16 @@ step "results"
 # The table of this run (its terminal summary), then the README table of the CSVs it wrote.
 sed -n '/cskd benchmarks (speedup/,$p' "$OUTDIR/bench.log" | head -n 60
 "$PY" -m benchmarks.report "$OUTDIR/results" || FAILED+=("report")
+fi
+
+if wants tune; then
+step "tuning sweep (python -m benchmarks.tune_position_attention)"
+# Launch configurations of the Triton position attention at CSKDLoss's shapes, fastest first.
+timeout "${TUNE_TIMEOUT:-300}" "$PY" -m benchmarks.tune_position_attention --out "$OUTDIR/tune.json" \
+  > "$OUTDIR/tune.log" 2>&1
+status=$?
+grep -E "default|^teacher|^student" "$OUTDIR/tune.log" | head -n 8
+[ "$status" -eq 0 ] || FAILED+=("tuning sweep (exit $status)")
 fi
 
 if [ "${#FAILED[@]}" -gt 0 ]; then

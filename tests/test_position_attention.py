@@ -349,3 +349,14 @@ def test_released_pam_matches_reference(grid):
     torch.manual_seed(5)
     expected = _released_projections_then_reference(x, gamma, 4, 1.5, grid)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.skipif(not any(p.values[0] == "triton" for p in fused_backends()), reason="needs Triton")
+def test_tuning_sweep_checks_every_configuration_against_the_default():
+    """benchmarks/tune_position_attention.py (run on a lent GPU) ranks only configurations that agree."""
+    from benchmarks.tune_position_attention import tune
+
+    rows = tune(quick=True)
+    assert sorted(row["case"] for row in rows) == ["student", "student", "teacher", "teacher"]
+    assert all(row["agrees"] and row["ms"] is not None for row in rows)
+    assert sum(row["default"] for row in rows) == 2

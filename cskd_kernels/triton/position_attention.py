@@ -19,6 +19,8 @@ operands: 3xTF32, or TF32 under torch.set_float32_matmul_precision("high"),
 see common.dot_precision).
 """
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -193,52 +195,66 @@ def _dkdq_kernel(
 # --------------------------------------------------------------------------
 
 
-def _blocks(q, v, cells):
-    d, cv = q.shape[1], v.shape[1]
-    block_d = max(16, triton.next_power_of_2(d))
-    block_cv = min(128 if q.is_cuda else 64, max(16, triton.next_power_of_2(cv)))
+class LaunchConfig(NamedTuple):
+    """The tunable part of a launch: tile sizes, and Triton's num_warps / num_stages (None: Triton's default)."""
+
+    block_m: int
+    block_n: int
+    block_cv: int
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+
+def default_config(q, v):
+    """The launch configuration used unless ``config`` is given (benchmarks/tune_position_attention.py sweeps it)."""
+    block_d = max(16, triton.next_power_of_2(q.shape[1]))
+    block_cv = min(128 if q.is_cuda else 64, max(16, triton.next_power_of_2(v.shape[1])))
     block_m = block_n = 64 if q.is_cuda else 16
     if q.is_cuda and block_d >= 128:
         block_m = block_n = 32  # keep the q, k and accumulator tiles in registers
+    return LaunchConfig(block_m, block_n, block_cv)
+
+
+def _blocks(q, v, config):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_CV) and the tl.dot precision, constexpr arguments of every kernel."""
+    config = config or default_config(q, v)
+    block_d = max(16, triton.next_power_of_2(q.shape[1]))
     # float32: 3xTF32 (float32 accuracy) unless torch.set_float32_matmul_precision allows TF32.
-    return block_m, block_n, block_d, block_cv, dot_precision(q.dtype)
+    constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_CV=config.block_cv,
+                     PRECISION=dot_precision(q.dtype))
+    launch = {name: value for name, value in (("num_warps", config.num_warps), ("num_stages", config.num_stages))
+              if value is not None}
+    return config, {**constants, **launch}
 
 
-def position_attention_forward(q, k, v, cells, largest_cell, scale):
+def position_attention_forward(q, k, v, cells, largest_cell, scale, config=None):
     """(out (B, Cv, H, W) in the input dtype, lse (B, H, W) float32, natural log)."""
     b, d, h, w = q.shape
     cv = v.shape[1]
-    block_m, block_n, block_d, block_cv, precision = _blocks(q, v, cells)
     if d > 128:
         raise ValueError(f"the Triton position attention supports q/k width d <= 128, got q {tuple(q.shape)}")
+    config, options = _blocks(q, v, config)
     out = torch.empty_like(v)
     lse = torch.empty((b, h, w), device=q.device, dtype=torch.float32)
-    cv_tiles = triton.cdiv(cv, block_cv)
-    grid = (triton.cdiv(largest_cell, block_m), cells.shape[0], b * cv_tiles)
-    _forward_kernel[grid](
-        q, k, v, out, lse, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_CV=block_cv, PRECISION=precision,
-    )
+    cv_tiles = triton.cdiv(cv, config.block_cv)
+    grid = (triton.cdiv(largest_cell, config.block_m), cells.shape[0], b * cv_tiles)
+    _forward_kernel[grid](q, k, v, out, lse, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles, **options)
     return out, lse
 
 
-def position_attention_backward(q, k, v, out, lse, grad_out, cells, largest_cell, scale):
+def position_attention_backward(q, k, v, out, lse, grad_out, cells, largest_cell, scale, config=None):
     """(dq, dk, dv) in the input dtype, by blockwise recomputation of P."""
     b, d, h, w = q.shape
     cv = v.shape[1]
-    block_m, block_n, block_d, block_cv, precision = _blocks(q, v, cells)
+    config, options = _blocks(q, v, config)
     delta = (grad_out.float() * out.float()).sum(1)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    key_blocks = triton.cdiv(largest_cell, block_n)
-    cv_tiles = triton.cdiv(cv, block_cv)
+    key_blocks = triton.cdiv(largest_cell, config.block_n)
+    cv_tiles = triton.cdiv(cv, config.block_cv)
     _dv_kernel[(key_blocks, cells.shape[0], b * cv_tiles)](
-        q, k, grad_out, lse, dv, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_CV=block_cv, PRECISION=precision,
-    )
+        q, k, grad_out, lse, dv, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles, **options)
     _dkdq_kernel[(key_blocks, cells.shape[0], b)](
-        q, k, v, grad_out, lse, delta, dk, dq, cells, d, cv, h * w, w, scale * LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_CV=block_cv, PRECISION=precision,
-    )
+        q, k, v, grad_out, lse, delta, dk, dq, cells, d, cv, h * w, w, scale * LOG2E, scale, **options)
     return dq.to(q.dtype), dk, dv
