@@ -133,7 +133,8 @@ step "tuning sweep (python -m benchmarks.tune_position_attention)"
 timeout "${TUNE_TIMEOUT:-300}" "$PY" -m benchmarks.tune_position_attention --out "$OUTDIR/tune.json" \
   > "$OUTDIR/tune.log" 2>&1
 status=$?
-grep -E "default|^teacher|^student" "$OUTDIR/tune.log" | head -n 8
+sed -n "/^fastest first/,\$p" "$OUTDIR/tune.log" | head -n 45
+[ "$status" -eq 124 ] && grep "^measured" "$OUTDIR/tune.log" | tail -n 45  # timed out: what was measured
 [ "$status" -eq 0 ] || FAILED+=("tuning sweep (exit $status)")
 fi
 

@@ -37,16 +37,20 @@ def _cases(quick):
 
 
 def _configs(kernels, quick, cv):
-    """Tile sizes (BLOCK_M, BLOCK_N), value tile, warps, stages: 32 or 48 configurations a case (2 with --quick)."""
+    """Tile sizes (BLOCK_M, BLOCK_N), value tile, warps: 16 or 24 configurations a case (2 with --quick).
+
+    Every configuration compiles its kernels (about a second each on a GPU), so the sweep is kept to
+    what a lease can afford; Triton's default num_stages throughout.
+    """
     import triton
 
     if quick:
         return [kernels.LaunchConfig(16, 16, 16), kernels.LaunchConfig(16, 32, 16)]
     value_tiles = sorted({min(tile, triton.next_power_of_2(cv)) for tile in (64, 128, 256)})
     configs = []
-    for (block_m, block_n), block_cv, warps, stages in itertools.product(
-            ((32, 32), (64, 32), (64, 64), (128, 64)), value_tiles, (4, 8), (None, 2)):
-        configs.append(kernels.LaunchConfig(block_m, block_n, block_cv, warps, stages))
+    for (block_m, block_n), block_cv, warps in itertools.product(
+            ((32, 32), (64, 32), (64, 64), (128, 64)), value_tiles, (4, 8)):
+        configs.append(kernels.LaunchConfig(block_m, block_n, block_cv, warps))
     return configs
 
 
@@ -84,8 +88,11 @@ def _agrees(got, want):
     return all(torch.allclose(g, w, rtol=1e-3, atol=1e-4 * max(1.0, w.abs().max().item())) for g, w in zip(got, want))
 
 
-def tune(quick=False, device=None):
-    """Rows (case, config, ms or None, agrees) for every case and configuration, fastest first per case."""
+def tune(quick=False, device=None, report=None):
+    """Rows (case, config, ms or None, agrees) for every case and configuration, fastest first per case.
+
+    ``report(row)``, if given, is called as each row is measured (a timeout then keeps what was measured).
+    """
     from cskd_kernels.triton import position_attention as kernels
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -105,9 +112,18 @@ def tune(quick=False, device=None):
                 print(f"{name} {config}: {type(error).__name__}: {str(error)[:120]}")
             case_rows.append({"case": name, "config": config._asdict(), "default": config == default,
                               "ms": ms, "agrees": agrees})
+            if report:
+                report(case_rows[-1])
         case_rows.sort(key=lambda row: (not row["agrees"], row["ms"] if row["ms"] is not None else float("inf")))
         rows += case_rows
     return rows
+
+
+def _line(row):
+    config = " ".join(f"{key}={value}" for key, value in row["config"].items())
+    time_ms = f"{row['ms']:.3f} ms" if row["ms"] is not None else "failed"
+    flags = ("  (default)" if row["default"] else "") + ("" if row["agrees"] else "  DISAGREES / FAILED")
+    return f"{row['case']:8s} {time_ms:>11s}  {config}{flags}"
 
 
 def main(argv=None):
@@ -115,14 +131,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    rows = tune(quick=args.quick)
+    rows = tune(quick=args.quick, report=lambda row: print("measured", _line(row), flush=True))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
+    print("fastest first:")
     for row in rows:
-        config = " ".join(f"{key}={value}" for key, value in row["config"].items())
-        time_ms = f"{row['ms']:.3f} ms" if row["ms"] is not None else "failed"
-        flags = ("  (default)" if row["default"] else "") + ("" if row["agrees"] else "  DISAGREES / FAILED")
-        print(f"{row['case']:8s} {time_ms:>11s}  {config}{flags}")
+        print(_line(row))
 
 
 if __name__ == "__main__":
