@@ -174,3 +174,20 @@ def test_in_place_cpu_kernels_take_non_contiguous_and_mixed_dtype_parts():
     assert grads[0].dtype == torch.float64 and grads[1].dtype == torch.float32
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g.double(), e, rtol=1e-6, atol=1e-6 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("backend,device", [p.values for p in fused_backends() if p.values[0] == "triton"] or [
+    pytest.param("triton", "cpu", marks=pytest.mark.skip(reason="needs Triton"))])
+@pytest.mark.parametrize("k,b", [(5, 3), (2, 65)], ids=["five-maps", "130-rows"])
+def test_triton_beyond_its_kernels_limits(backend, device, k, b):
+    """More maps than the in-place kernels take (stacked path), more rows than any Triton Gram holds (reference)."""
+    parts = [p.requires_grad_(True) for p in _maps(k, b, 2, 6, 7, torch.float32, device)]
+    grams = centered_cross_grams(*parts, grid=(2, 2), backend=backend)
+    parts64 = [p.detach().cpu().double().requires_grad_(True) for p in parts]
+    expected = _direct(parts64, (2, 2))
+    torch.testing.assert_close(grams.cpu(), expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
+    weights = torch.randn(expected.shape, dtype=torch.float64)
+    (grams * weights.to(device)).sum().backward()
+    (expected * weights).sum().backward()
+    for p, p64 in zip(parts, parts64):
+        torch.testing.assert_close(p.grad.cpu().double(), p64.grad, rtol=1e-4, atol=1e-3 * p64.grad.abs().max().item())

@@ -31,8 +31,10 @@ kernels, csrc/cell_cross_gram.cpp, shift by row 0; the Triton kernels,
 cskd_kernels/triton/cell_cross_gram.py, center over all k*B rows), and the
 gradients M (x - x_0) written straight into maps shaped like the parts.
 On a GPU that is one launch per pass for all cells and maps. The stacked
-path above serves the "reference" backend (and Triton beyond its kernels'
-TRITON_MAX_PARTS maps or TRITON_MAX_ROWS rows).
+path above serves the "reference" backend and Triton beyond its in-place
+kernels' TRITON_MAX_PARTS maps; beyond TRITON_MAX_ROWS rows (k * B) Triton
+inputs take the reference path (the Triton Gram kernels hold every row of a
+column in one register tile).
 """
 
 import torch
@@ -215,6 +217,9 @@ def centered_cross_grams(*parts, grid=None, backend=None):
             raise ValueError(f"parts must be 4-D maps of one shape, got {[tuple(q.shape) for q in parts]}")
     check_same_device(**{f"parts[{i}]": p for i, p in enumerate(parts)})
     name = resolve_backend(backend, *parts)
+    if name == "triton" and len(parts) * parts[0].shape[0] > TRITON_MAX_ROWS:
+        # More rows than a Triton Gram kernel holds (in place or stacked): the PyTorch path, same device.
+        name = "reference"
     grid = tuple(grid or (1, 1))
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
         # No graph to record (the teacher's transients). Also, torch.compile
