@@ -198,6 +198,13 @@ def test_bad_feature_maps(kwargs, shapes, pattern):
         loss(torch.randn(shapes[0]), torch.randn(shapes[1]))
 
 
+@pytest.mark.skipif(not any(p.values[0] == "triton" for p in fused_backends()), reason="needs Triton")
+def test_triton_batch_beyond_its_kernels_is_refused_before_any_kernel_runs():
+    loss = CSKDLoss(16, 16, backend="triton")
+    with pytest.raises(ValueError, match=r"batch 129: the Triton kernels take at most 128 samples"):
+        loss(torch.randn(129, 16, 8, 8), torch.randn(129, 16, 8, 8))
+
+
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [
