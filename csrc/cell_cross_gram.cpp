@@ -34,6 +34,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cell_table.h"
 #include "cpu_features.h"
 #include "output_pool.h"
 #include "gram_tiles.h"
@@ -47,6 +48,8 @@
 namespace {
 
 using namespace cskd::tiles;
+using cskd::Cell;
+using cskd::read_cells;
 
 // Features per work item (channels x cell positions), about cka.cpp's item size.
 constexpr int64_t kItemFeatures = 8192;
@@ -63,10 +66,6 @@ struct Geometry {
   int64_t height, width;  // of the maps
   int64_t channels;
   int64_t plane;  // height * width
-};
-
-struct Cell {
-  int64_t row0, rows, col0, cols;
 };
 
 // A band: consecutive cells of the table on the same rows (a row of the grid).
@@ -94,15 +93,15 @@ struct Item {
 template <typename Run>
 CSKD_TILES_INLINE void for_each_run(const Geometry& geo, const Band& band, int64_t c0, int64_t c1, const Run& run) {
   const Cell& first = band.cells[0];
-  if (band.count == 1 && first.cols == geo.width && first.rows == geo.height) {
+  if (band.count == 1 && first.width == geo.width && first.height == geo.height) {
     run(0, c0 * geo.plane, (c1 - c0) * geo.plane);
-  } else if (band.count == 1 && first.cols == geo.width) {
-    for (int64_t c = c0; c < c1; ++c) run(0, c * geo.plane + first.row0 * geo.width, first.rows * geo.width);
+  } else if (band.count == 1 && first.width == geo.width) {
+    for (int64_t c = c0; c < c1; ++c) run(0, c * geo.plane + first.row0 * geo.width, first.height * geo.width);
   } else {
     for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t y = 0; y < first.rows; ++y) {
+      for (int64_t y = 0; y < first.height; ++y) {
         const int64_t base = c * geo.plane + (first.row0 + y) * geo.width;
-        for (int64_t j = 0; j < band.count; ++j) run(j, base + band.cells[j].col0, band.cells[j].cols);
+        for (int64_t j = 0; j < band.count; ++j) run(j, base + band.cells[j].col0, band.cells[j].width);
       }
     }
   }
@@ -345,30 +344,18 @@ Problem prepare(const std::vector<torch::Tensor>& parts_in, const torch::Tensor&
   pb.batch = first.size(0);
   pb.n = pb.batch * static_cast<int64_t>(parts_in.size());
   pb.geo = Geometry{first.size(2), first.size(3), first.size(1), first.size(2) * first.size(3)};
-  TORCH_CHECK(cells_in.dim() == 2 && cells_in.size(1) == 4 && cells_in.scalar_type() == at::kInt &&
-                  cells_in.device().is_cpu(),
-              "cells must be a (cells, 4) int32 CPU tensor, got ", cells_in.sizes(), " ", cells_in.scalar_type());
-  const torch::Tensor cells = cells_in.contiguous();
-  const int32_t* t = cells.data_ptr<int32_t>();
-  for (int64_t q = 0; q < cells.size(0); ++q) {
-    const Cell c{t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]};
-    TORCH_CHECK(c.row0 >= 0 && c.rows >= 0 && c.row0 + c.rows <= pb.geo.height && c.col0 >= 0 && c.cols >= 0 &&
-                    c.col0 + c.cols <= pb.geo.width,
-                "cell ", q, " [", c.row0, ", ", c.rows, ", ", c.col0, ", ", c.cols, "] is outside the ",
-                pb.geo.height, " x ", pb.geo.width, " map");
-    pb.cells.push_back(c);
-  }
+  pb.cells = read_cells(cells_in, pb.geo.height, pb.geo.width);
   // Bands: runs of consecutive non-empty cells on the same rows (empty cells keep a zero Gram).
   const int64_t q_count = static_cast<int64_t>(pb.cells.size());
   for (int64_t q = 0; q < q_count;) {
     const Cell& c = pb.cells[q];
-    if (c.rows == 0 || c.cols == 0) {
+    if (c.height == 0 || c.width == 0) {
       ++q;
       continue;
     }
     int64_t e = q + 1;
-    while (e < q_count && e - q < kMaxBand && pb.cells[e].row0 == c.row0 && pb.cells[e].rows == c.rows &&
-           pb.cells[e].cols > 0) {
+    while (e < q_count && e - q < kMaxBand && pb.cells[e].row0 == c.row0 && pb.cells[e].height == c.height &&
+           pb.cells[e].width > 0) {
       ++e;
     }
     pb.bands.push_back(Band{q, e - q, nullptr});
@@ -378,7 +365,7 @@ Problem prepare(const std::vector<torch::Tensor>& parts_in, const torch::Tensor&
     Band& band = pb.bands[b];
     band.cells = pb.cells.data() + band.first;
     pb.widest = std::max(pb.widest, band.count);
-    const int64_t step = std::max<int64_t>(1, kItemFeatures / (band.cells[0].rows * band.cells[0].cols));
+    const int64_t step = std::max<int64_t>(1, kItemFeatures / (band.cells[0].height * band.cells[0].width));
     for (int64_t c0 = 0; c0 < pb.geo.channels; c0 += step) {
       pb.items.push_back(Item{b, c0, std::min(pb.geo.channels, c0 + step), pb.slots});
       pb.slots += band.count;
@@ -478,7 +465,7 @@ std::vector<torch::Tensor> cell_cross_gram_backward(const std::vector<torch::Ten
   std::vector<torch::Tensor> grads;
   for (const torch::Tensor& p : pb.parts) grads.push_back(cskd::empty_output_like(p));
   int64_t covered = 0;
-  for (const Cell& c : pb.cells) covered += c.rows * c.cols;
+  for (const Cell& c : pb.cells) covered += c.height * c.width;
   TORCH_CHECK(covered == pb.geo.plane, "the cells must cover the ", pb.geo.height, " x ", pb.geo.width,
               " map once (they cover ", covered, " positions)");
   if (pb.items.empty() || pb.n == 0) return grads;

@@ -19,29 +19,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "cell_table.h"
 #include "gemm.h"
 #include "output_pool.h"
 #include "ops.h"
 
 namespace {
 
+using cskd::Cell;
+using cskd::read_cells;
 using cskd::blas::gemm;
 using cskd::blas::workspace;
-
-struct Cell {
-  int64_t row0, height, col0, width;
-  int64_t positions() const { return height * width; }
-};
-
-std::vector<Cell> read_cells(const torch::Tensor& cells) {
-  TORCH_CHECK(cells.dim() == 2 && cells.size(1) == 4 && cells.scalar_type() == at::kInt,
-              "cells must be an int32 (cells, 4) table, got ", cells.sizes(), " ", cells.scalar_type());
-  const auto c = cells.contiguous();
-  const int32_t* p = c.data_ptr<int32_t>();
-  std::vector<Cell> out;
-  for (int64_t i = 0; i < c.size(0); ++i) out.push_back({p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]});
-  return out;
-}
 
 int64_t largest_positions(const std::vector<Cell>& cells) {
   int64_t largest = 0;
@@ -180,7 +168,7 @@ std::vector<torch::Tensor> cell_projection_forward(const torch::Tensor& x, const
                                                    const std::vector<int64_t>& sizes) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU (B, C, H, W) map");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
-  const auto table = read_cells(cells);
+  const auto table = read_cells(cells, x.size(2), x.size(3));
   check_weight(weight, x, table.size());
   TORCH_CHECK(bias.is_contiguous() && bias.dim() == 2 && bias.size(0) == weight.size(0) &&
                   bias.size(1) == weight.size(1) && bias.scalar_type() == x.scalar_type(),
@@ -202,7 +190,7 @@ torch::Tensor cell_projection_backward(std::vector<torch::Tensor> grads, const t
   const auto& like = grads[0];
   TORCH_CHECK(like.dim() == 4 && like.device().is_cpu(), "the output gradients must be CPU (B, R_j, H, W) maps");
   auto grad_x = cskd::empty_output({like.size(0), channels, like.size(2), like.size(3)}, like.options());
-  const auto table = read_cells(cells);
+  const auto table = read_cells(cells, like.size(2), like.size(3));
   check_weight(weight, grad_x, table.size());
   check_stacked_maps(grads, grad_x, weight, "the output gradients");
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "cell_projection_backward",

@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cell_table.h"
 #include "gemm.h"
 #include "output_pool.h"
 #include "ops.h"
@@ -46,7 +47,9 @@
 
 namespace {
 
+using cskd::Cell;
 using cskd::empty_output;
+using cskd::read_cells;
 using cskd::blas::gemm;
 using cskd::blas::workspace;
 
@@ -275,19 +278,6 @@ void softmax_grad_row(const double* s, double* p_out, double* dp, int64_t n, dou
 // Cells and tiles
 // ---------------------------------------------------------------------------
 
-struct Cell {
-  int64_t row0, height, col0, width;
-  int64_t size() const { return height * width; }
-};
-
-std::vector<Cell> read_cells(const at::Tensor& cells) {
-  auto c = cells.to(at::kLong).contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
-  std::vector<Cell> out(c.size(0));
-  for (int64_t i = 0; i < c.size(0); ++i) out[i] = {p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]};
-  return out;
-}
-
 // Near-equal blocks of at most kBlock positions (600 -> 200 x 3, not 256 + 256 + 88). A
 // cell of up to kSingleBlock positions (a 13 x 26 grid cell is 338) is one block: its
 // score tile still fits in L2, and the cell is then gathered, and its softmax
@@ -318,7 +308,7 @@ struct CellMatrix {
       ld = hw;
       return;
     }
-    const int64_t n = cell.size();
+    const int64_t n = cell.positions();
     storage.resize(channels * n);
     for (int64_t c = 0; c < channels; ++c)
       for (int64_t r = 0; r < cell.height; ++r)
@@ -332,7 +322,7 @@ struct CellMatrix {
 // Per-position vector (the log-sum-exp, Delta) of one image restricted to a cell.
 template <typename acc_t>
 std::vector<acc_t> gather_positions(const acc_t* image, int64_t W, const Cell& cell) {
-  std::vector<acc_t> out(cell.size());
+  std::vector<acc_t> out(cell.positions());
   for (int64_t r = 0; r < cell.height; ++r)
     std::memcpy(&out[r * cell.width], image + (cell.row0 + r) * W + cell.col0, cell.width * sizeof(acc_t));
   return out;
@@ -382,7 +372,7 @@ struct CellBlock {
 template <typename scalar_t>
 CellBlock<scalar_t> cell_output(scalar_t* image, int64_t H, int64_t W, const Cell& cell, scalar_t* buffer) {
   if (cell.width == W) return {image + cell.row0 * W, H * W};
-  return {buffer, cell.size()};
+  return {buffer, cell.positions()};
 }
 
 // The cell of a (channels, H, W) image as a block: a view, or gathered row by row.
@@ -391,7 +381,7 @@ CellBlock<scalar_t> load_cell(const scalar_t* image, int64_t channels, int64_t H
                               scalar_t* buffer) {
   const CellBlock<scalar_t> block = cell_output(const_cast<scalar_t*>(image), H, W, cell, buffer);
   if (block.ptr != buffer) return block;
-  const int64_t n = cell.size(), hw = H * W;
+  const int64_t n = cell.positions(), hw = H * W;
   // Short rows a channel apart defeat the hardware prefetcher: fetch the rows
   // kAhead channels ahead while copying these.
   constexpr int64_t kAhead = 2, kLine = 64 / sizeof(scalar_t);
@@ -430,7 +420,7 @@ void store_cell(const CellBlock<scalar_t>& block, scalar_t* image, int64_t chann
 template <typename scalar_t>
 void forward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse, int64_t d,
                   int64_t cv, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
-  const int64_t n = cell.size(), lds = Carver<scalar_t>::round_up(n);
+  const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n);
   Carver<scalar_t> carver;
   const int64_t iS = carver.add(n * lds), iQ = carver.add(d * n), iK = carver.add(d * n), iV = carver.add(cv * n),
                 iO = carver.add(cv * n), iInv = carver.add(n), iLse = carver.add(n);
@@ -456,7 +446,7 @@ void forward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
 template <typename scalar_t>
 void backward_cell(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* dout, const scalar_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t d,
                    int64_t cv, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
-  const int64_t n = cell.size(), lds = Carver<scalar_t>::round_up(n);
+  const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n);
   Carver<scalar_t> carver;
   const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iQ = carver.add(d * n), iK = carver.add(d * n),
                 iV = carver.add(cv * n), iDO = carver.add(cv * n), iDV = carver.add(cv * n), iDK = carver.add(d * n),
@@ -489,7 +479,7 @@ template <typename scalar_t>
 void forward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse,
                   int64_t d, int64_t cv, int64_t H, int64_t W, const Cell& cell, int64_t q0, int64_t nq,
                   scalar_t scale, const at::TensorOptions& options) {
-  const int64_t n = cell.size();
+  const int64_t n = cell.positions();
   const CellMatrix<scalar_t> Q(q, d, H, W, cell), K(k, d, H, W, cell), V(v, cv, H, W, cell);
   const Blocking keys(n);
   at::Tensor scores = at::empty({nq, keys.size}, options);
@@ -546,7 +536,7 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t];
     const Cell& cell = cells[task.cell];
-    if (cell.size() <= kSingleBlock) {
+    if (cell.positions() <= kSingleBlock) {
       forward_cell<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
                              op + task.b * cv * hw, lp + task.b * hw, d, cv, H, W, cell, static_cast<scalar_t>(scale));
       continue;
@@ -563,7 +553,7 @@ std::vector<at::Tensor> position_attention_forward(const at::Tensor& q_in, const
   TORCH_CHECK(q_in.device().is_cpu(), "position_attention_forward: CPU tensors only");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const int64_t B = q.size(0), H = q.size(2), W = q.size(3);
-  const std::vector<Cell> cells = read_cells(cells_in);
+  const std::vector<Cell> cells = read_cells(cells_in, H, W);
   at::Tensor out = empty_output(v.sizes(), v.options());
   at::Tensor lse = at::empty({B, H, W}, q.options());
 
@@ -571,9 +561,9 @@ std::vector<at::Tensor> position_attention_forward(const at::Tensor& q_in, const
   std::vector<Task> tasks;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < static_cast<int64_t>(cells.size()); ++c) {
-      const Blocking queries(cells[c].size());
+      const Blocking queries(cells[c].positions());
       for (int64_t qb = 0; qb < queries.count; ++qb)
-        tasks.push_back({b, c, queries.begin(qb), queries.length(qb, cells[c].size())});
+        tasks.push_back({b, c, queries.begin(qb), queries.length(qb, cells[c].positions())});
     }
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "position_attention_forward", [&] {
@@ -591,7 +581,7 @@ void backward_tile(const scalar_t* q, const scalar_t* k, const scalar_t* v, cons
                    const scalar_t* lse, const scalar_t* delta, scalar_t* dq_acc, scalar_t* dk, scalar_t* dv,
                    int64_t d, int64_t cv, int64_t H, int64_t W, const Cell& cell, int64_t k0, int64_t nk,
                    scalar_t scale, const at::TensorOptions& options) {
-  const int64_t n = cell.size(), hw = H * W;
+  const int64_t n = cell.positions(), hw = H * W;
   const CellMatrix<scalar_t> Q(q, d, H, W, cell), K(k, d, H, W, cell), V(v, cv, H, W, cell),
       dO(dout, cv, H, W, cell);
   const std::vector<scalar_t> cell_lse = gather_positions(lse, W, cell);
@@ -652,7 +642,7 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t];
     const Cell& cell = cells[task.cell];
-    if (cell.size() <= kSingleBlock) {
+    if (cell.positions() <= kSingleBlock) {
       // The task owns all of its cell's positions: dQ goes straight into slice 0 (the other
       // slices, if any, hold only large cells' positions).
       backward_cell<scalar_t>(qp + task.b * d * hw, kp + task.b * d * hw, vp + task.b * cv * hw,
@@ -677,9 +667,9 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous(), dout = grad_in.contiguous();
   const int64_t B = q.size(0), d = q.size(1), H = q.size(2), W = q.size(3);
-  const std::vector<Cell> cells = read_cells(cells_in);
+  const std::vector<Cell> cells = read_cells(cells_in, H, W);
   at::Tensor dk = empty_output(k.sizes(), k.options()), dv = empty_output(v.sizes(), v.options());
-  const bool any_large = std::any_of(cells.begin(), cells.end(), [](const Cell& c) { return c.size() > kSingleBlock; });
+  const bool any_large = std::any_of(cells.begin(), cells.end(), [](const Cell& c) { return c.positions() > kSingleBlock; });
   // Delta_i = sum_c dO[c, i] O[c, i] for the large cells' tiles: one linear pass, accumulated in
   // the compute dtype (small cells take it from their whole rows of P and dP).
   const at::Tensor delta = any_large ? (dout * out).sum(1).contiguous() : at::Tensor();
@@ -694,9 +684,9 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
   std::vector<Task> tasks;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < static_cast<int64_t>(cells.size()); ++c) {
-      const Blocking keys(cells[c].size());
+      const Blocking keys(cells[c].positions());
       for (int64_t kb = 0; kb < keys.count; ++kb)
-        tasks.push_back({b, c, keys.begin(kb), keys.length(kb, cells[c].size())});
+        tasks.push_back({b, c, keys.begin(kb), keys.length(kb, cells[c].positions())});
     }
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "position_attention_backward", [&] {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cskd_kernels import reference
-from cskd_kernels.backend import BackendError
+from cskd_kernels.backend import BackendError, extension
 from cskd_kernels.grid import chunk_sizes
 from cskd_kernels.modules.position_attention import PositionAttention
 from cskd_kernels.ops.position_attention import cell_table, position_attention
@@ -360,3 +360,13 @@ def test_tuning_sweep_checks_every_configuration_against_the_default():
     assert sorted(row["case"] for row in rows) == ["student", "student", "teacher", "teacher"]
     assert all(row["agrees"] and row["ms"] is not None for row in rows)
     assert sum(row["default"] for row in rows) == 2
+
+
+@requires_extension
+@pytest.mark.parametrize("table,pattern", [([[0, 4, 0, 8]], r"cell 0 \[0, 4, 0, 8\] is outside the 3 x 7 map"),
+                                           ([[1, 2, 3]], r"cells must be a \(cells, 4\) int32")])
+def test_cpu_kernels_refuse_a_cell_table_that_does_not_fit(table, pattern):
+    """The C++ kernels read the cell table on the host (csrc/cell_table.h): a bad one is an error, not a bad read."""
+    q = torch.randn(1, 2, 3, 7)
+    with pytest.raises(RuntimeError, match=pattern):
+        extension().position_attention_forward(q, q, q, torch.tensor(table, dtype=torch.int32), 1.0)
