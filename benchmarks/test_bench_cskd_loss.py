@@ -10,9 +10,9 @@ per-cell projections drawn fresh every call), CSKDLoss on the reference ops,
 CSKDLoss on the C++ and Triton kernels, and (GPU only) "triton-graphs":
 CSKDLoss on the Triton kernels under torch.compile(mode="reduce-overhead"),
 which replays the whole loss as CUDA graphs (the eager loss is bound by the
-host's launches on a GPU; this measures what graphs recover). Global mode (grid=None) runs only on the fused
-backends: the released formulation and the reference need an 8192 x 8192 map
-per image. The floor is FLOPs (counted below) / float32 matmul rate.
+host's launches on a GPU; this measures what graphs recover). Global mode
+(grid=None) runs only on the fused backends: the released formulation and
+the reference need an 8192 x 8192 map per image. The floor is FLOPs (counted below) / float32 matmul rate.
 """
 
 import pytest
@@ -99,7 +99,8 @@ def flops_for(grid):
 
 
 CASES = declare_cases(
-    op="cskd_loss", case="released_config_grid5x5", providers=("released", "reference", "compile", "cpu", "triton", "triton-graphs"),
+    op="cskd_loss", case="released_config_grid5x5",
+    providers=("released", "reference", "compile", "cpu", "triton", "triton-graphs"),
     modes=("full",), xs=(H * W,), x_name="N", build=build_grid, flops=flops_for((5, 5)),
 ) + declare_cases(
     op="cskd_loss", case="released_config_global", providers=("cpu", "triton", "triton-graphs"),

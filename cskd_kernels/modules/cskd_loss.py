@@ -39,7 +39,8 @@ from cskd_kernels.backend import resolve_backend
 from cskd_kernels.ops.cell_projection import cell_projection
 from cskd_kernels.ops.channel_gram import channel_gram
 from cskd_kernels.ops.channel_attention import channel_attention
-from cskd_kernels.ops.cross_gram import TRITON_MAX_ROWS, centered_cross_grams, combine_grams
+from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES
+from cskd_kernels.ops.cross_gram import centered_cross_grams, combine_grams
 from cskd_kernels.ops.position_attention import position_attention
 
 PROJECTIONS = ("resample", "fixed", "learned")
@@ -203,6 +204,6 @@ class CSKDLoss(nn.Module):
                 raise ValueError(f"{name} {tuple(t.shape)} has {t.shape[1]} channels, the loss was built for {expected}")
         if self.grid is not None and (self.grid[0] > feat_s.shape[2] or self.grid[1] > feat_s.shape[3]):
             raise ValueError(f"grid {self.grid} is larger than the feature map {tuple(feat_s.shape[2:])}")
-        if feat_s.shape[0] > TRITON_MAX_ROWS and resolve_backend(self.backend, feat_s, feat_t) == "triton":
-            raise ValueError(f"batch {feat_s.shape[0]}: the Triton kernels take at most {TRITON_MAX_ROWS} samples "
+        if feat_s.shape[0] > TRITON_MAX_SAMPLES and resolve_backend(self.backend, feat_s, feat_t) == "triton":
+            raise ValueError(f"batch {feat_s.shape[0]}: the Triton kernels take at most {TRITON_MAX_SAMPLES} samples "
                              "(their Grams hold a sample per row of one register tile); use backend='reference'")

@@ -24,6 +24,10 @@ from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
 from cskd_kernels.backend import kernels, resolve_backend
 
+# Samples (rows) a Triton Gram kernel takes: every sample of a column sits in one register tile.
+# The CKA's and the per-cell cross-Grams' kernels share it (cskd_kernels/triton/).
+TRITON_MAX_SAMPLES = 128
+
 
 def centering_matrix(n, dtype, device):
     return torch.eye(n, dtype=dtype, device=device) - 1.0 / n

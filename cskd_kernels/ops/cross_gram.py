@@ -32,7 +32,7 @@ cskd_kernels/triton/cell_cross_gram.py, center over all k*B rows), and the
 gradients M (x - x_0) written straight into maps shaped like the parts.
 On a GPU that is one launch per pass for all cells and maps. The stacked
 path above serves the "reference" backend and Triton beyond its in-place
-kernels' TRITON_MAX_PARTS maps; beyond TRITON_MAX_ROWS rows (k * B) Triton
+kernels' TRITON_MAX_PARTS maps; beyond TRITON_MAX_SAMPLES rows (k * B) Triton
 inputs take the reference path (the Triton Gram kernels hold every row of a
 column in one register tile).
 """
@@ -43,7 +43,7 @@ from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
 from cskd_kernels.backend import kernels, resolve_backend
 from cskd_kernels.grid import CellLayout
-from cskd_kernels.ops.cka import centered_gram, centered_gram_backward, centering_matrix
+from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES, centered_gram, centered_gram_backward, centering_matrix
 from cskd_kernels.ops.position_attention import cell_table
 
 # Bytes of one stacked channel block, per device type: on the CPU large enough
@@ -52,8 +52,8 @@ from cskd_kernels.ops.position_attention import cell_table
 # more there than memory).
 BLOCK_BYTES = {"cpu": 16 * 2**20}
 DEFAULT_BLOCK_BYTES = 2**30
-# What the Triton in-place kernels take: k maps of batch B with k <= 4, k * B <= 128 rows a cell.
-TRITON_MAX_PARTS, TRITON_MAX_ROWS = 4, 128
+# Maps the Triton in-place kernels read (a pointer each); their k * B rows are at most TRITON_MAX_SAMPLES.
+TRITON_MAX_PARTS = 4
 
 
 def _layout(x, grid):
@@ -94,9 +94,12 @@ def _cell_cross_gram_backward_fake(parts, cells, m, backend):
 
 
 def _in_place(parts, backend):
-    """Whether ``backend`` has kernels that read these maps in place (else the stacked path)."""
-    return backend == "cpu" or (
-        backend == "triton" and len(parts) <= TRITON_MAX_PARTS and len(parts) * parts[0].shape[0] <= TRITON_MAX_ROWS)
+    """Whether ``backend`` has kernels that read these maps in place (else the stacked path).
+
+    Triton inputs of more than TRITON_MAX_SAMPLES rows never get here: centered_cross_grams sends
+    them to the reference.
+    """
+    return backend == "cpu" or (backend == "triton" and len(parts) <= TRITON_MAX_PARTS)
 
 
 def _in_place_parts(parts):
@@ -217,7 +220,7 @@ def centered_cross_grams(*parts, grid=None, backend=None):
             raise ValueError(f"parts must be 4-D maps of one shape, got {[tuple(q.shape) for q in parts]}")
     check_same_device(**{f"parts[{i}]": p for i, p in enumerate(parts)})
     name = resolve_backend(backend, *parts)
-    if name == "triton" and len(parts) * parts[0].shape[0] > TRITON_MAX_ROWS:
+    if name == "triton" and len(parts) * parts[0].shape[0] > TRITON_MAX_SAMPLES:
         # More rows than a Triton Gram kernel holds (in place or stacked): the PyTorch path, same device.
         name = "reference"
     grid = tuple(grid or (1, 1))
@@ -238,8 +241,7 @@ def combine_grams(grams, coefficients):
     n = grams.shape[-1] // k
     # One vector of coefficients, numbers filled in on the device (no host-to-device copy,
     # which would wait for the GPU), then a single contraction: a handful of launches.
-    like = next((c for c in coefficients if isinstance(c, torch.Tensor)), grams)
-    c = torch.cat([ci.reshape(1).to(grams.dtype) if isinstance(ci, torch.Tensor)
-                   else like.new_full((1,), ci, dtype=grams.dtype) for ci in coefficients])
+    c = torch.cat([ci.reshape(1).to(grams.dtype) if isinstance(ci, torch.Tensor) else grams.new_full((1,), ci)
+                   for ci in coefficients])
     weights = torch.outer(c, c).reshape(1, k, 1, k, 1)
     return (grams.reshape(grams.shape[0], k, n, k, n) * weights).sum((1, 3))

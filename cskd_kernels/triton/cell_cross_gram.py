@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from cskd_kernels.backend import triton_interpreting
-from cskd_kernels.ops.cross_gram import TRITON_MAX_PARTS as MAX_PARTS, TRITON_MAX_ROWS as MAX_ROWS
+from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES as MAX_ROWS
+from cskd_kernels.ops.cross_gram import TRITON_MAX_PARTS as MAX_PARTS
 from cskd_kernels.triton.common import cell_pixels, load_cell, target_programs
 
 # Elements of one (BLOCK_N, BLOCK_F) float32 tile: 64 registers a thread at 4 warps.

@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 
 from cskd_kernels.backend import triton_interpreting
+from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES as MAX_SAMPLES
 from cskd_kernels.triton.common import target_programs
 
-MAX_SAMPLES = 128
 # Up to this many samples every sample of a column lives in one thread (n * n accumulators a thread).
 FEW_SAMPLES = 8
 _FEW_SAMPLES_WARPS = 4
