@@ -23,6 +23,7 @@ Two paths, the same contract:
 
 import torch
 
+from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.ops.position_attention import cell_table
@@ -61,7 +62,7 @@ def _batched(weight, layout, images):
         layout.num_cells * images, *weight.shape[1:])
 
 
-@torch.library.custom_op("cskd::cell_projection_forward", mutates_args=())
+@kernel_op("cell_projection_forward")
 def cell_projection_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cells: torch.Tensor, sizes: list[int], backend: str
 ) -> list[torch.Tensor]:
@@ -74,7 +75,7 @@ def _cell_projection_forward_fake(x, weight, bias, cells, sizes, backend):
     return _output_maps(x, sizes)
 
 
-@torch.library.custom_op("cskd::cell_projection_backward", mutates_args=())
+@kernel_op("cell_projection_backward")
 def cell_projection_backward(grads: list[torch.Tensor], weight: torch.Tensor, cells: torch.Tensor,
                              channels: int, backend: str) -> torch.Tensor:
     """The fused input gradient: (B, channels, H, W) from the outputs' gradients."""

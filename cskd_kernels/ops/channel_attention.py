@@ -28,14 +28,15 @@ import torch
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_positive, check_same_device
+from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 
-# The two kernels are PyTorch custom ops ("cskd" namespace) with fake
-# implementations and a registered autograd formula, so torch.compile sees
-# each as one op (no graph break) and autograd as one node.
+# The two kernels are PyTorch ops (cskd_kernels._library: a custom op, and a
+# triton_op on the Triton backend) with a registered autograd formula, so
+# torch.compile traces them with no graph break and autograd sees one node.
 
 
-@torch.library.custom_op("cskd::channel_attention_forward", mutates_args=())
+@kernel_op("channel_attention_forward")
 def channel_attention_forward(
     features: torch.Tensor, gamma: torch.Tensor, temperature: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +52,7 @@ def _channel_attention_forward_fake(features, gamma, temperature, backend):
     return torch.empty_like(features), features.new_empty((b, c, c), dtype=accumulation_dtype(features.dtype))
 
 
-@torch.library.custom_op("cskd::channel_attention_backward", mutates_args=())
+@kernel_op("channel_attention_backward")
 def channel_attention_backward(
     grad_out: torch.Tensor,
     features: torch.Tensor,

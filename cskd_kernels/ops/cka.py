@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 
 # Samples (rows) a Triton Gram kernel takes: every sample of a column sits in one register tile.
@@ -33,11 +34,11 @@ def centering_matrix(n, dtype, device):
     return torch.eye(n, dtype=dtype, device=device) - 1.0 / n
 
 
-# The two passes are PyTorch custom ops with a registered autograd formula (an
-# autograd Function with a custom backward that torch.compile sees as one op).
+# The two passes are PyTorch ops (cskd_kernels._library: a custom op, and a
+# triton_op on the Triton backend) with a registered autograd formula.
 
 
-@torch.library.custom_op("cskd::cka_centered_gram", mutates_args=())
+@kernel_op("cka_centered_gram")
 def centered_gram(x: torch.Tensor, backend: str) -> torch.Tensor:
     """Kc = (H x)(H x)^T per group, x (g, n, p) -> (g, n, n) in float32 (float64 for float64 x)."""
     return kernels("cka", backend).centered_gram(x)
@@ -48,7 +49,7 @@ def _centered_gram_fake(x, backend):
     return x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=accumulation_dtype(x.dtype))
 
 
-@torch.library.custom_op("cskd::cka_centered_gram_backward", mutates_args=())
+@kernel_op("cka_centered_gram_backward")
 def centered_gram_backward(x: torch.Tensor, m: torch.Tensor, backend: str) -> torch.Tensor:
     """M (x - x_0) for a centered n x n matrix M per group: one pass over x."""
     return kernels("cka", backend).centered_gram_backward(x, m)

@@ -41,6 +41,7 @@ import torch
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES, centered_gram, centered_gram_backward, centering_matrix
@@ -65,11 +66,12 @@ def _block_centering(k, n, dtype, device):
     return torch.block_diag(*[centering_matrix(n, dtype, device)] * k)
 
 
-# The in-place kernels are PyTorch custom ops with fake implementations, so
-# torch.compile sees each as one op; CrossGramFunction calls them for autograd.
+# The in-place kernels are PyTorch ops (cskd_kernels._library: a custom op,
+# and a triton_op on the Triton backend), so torch.compile traces them with no
+# graph break; CrossGramFunction calls them for autograd.
 
 
-@torch.library.custom_op("cskd::cell_cross_gram", mutates_args=())
+@kernel_op("cell_cross_gram")
 def cell_cross_gram(parts: list[torch.Tensor], cells: torch.Tensor, backend: str) -> torch.Tensor:
     """(cells, k*B, k*B) float64: per cell a Gram of the k*B rows up to centering, maps read in place."""
     return kernels("cell_cross_gram", backend).forward(parts, cells)
@@ -81,7 +83,7 @@ def _cell_cross_gram_fake(parts, cells, backend):
     return parts[0].new_empty((cells.shape[0], n, n), dtype=torch.float64)
 
 
-@torch.library.custom_op("cskd::cell_cross_gram_backward", mutates_args=())
+@kernel_op("cell_cross_gram_backward")
 def cell_cross_gram_backward(parts: list[torch.Tensor], cells: torch.Tensor, m: torch.Tensor,
                              backend: str) -> list[torch.Tensor]:
     """Per part a: grad[b, :, cell] = sum_j m[cell][a*B + b, j] (row_j - row_0)[:, cell], m centered."""

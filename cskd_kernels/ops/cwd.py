@@ -27,14 +27,15 @@ import torch
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 
-# The kernel is a PyTorch custom op ("cskd" namespace) with a fake
-# implementation and a registered autograd formula, so torch.compile sees one
-# op (no graph break) and autograd one node.
+# The kernel is a PyTorch op (cskd_kernels._library: a custom op, and a
+# triton_op on the Triton backend) with a registered autograd formula, so
+# torch.compile traces it with no graph break and autograd sees one node.
 
 
-@torch.library.custom_op("cskd::cwd_loss_rows", mutates_args=())
+@kernel_op("cwd_loss_rows")
 def cwd_loss_rows(
     s_rows: torch.Tensor, t_rows: torch.Tensor, temperature: float, pairs: int, compute_grad: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

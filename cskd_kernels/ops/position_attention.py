@@ -29,6 +29,7 @@ import torch
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 from cskd_kernels.grid import chunk_sizes
 
@@ -65,9 +66,9 @@ def cell_table(height, width, grid, device="cpu"):
     return _cell_table_on(height, width, grid, torch.device(device))
 
 
-# The two kernels are PyTorch custom ops ("cskd" namespace) with fake
-# implementations and a registered autograd formula, so torch.compile sees
-# each as one op (no graph break) and autograd as one node.
+# The two kernels are PyTorch ops (cskd_kernels._library: a custom op, and a
+# triton_op on the Triton backend) with a registered autograd formula, so
+# torch.compile traces them with no graph break and autograd sees one node.
 
 
 def _launch(backend, name, *args, largest_cell):
@@ -78,7 +79,7 @@ def _launch(backend, name, *args, largest_cell):
     return getattr(kernels("position_attention", backend), name)(*args[:-1], largest_cell, args[-1])
 
 
-@torch.library.custom_op("cskd::position_attention_forward", mutates_args=())
+@kernel_op("position_attention_forward")
 def position_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cells: torch.Tensor, largest_cell: int, scale: float,
     backend: str,
@@ -94,7 +95,7 @@ def _position_attention_forward_fake(q, k, v, cells, largest_cell, scale, backen
     return torch.empty_like(v), q.new_empty((b, h, w), dtype=accumulation_dtype(q.dtype))
 
 
-@torch.library.custom_op("cskd::position_attention_backward", mutates_args=())
+@kernel_op("position_attention_backward")
 def position_attention_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
     cells: torch.Tensor, largest_cell: int, scale: float, backend: str,

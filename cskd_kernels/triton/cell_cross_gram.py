@@ -30,7 +30,7 @@ import triton.language as tl
 from cskd_kernels.backend import triton_interpreting
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES as MAX_ROWS
 from cskd_kernels.ops.cross_gram import TRITON_MAX_PARTS as MAX_PARTS
-from cskd_kernels.triton.common import cell_pixels, load_cell, target_programs
+from cskd_kernels.triton.common import cell_pixels, load_cell, target_programs, traceable
 
 # Elements of one (BLOCK_N, BLOCK_F) float32 tile: 64 registers a thread at 4 warps.
 _TILE_ELEMENTS = 8192
@@ -169,7 +169,7 @@ def forward(parts, cells):
     block_n, block_f = _blocks(n)
     splits = _splits(parts, cells, block_f)
     partial = torch.empty((cells.shape[0], splits, n, n), dtype=torch.float32, device=parts[0].device)
-    _forward_kernel[(cells.shape[0], splits)](
+    traceable(_forward_kernel)[(cells.shape[0], splits)](
         *_padded(parts), partial, cells, batch, n, channels, h * w, w,
         BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts),
     )
@@ -184,7 +184,7 @@ def backward(parts, cells, m):
         raise ValueError(f"m {tuple(m.shape)} does not fit {len(parts)} maps of batch {batch} in {cells.shape[0]} cells")
     block_n, block_f = _blocks(n)
     grads = [torch.empty_like(p) for p in parts]
-    _backward_kernel[(cells.shape[0], _splits(parts, cells, block_f))](
+    traceable(_backward_kernel)[(cells.shape[0], _splits(parts, cells, block_f))](
         *_padded(parts), *_padded(grads), m.to(torch.float32).contiguous(), cells, batch, n, channels, h * w, w,
         BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts),
     )

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from cskd_kernels.backend import triton_interpreting
 from cskd_kernels.ops.cell_projection import TRITON_MAX_OUTPUTS as MAX_OUTPUTS
-from cskd_kernels.triton.common import cell_pixels, dot_precision, load_cell
+from cskd_kernels.triton.common import cell_pixels, dot_precision, load_cell, traceable
 
 
 @triton.jit
@@ -161,7 +161,7 @@ def forward(x, weight, bias, cells, sizes):
     splits = _pixel_splits(h, w, cells.shape[0], block_p)
     (s0, s1, s2), (o0, o1, o2) = _sizes_and_pointers(outs, sizes)
     rows = weight.shape[1]
-    _forward_kernel[(triton.cdiv(rows, block_r), cells.shape[0], b * splits)](
+    traceable(_forward_kernel)[(triton.cdiv(rows, block_r), cells.shape[0], b * splits)](
         x, weight, bias, o0, o1, o2, cells, c, h * w, w, rows, s0, s1, s2,
         0 if weight.shape[0] == 1 else weight.stride(0), 0 if bias.shape[0] == 1 else bias.stride(0), splits,
         BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, OUTPUTS=len(sizes), PRECISION=dot_precision(x.dtype),
@@ -180,7 +180,7 @@ def backward(grads, weight, cells, channels):
     block_r, block_c, block_p = _blocks(dx)
     splits = _pixel_splits(h, w, cells.shape[0], block_p)
     (s0, s1, s2), (g0, g1, g2) = _sizes_and_pointers(grads, sizes)
-    _input_grad_kernel[(triton.cdiv(channels, block_c), cells.shape[0], b * splits)](
+    traceable(_input_grad_kernel)[(triton.cdiv(channels, block_c), cells.shape[0], b * splits)](
         g0, g1, g2, weight, dx, cells, channels, h * w, w, s0, s1, s2,
         0 if weight.shape[0] == 1 else weight.stride(0), splits,
         BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, OUTPUTS=len(sizes), PRECISION=dot_precision(dx.dtype),

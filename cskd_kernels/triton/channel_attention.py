@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from cskd_kernels.backend import triton_interpreting
-from cskd_kernels.triton.common import target_programs
+from cskd_kernels.triton.common import target_programs, traceable
 
 # The interpreter runs every program in Python: small tiles, few splits, still
 # more than one so the cross-split reduction is exercised.
@@ -307,7 +307,7 @@ def _nt_product_partials(a, b, symmetric):
     live_tiles = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
     splits, tiles_per_split = _splits(a, live_tiles)
     partials = torch.empty((splits, batch, channels, channels), dtype=torch.float32, device=a.device)
-    _nt_product_kernel[(tiles * tiles, splits, batch)](
+    traceable(_nt_product_kernel)[(tiles * tiles, splits, batch)](
         a, b, partials, channels, channels, n, tiles_per_split,
         SYMMETRIC=symmetric, UPCAST=_upcast(a), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )
@@ -322,14 +322,14 @@ def channel_attention_forward(x, gamma, temperature):
     batch, channels, n = x.shape
     partials = _nt_product_partials(x, x, symmetric=True)
     attention = torch.empty((batch, channels, channels), dtype=torch.float32, device=x.device)
-    _softmax_rows_kernel[(batch * channels,)](
+    traceable(_softmax_rows_kernel)[(batch * channels,)](
         partials, attention, channels, partials.shape[0], batch * channels * channels, 1.0 / temperature,
         BLOCK_C=_row_block(channels),
     )
     out = torch.empty_like(x)
     block_m, block_n, block_k, warps = _product_tiles(x)
     grid = (triton.cdiv(n, block_n), triton.cdiv(channels, block_m), batch)
-    _attend_residual_kernel[grid](
+    traceable(_attend_residual_kernel)[grid](
         attention, x, gamma, out, channels, n,
         UPCAST=_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
@@ -342,7 +342,7 @@ def channel_attention_backward(grad_out, x, attention, gamma, temperature, need_
     row_dots = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     # dE overwrites the first split's partial rows: each row reads all its partials before writing.
     grad_energy = partials[0]
-    _softmax_backward_rows_kernel[(batch * channels,)](
+    traceable(_softmax_backward_rows_kernel)[(batch * channels,)](
         partials, attention, gamma, grad_energy, row_dots, channels, partials.shape[0],
         batch * channels * channels, 1.0 / temperature,
         WRITE_GRAD_ENERGY=need_x, BLOCK_C=_row_block(channels),
@@ -353,7 +353,7 @@ def channel_attention_backward(grad_out, x, attention, gamma, temperature, need_
     grad_x = torch.empty_like(x)
     block_m, block_n, block_k, warps = _product_tiles(x)
     grid = (triton.cdiv(n, block_n), triton.cdiv(channels, block_m), batch)
-    _input_grad_kernel[grid](
+    traceable(_input_grad_kernel)[grid](
         attention, grad_energy, grad_out, x, gamma, grad_x, channels, n,
         UPCAST=_upcast(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from cskd_kernels.backend import triton_interpreting
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES as MAX_SAMPLES
-from cskd_kernels.triton.common import target_programs
+from cskd_kernels.triton.common import target_programs, traceable
 
 # Up to this many samples every sample of a column lives in one thread (n * n accumulators a thread).
 FEW_SAMPLES = 8
@@ -324,7 +324,7 @@ def centered_gram(x):
         block_n, block_k, num_warps = _few_samples_blocks(n)
         splits, chunks = _column_split(g, p, 2 * block_k, x.device)
         partial = torch.empty((g, splits, n, n), dtype=torch.float32, device=x.device)
-        _centered_gram_few_samples_kernel[(g, splits)](
+        traceable(_centered_gram_few_samples_kernel)[(g, splits)](
             x, partial, n, p, x.stride(0), x.stride(1), x.stride(2), chunks,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         )
@@ -332,7 +332,7 @@ def centered_gram(x):
         block_n, block_k, num_warps = _dot_blocks(n)
         splits, chunks = _column_split(g, p, block_k, x.device)
         partial = torch.empty((g, splits, n, n), dtype=torch.float32, device=x.device)
-        _centered_gram_kernel[(g, splits)](
+        traceable(_centered_gram_kernel)[(g, splits)](
             x, partial, n, p, x.stride(0), x.stride(1), chunks,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         )
@@ -352,14 +352,14 @@ def centered_gram_backward(x, m):
     if _few_samples(n):
         block_n, block_k, num_warps = _few_samples_blocks(n)
         programs, chunks = _column_split(g, p, 2 * block_k, x.device)
-        _centered_gram_backward_few_samples_kernel[(g, programs)](
+        traceable(_centered_gram_backward_few_samples_kernel)[(g, programs)](
             x, m, dx, n, p, x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1), dx.stride(2), chunks,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         )
     else:
         block_n, block_k, num_warps = _dot_blocks(n)
         programs, chunks = _column_split(g, p, block_k, x.device)
-        _centered_gram_backward_kernel[(g, programs)](
+        traceable(_centered_gram_backward_kernel)[(g, programs)](
             x, m, dx, n, p, x.stride(0), x.stride(1), dx.stride(0), dx.stride(1), chunks,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         )

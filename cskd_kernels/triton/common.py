@@ -10,6 +10,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from cskd_kernels.backend import triton_interpreting
 
@@ -17,6 +18,63 @@ PROGRAMS_PER_SM = 4
 # The interpreter runs every program in Python: few programs, still more than
 # one so the cross-program reductions are exercised.
 INTERPRETER_PROGRAMS = 4
+
+
+def traceable(kernel):
+    """``kernel`` as a triton_op body must launch it: through torch.library.wrap_triton.
+
+    In eager calls wrap_triton gives the kernel itself; while torch.compile
+    traces the op (cskd_kernels._library) it records the launch into the graph.
+    """
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    if wrap_triton is None:  # torch before 2.6: the ops are opaque custom ops
+        return kernel
+    if triton_interpreting():
+        return _traceable_interpreted(kernel)
+    return wrap_triton(kernel)
+
+
+def _traceable_interpreted(kernel):
+    """wrap_triton for an interpreted kernel, so torch.compile traces the same graph on the CPU as on a GPU.
+
+    Under TRITON_INTERPRET=1 ``@triton.jit`` gives an InterpretedFunction,
+    which torch's wrap_triton passes through untraced (its tracer needs a
+    JITFunction): tracing would then run the kernel on fake tensors. An
+    _InterpretedJIT gives the tracer its JITFunction and launches through the
+    interpreter. Two things stay GPU-only: Inductor cannot generate code for
+    Triton on the CPU (interpreted ops compile with backend="aot_eager"), and
+    torch finds the tensors a kernel writes by compiling it for the GPU, so
+    here it assumes every input is written and copies each back after the
+    launch (same values, but autograd then refuses a backward through a
+    saved input whose version moved).
+    """
+    from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+    from torch._library.triton import is_wrap_triton_enabled
+
+    if not is_wrap_triton_enabled():
+        return kernel
+    return TraceableTritonKernelWrapper(_interpreted_jit(kernel), None, None)
+
+
+class _InterpretedJIT(JITFunction):
+    """A JITFunction of an interpreted kernel's source whose launches run the interpreter."""
+
+    def __init__(self, interpreted):
+        super().__init__(interpreted.fn)
+        self.interpreted = interpreted
+
+    def run(self, *args, grid, warmup, **kwargs):  # every launch, direct or through torch's Autotuner wrapper
+        return self.interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    # By identity: JITFunction hashes its source's dependencies, which under
+    # the interpreter are InterpretedFunctions it refuses to hash.
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted_jit(kernel):
+    return _InterpretedJIT(kernel)  # one per kernel: torch's kernel table keys on the object
 
 
 @triton.jit

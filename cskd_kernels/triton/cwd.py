@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cskd_kernels.triton.common import traceable
+
 _LOG2E = 1.4426950408889634
 # Read inside the kernels: compiled Triton reads only constexpr globals (the interpreter reads any).
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -131,7 +133,7 @@ def cwd_forward(s, t, temperature, grad_scale, compute_grad):
     kl_rows = torch.empty(rows, dtype=torch.float32, device=s.device)
     ds = torch.empty_like(s) if compute_grad else None
     block, single_block, num_warps = _launch_config(n_cols)
-    _cwd_forward_kernel[(rows,)](
+    traceable(_cwd_forward_kernel)[(rows,)](
         s,
         t,
         ds if compute_grad else kl_rows,  # an unused pointer argument when no gradient is written

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cskd_kernels.triton.common import cell_pixels, dot_precision, load_cell
+from cskd_kernels.triton.common import cell_pixels, dot_precision, load_cell, traceable
 
 LOG2E = 1.4426950408889634
 
@@ -238,7 +238,7 @@ def position_attention_forward(q, k, v, cells, largest_cell, scale, config=None)
     lse = torch.empty((b, h, w), device=q.device, dtype=torch.float32)
     cv_tiles = triton.cdiv(cv, config.block_cv)
     grid = (triton.cdiv(largest_cell, config.block_m), cells.shape[0], b * cv_tiles)
-    _forward_kernel[grid](q, k, v, out, lse, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles, **options)
+    traceable(_forward_kernel)[grid](q, k, v, out, lse, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles, **options)
     return out, lse
 
 
@@ -253,8 +253,8 @@ def position_attention_backward(q, k, v, out, lse, grad_out, cells, largest_cell
     dv = torch.empty_like(v)
     key_blocks = triton.cdiv(largest_cell, config.block_n)
     cv_tiles = triton.cdiv(cv, config.block_cv)
-    _dv_kernel[(key_blocks, cells.shape[0], b * cv_tiles)](
+    traceable(_dv_kernel)[(key_blocks, cells.shape[0], b * cv_tiles)](
         q, k, grad_out, lse, dv, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles, **options)
-    _dkdq_kernel[(key_blocks, cells.shape[0], b)](
+    traceable(_dkdq_kernel)[(key_blocks, cells.shape[0], b)](
         q, k, v, grad_out, lse, delta, dk, dq, cells, d, cv, h * w, w, scale * LOG2E, scale, **options)
     return dq.to(q.dtype), dk, dv
