@@ -1,7 +1,7 @@
 """The CSKD loss's share of one whole training step, on a GPU (issue 6's target: under 5%).
 
     python -m benchmarks.step_fraction [--device cuda] [--batch 8] [--height 512 --width 1024]
-                                       [--matmul-precision highest|high] [--out results.json]
+                                       [--matmul-precision highest|high] [--graphs] [--out results.json]
 
 One step: the DeepLabV3-R101 teacher's forward (no grad), the DeepLabV3-R18 student's forward,
 CE + 0.4 aux CE + 3 CWD (+ CSKDLoss), backward and an SGD step, as python/cskd_train runs it.
@@ -10,6 +10,8 @@ The step is timed with and without the CSKD term (same models, same batch); the 
 released formulation. Medians of CUDA-event timings after a warm-up; the printed table is last.
 --matmul-precision sets torch.set_float32_matmul_precision for the whole run (models, released
 loss and fused kernels alike): "highest" (PyTorch's default) or "high" (TF32 products).
+--graphs (CUDA) also times the fused loss under torch.compile(mode="reduce-overhead"), alone and
+inside the step: the whole loss replayed as CUDA graphs, without the eager loss's host launches.
 """
 
 import argparse
@@ -55,8 +57,13 @@ def median_ms(fn, warmup, repeats, device):
     return sorted(times)[len(times) // 2]
 
 
-def objective_step(distill, args, device):
-    """A callable running one training step with objective `distill` ("cwd" or "cskd")."""
+def graphed(loss):
+    """The loss module under torch.compile(mode="reduce-overhead"): compiled once, replayed as CUDA graphs."""
+    return torch.compile(loss, mode="reduce-overhead")
+
+
+def objective_step(distill, args, device, graphs=False):
+    """A callable running one training step with objective `distill` ("cwd" or "cskd"), the loss graphed if asked."""
     from cskd_train.models import build_model, feature_channels
     from cskd_train.objective import Objective, ObjectiveConfig
 
@@ -67,6 +74,8 @@ def objective_step(distill, args, device):
                           feature_channels(teacher)).to(device)
     if objective.cskd is not None:
         with_timing_gammas(objective.cskd)
+        if graphs:
+            objective.cskd = graphed(objective.cskd)  # the same parameters, under _orig_mod
     optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=1e-3, momentum=0.9)
     images = torch.randn(args.batch, 3, args.height, args.width, device=device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch, args.height, args.width), device=device)
@@ -74,12 +83,15 @@ def objective_step(distill, args, device):
 
 
 def loss_alone(kind, args, device):
-    """A callable running the CSKD loss alone (forward + backward) on the step's feature shapes."""
+    """A callable running the CSKD loss alone (forward + backward) on the step's feature shapes.
+
+    kind: "fused", "fused_graphs" (under CUDA graphs) or "released".
+    """
     size = (args.height // 8, args.width // 8)
     feat_s = torch.randn(args.batch, 128, *size, device=device)
     feat_t = torch.randn(args.batch, 256, *size, device=device)
-    loss = fused_cskd_loss(128, 256) if kind == "fused" else ReleasedCSKDLoss()
-    return loss_step(loss.to(device), feat_s, feat_t)
+    loss = (ReleasedCSKDLoss() if kind == "released" else fused_cskd_loss(128, 256)).to(device)
+    return loss_step(graphed(loss) if kind == "fused_graphs" else loss, feat_s, feat_t)
 
 
 def main(argv=None):
@@ -91,20 +103,31 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--matmul-precision", choices=("highest", "high"), default="highest")
+    parser.add_argument("--graphs", action="store_true", help="also the fused loss under CUDA graphs (CUDA only)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
+    if args.graphs and device.type != "cuda":
+        parser.error("--graphs replays CUDA graphs: it needs --device cuda")
 
-    ms = {}
+    ms, graphs_error = {}, None
     for kind in ("fused", "released"):
         ms[f"loss_{kind}"] = median_ms(loss_alone(kind, args, device), args.warmup, args.repeats, device)
     for distill in ("cwd", "cskd"):
         ms[f"step_{distill}"] = median_ms(objective_step(distill, args, device), args.warmup, args.repeats, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.graphs:  # last, and a failure to compile costs only these two numbers
+        try:
+            ms["loss_fused_graphs"] = median_ms(loss_alone("fused_graphs", args, device), args.warmup, args.repeats,
+                                                device)
+            ms["step_cskd_graphs"] = median_ms(objective_step("cskd", args, device, graphs=True), args.warmup,
+                                               args.repeats, device)
+        except Exception as error:  # noqa: BLE001 - reported in the results, the eager numbers stand
+            graphs_error = f"{type(error).__name__}: {error}"
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": args.batch, "image": [args.height, args.width], "matmul_precision": args.matmul_precision, "ms": ms,
@@ -112,16 +135,26 @@ def main(argv=None):
         "step_difference_share": (ms["step_cskd"] - ms["step_cwd"]) / ms["step_cskd"],
         "fused_vs_released": ms["loss_released"] / ms["loss_fused"],
     }
+    if "step_cskd_graphs" in ms:
+        result["loss_share_of_step_graphs"] = ms["loss_fused_graphs"] / ms["step_cskd_graphs"]
+        result["graphs_vs_released"] = ms["loss_released"] / ms["loss_fused_graphs"]
+    if graphs_error:
+        result["graphs_error"] = graphs_error
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     print(f"device {result['device']}, batch {args.batch}, {args.height}x{args.width}, "
           f"float32 matmul precision {args.matmul_precision}, medians of {args.repeats}:")
     for name, value in ms.items():
-        print(f"  {name:14s} {value:9.2f} ms")
+        print(f"  {name:17s} {value:9.2f} ms")
     print(f"  CSKD loss alone / step with it: {100 * result['loss_share_of_step']:.2f}%  "
           f"(step with minus step without: {100 * result['step_difference_share']:.2f}%)")
     print(f"  fused vs released loss: {result['fused_vs_released']:.1f}x")
-
+    if "loss_share_of_step_graphs" in result:
+        print(f"  under CUDA graphs: loss alone / step with it {100 * result['loss_share_of_step_graphs']:.2f}%, "
+              f"{result['graphs_vs_released']:.1f}x the released loss")
+    if graphs_error:
+        print(f"  under CUDA graphs: FAILED ({graphs_error[:300]})")
+    return 1 if graphs_error else 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
