@@ -7,12 +7,13 @@ Every kernel entry point of the package takes a ``backend`` string ("cpu" or
   node, its fake implementation gives the shapes). It runs the C++ kernels,
   and the Triton ones where torch has no triton_op;
 - ``cskd::<name>_triton``, the same function through torch.library.triton_op
-  (torch 2.6 and later; registered on the first Triton call): its body launches every Triton kernel through
-  torch.library.wrap_triton (cskd_kernels.triton.common.traceable), so
-  torch.compile traces into it and Inductor sees the Triton kernels
-  themselves: it launches them from its generated code, without the custom
-  op's Python round trip, and orders them with the ops around them.
-  Its fake implementation is its own body, traced with fake tensors.
+  (torch 2.6 and later; registered on the first Triton call): its body
+  launches every Triton kernel through torch.library.wrap_triton
+  (cskd_kernels.triton.common.traceable), so torch.compile traces into it
+  and Inductor sees the Triton kernels themselves: it launches them from its
+  generated code, without the custom op's Python round trip, and orders them
+  with the ops around them. Its fake implementation is its own body, traced
+  with fake tensors.
 
 ``KernelOp`` holds both and picks by the call's ``backend`` argument, so the
 call sites read like one op. Both share the autograd formula.
@@ -32,7 +33,7 @@ import os
 
 import torch
 
-from cskd_kernels.backend import _constant_under_compile, triton_interpreting
+from cskd_kernels.backend import constant_under_compile, triton_interpreting
 
 NAMESPACE = "cskd"
 
@@ -75,18 +76,16 @@ class KernelOp:
             return self.traceable
         return self.opaque
 
-    def registrations(self):
-        return [op for op in (self.opaque, self.traceable) if op is not None]
-
     def register_fake(self, fake):
         """The opaque op's fake implementation (decorator); the triton_op traces its own body instead."""
         self.opaque.register_fake(fake)
         return fake
 
     def register_autograd(self, backward, *, setup_context):
-        self._autograd = (backward, setup_context)
-        for op in self.registrations():
-            op.register_autograd(backward, setup_context=setup_context)
+        self._autograd = (backward, setup_context)  # for a triton_op registered later
+        for op in (self.opaque, self.traceable):
+            if op is not None:
+                op.register_autograd(backward, setup_context=setup_context)
 
     def __call__(self, *args):
         return self.for_backend(args[self._backend_index])(*args)
@@ -96,7 +95,7 @@ _KERNEL_OPS = []
 _triton_ops_registered = False
 
 
-@_constant_under_compile
+@constant_under_compile
 def register_triton_ops():
     """Register every KernelOp's triton_op, once; returns True.
 

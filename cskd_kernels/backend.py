@@ -62,7 +62,7 @@ def extension():
     return _load_extension()[0]
 
 
-def _constant_under_compile(fn):
+def constant_under_compile(fn):
     """Mark ``fn`` as torch.compiler.assume_constant_result does: dynamo calls it once, bakes in the result.
 
     torch.compile cannot trace the imports behind the availability checks
@@ -76,7 +76,7 @@ def _constant_under_compile(fn):
     return fn
 
 
-@_constant_under_compile
+@constant_under_compile
 def extension_built():
     """True when the C++ extension imports."""
     return extension() is not None
@@ -87,7 +87,7 @@ def extension_error():
     return _load_extension()[1]
 
 
-@_constant_under_compile
+@constant_under_compile
 def triton_available():
     return _triton_importable()
 
