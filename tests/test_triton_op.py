@@ -25,7 +25,7 @@ from torch._inductor.utils import run_and_get_code
 from cskd_kernels import CSKDLoss, _library, channel_attention, cka_loss, cwd_loss, position_attention
 from cskd_kernels.backend import triton_available, triton_interpreting
 from cskd_kernels.ops import cka as cka_ops
-from conftest import HAS_CUDA
+from conftest import CUDA_REASON, HAS_CUDA
 from test_compile import OPCHECK_OPS, _opcheck_cases
 
 pytestmark = [
@@ -226,3 +226,29 @@ def test_opcheck(name):
     assert op.for_backend("triton") is op.traceable
     checks = ["test_schema", "test_autograd_registration", "test_faketensor"]
     torch.library.opcheck(op.traceable, args, test_utils=checks + (["test_aot_dispatch_dynamic"] if HAS_CUDA else []))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
+def test_cskd_loss_under_cuda_graphs_matches_eager():
+    """torch.compile(mode="reduce-overhead") (the benchmarks' triton-graphs): replays give eager's values and grads.
+
+    Three calls with fresh inputs: the graphs are recorded, then replayed on
+    new data (a replay reading stale static buffers would repeat the first
+    result).
+    """
+    loss = CSKDLoss(8, 16, grid=(2, 3), projection="learned", backend="triton").to(DEVICE)
+    with torch.no_grad():
+        loss.gamma_cam.fill_(0.5)
+        loss.gamma_pam.fill_(0.7)
+    graphed = torch.compile(loss, mode="reduce-overhead")
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step, as a training loop marks it
+        feat_s, feat_t = _randn(4, 8, 6, 7), _randn(4, 16, 6, 7, grad=False)
+        params = [loss.gamma_cam, loss.gamma_pam]
+        expected = loss(feat_s, feat_t).loss
+        want = torch.autograd.grad(expected, [feat_s, *params])
+        actual = graphed(feat_s, feat_t).loss
+        got = torch.autograd.grad(actual, [feat_s, *params])
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
