@@ -20,8 +20,8 @@
 # all, default cuda), INSTALL_TIMEOUT / TESTS_TIMEOUT / BENCH_TIMEOUT / GRAPHS_TIMEOUT (the
 # CUDA-graphed loss) / PROFILE_TIMEOUT (each of two runs) / FRACTION_TIMEOUT (each of two runs) /
 # TUNE_TIMEOUT in seconds (default 120 / 300 / 240 / 180 / 120 / 240 / 300: more
-# than one call's 10 minutes, so split with STEPS, e.g. STEPS="tests profile" then
-# SKIP_INSTALL=1 STEPS="bench fraction" on the same warm machine;
+# than one call's 10 minutes, so split with STEPS, e.g. STEPS="tests profile", then
+# SKIP_INSTALL=1 STEPS="bench", then SKIP_INSTALL=1 STEPS="fraction tune" on the same warm machine;
 # the benchmarks write their CSV after every case, so a timeout keeps what was measured).
 
 set -u
@@ -90,9 +90,11 @@ if wants fraction; then
 step "training-step fraction (python -m benchmarks.step_fraction)"
 # The CSKD loss's share of a DeepLabV3-R101 teacher + R18 student step, batch 8, 512x1024.
 # Twice: PyTorch's default float32 matmul precision, then TF32 ("high") for models and loss alike;
-# each also with the loss under CUDA graphs (--graphs: compiling it takes a minute or two).
+# the first also with the loss under CUDA graphs (--graphs: compiling it takes a minute or two).
 for precision in highest high; do
-  timeout "${FRACTION_TIMEOUT:-240}" "$PY" -m benchmarks.step_fraction --matmul-precision "$precision" --graphs \
+  graphs=$([ "$precision" = highest ] && echo --graphs)
+  # shellcheck disable=SC2086
+  timeout "${FRACTION_TIMEOUT:-240}" "$PY" -m benchmarks.step_fraction --matmul-precision "$precision" $graphs \
     --out "$OUTDIR/step_fraction_$precision.json" > "$OUTDIR/step_fraction_$precision.log" 2>&1
   status=$?
   tail -n 8 "$OUTDIR/step_fraction_$precision.log"
