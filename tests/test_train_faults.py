@@ -15,18 +15,9 @@ import train_support  # noqa: F401
 from cskd_train import checkpoint as ckpt
 from cskd_train import objective, train
 from cskd_train.checkpoint import CheckpointError, load_training_checkpoint, save_atomic
-from train_support import TINY, loss_rows, read_metrics, run_module, subprocess_env
+from train_support import TINY, distill_flags, loss_rows, read_metrics, run_module, subprocess_env
 
 RUN = ["--max-iterations", "6", "--log-every", "1", "--val-every", "3", *TINY]
-
-
-def distill_flags(tmp_path):
-    """A CSKD run needs a teacher: a one-iteration ResNet18 run is enough."""
-    teacher_dir = tmp_path / "teacher"
-    if not (teacher_dir / "last.pt").exists():
-        assert train.main(["--max-iterations", "1", "--output-dir", str(teacher_dir), *TINY]) == 0
-    return ["--distill", "cskd", "--teacher-model", "deeplabv3_resnet18",
-            "--teacher-checkpoint", str(teacher_dir / "last.pt"), "--model", "deeplabv3_mobilenetv2"]
 
 
 # ---- atomic writes ---------------------------------------------------------

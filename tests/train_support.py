@@ -39,3 +39,14 @@ def read_metrics(output_dir):
 def loss_rows(rows):
     """Logged training rows without the wall-clock field, for exact comparison."""
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def distill_flags(tmp_path):
+    """A CSKD run needs a teacher: a one-iteration ResNet18 run is enough."""
+    from cskd_train import train
+
+    teacher_dir = tmp_path / "teacher"
+    if not (teacher_dir / "last.pt").exists():
+        assert train.main(["--max-iterations", "1", "--output-dir", str(teacher_dir), *TINY]) == 0
+    return ["--distill", "cskd", "--teacher-model", "deeplabv3_resnet18",
+            "--teacher-checkpoint", str(teacher_dir / "last.pt"), "--model", "deeplabv3_mobilenetv2"]

@@ -61,6 +61,17 @@ class Objective(nn.Module):
                 reduction=config.reduction,
             )
 
+    def compile_cskd(self, device):
+        """Run the CSKD loss under torch.compile; on CUDA with mode="reduce-overhead" (CUDA graphs).
+
+        On a GPU the eager loss is bound by the host issuing its launches; CUDA
+        graphs replay them in one go. nn.Module.compile compiles in place, so
+        the state_dict keys (and checkpoints) are those of an eager run.
+        """
+        if self.cskd is None:
+            raise ValueError("compile_cskd: this objective has no CSKD loss (distill is not 'cskd')")
+        self.cskd.compile(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+
     @property
     def needs_teacher(self):
         return self.config.distill != "none"

@@ -93,6 +93,9 @@ def build_parser():
     loss.add_argument("--grid", type=int, nargs=2, metavar=("GH", "GW"), default=(5, 5))
     loss.add_argument("--global-pam", action="store_true", help="one PAM over the whole map instead of a grid")
     loss.add_argument("--projection", choices=("resample", "fixed", "learned"), default="resample")
+    loss.add_argument("--compile-loss", action="store_true",
+                      help="run the CSKD loss under torch.compile (on CUDA replayed as CUDA graphs); "
+                           "checkpoints are the same as without")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--max-iterations", type=int, default=40000)
@@ -126,6 +129,8 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.distill != "none" and (args.teacher_model is None or args.teacher_checkpoint is None):
         raise TrainingError(f"--distill {args.distill} needs --teacher-model and --teacher-checkpoint")
+    if args.compile_loss and args.distill != "cskd":
+        raise TrainingError(f"--compile-loss compiles the CSKD loss: it needs --distill cskd, got --distill {args.distill}")
     for name in ("max_iterations", "batch_size", "log_every", "val_every", "max_nonfinite"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -282,6 +287,8 @@ class Trainer:
             load_backbone_weights(student, args.backbone_weights)
         teacher_channels = feature_channels(self.teacher) if self.teacher is not None else None
         objective = Objective(objective_config(args), feature_channels(student), teacher_channels)
+        if args.compile_loss:
+            objective.compile_cskd(context.device)
         self.step_module = StudentStep(student, objective).to(context.device)
         self.student = student
         self.objective = objective
@@ -368,6 +375,9 @@ class Trainer:
 
     def step(self, images, labels):
         """One optimisation step; returns the loss parts as floats, or None if the loss was not finite."""
+        if self.args.compile_loss:
+            # A new step for the compiled loss's CUDA graphs: the last step's outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         teacher_out = None
         if self.teacher is not None:
             with torch.no_grad():
