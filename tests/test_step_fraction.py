@@ -26,14 +26,26 @@ def test_cpu_run_writes_every_timing(tmp_path):
     assert result["loss_share_of_step"] == result["ms"]["loss_fused"] / result["ms"]["step_cskd"]
 
 
-def test_graphs_need_cuda(capsys):
-    with pytest.raises(SystemExit):
-        step_fraction.main([*TINY, "--device", "cpu", "--graphs"])
-    assert "--graphs replays CUDA graphs: it needs --device cuda" in capsys.readouterr().err
-
-
-@requires_cuda
-def test_graphs_on_cuda(tmp_path):
-    result = _run(tmp_path, "--device", "cuda", "--graphs")
+@pytest.mark.compile
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_graphs(tmp_path, device):
+    """--graphs: the loss compiled (CUDA graphs on CUDA), alone and in the step, next to the eager numbers."""
+    result = _run(tmp_path, "--device", device, "--graphs")
+    assert "graphs_error" not in result
     assert {"loss_fused_graphs", "step_cskd_graphs"} <= set(result["ms"])
-    assert 0 < result["loss_share_of_step_graphs"] < 1
+    assert result["loss_share_of_step_graphs"] == result["ms"]["loss_fused_graphs"] / result["ms"]["step_cskd_graphs"]
+
+
+def test_a_compile_failure_keeps_the_eager_numbers(tmp_path, monkeypatch):
+    from cskd_train.objective import Objective
+
+    def fail(self, device):
+        raise RuntimeError("inductor says no")
+
+    monkeypatch.setattr(Objective, "compile_cskd", fail)
+    out = tmp_path / "fraction.json"
+    assert step_fraction.main([*TINY, "--device", "cpu", "--graphs", "--out", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert result["graphs_error"] == "RuntimeError: inductor says no"
+    assert {"loss_fused", "loss_released", "step_cwd", "step_cskd"} <= set(result["ms"])
+    assert "loss_share_of_step_graphs" not in result
