@@ -34,6 +34,7 @@ from cskd_train.demo import (  # noqa: E402
     with_timing_gammas,
 )
 from cskd_train.datasets import NUM_CLASSES as CLASSES_OF  # noqa: E402
+from cskd_train.objective import compile_loss_module  # noqa: E402
 
 NUM_CLASSES = CLASSES_OF["cityscapes"]
 
@@ -100,7 +101,7 @@ def loss_alone(kind, args, device):
     loss = (ReleasedCSKDLoss() if kind == "released" else fused_cskd_loss(128, 256)).to(device)
     if kind != "fused_graphs":
         return loss_step(loss, feat_s, feat_t)
-    loss.compile(mode="reduce-overhead")
+    compile_loss_module(loss, device)  # as cskd-train --compile-loss compiles it
     return new_step_each_call(loss_step(loss, feat_s, feat_t))
 
 

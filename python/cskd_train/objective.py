@@ -40,6 +40,11 @@ def segmentation_ce(logits, labels):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
+def compile_loss_module(module, device):
+    """``module`` compiled in place (its state_dict keys unchanged); on CUDA as CUDA graphs (mode="reduce-overhead")."""
+    module.compile(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+
+
 class Objective(nn.Module):
     """Loss parts for one step; holds the CSKD module, whose parameters train with the student."""
 
@@ -70,7 +75,7 @@ class Objective(nn.Module):
         """
         if self.cskd is None:
             raise ValueError("compile_cskd: this objective has no CSKD loss (distill is not 'cskd')")
-        self.cskd.compile(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+        compile_loss_module(self.cskd, device)
 
     @property
     def needs_teacher(self):
