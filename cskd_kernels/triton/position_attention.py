@@ -205,9 +205,14 @@ class LaunchConfig(NamedTuple):
     num_stages: Optional[int] = None
 
 
+def _block_d(q):
+    """BLOCK_D: the q/k width d padded to a power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(q.shape[1]))
+
+
 def default_config(q, v):
     """The launch configuration used unless ``config`` is given (benchmarks/tune_position_attention.py sweeps it)."""
-    block_d = max(16, triton.next_power_of_2(q.shape[1]))
+    block_d = _block_d(q)
     block_cv = min(128 if q.is_cuda else 64, max(16, triton.next_power_of_2(v.shape[1])))
     block_m = block_n = 64 if q.is_cuda else 16
     if q.is_cuda and block_d >= 128:
@@ -216,11 +221,11 @@ def default_config(q, v):
 
 
 def _blocks(q, v, config):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_CV) and the tl.dot precision, constexpr arguments of every kernel."""
+    """(config, launch options): the options are every kernel's constexprs (BLOCK_M, BLOCK_N, BLOCK_D,
+    BLOCK_CV, the tl.dot precision) and the config's num_warps / num_stages where set."""
     config = config or default_config(q, v)
-    block_d = max(16, triton.next_power_of_2(q.shape[1]))
     # float32: 3xTF32 (float32 accuracy) unless torch.set_float32_matmul_precision allows TF32.
-    constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_CV=config.block_cv,
+    constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(q), BLOCK_CV=config.block_cv,
                      PRECISION=dot_precision(q.dtype))
     launch = {name: value for name, value in (("num_warps", config.num_warps), ("num_stages", config.num_stages))
               if value is not None}
