@@ -22,11 +22,11 @@ from functorch.compile import make_boxed_func
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch._inductor.utils import run_and_get_code
 
-from cskd_kernels import CSKDLoss, _library, channel_attention, cka_loss, cwd_loss, position_attention
+from cskd_kernels import _library, channel_attention, cka_loss, cwd_loss, position_attention
 from cskd_kernels.backend import triton_available, triton_interpreting
 from cskd_kernels.ops import cka as cka_ops
 from conftest import CUDA_REASON, HAS_CUDA
-from test_compile import OPCHECK_OPS, _opcheck_cases
+from test_compile import OPCHECK_OPS, _cskd_loss, _grads, _leaves, _opcheck_cases
 
 pytestmark = [
     pytest.mark.compile,
@@ -111,13 +111,12 @@ class Compiled:
 def _compile_and_compare(fn, inputs, *, backward=True):
     """fn compiled against eager: values and the gradients of every input that requires grad."""
     compiled = Compiled(fn)
-    eager_inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    eager_inputs = _leaves(inputs)
     expected, actual = fn(*eager_inputs), compiled(*inputs)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     if backward:
         weight = torch.randn_like(expected)
-        want = torch.autograd.grad((expected * weight).sum(), [t for t in eager_inputs if t.requires_grad])
-        got = torch.autograd.grad((actual * weight).sum(), [t for t in inputs if t.requires_grad])
+        want, got = _grads(expected, eager_inputs, weight), _grads(actual, inputs, weight)
         assert len(got) == len(want) > 0
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -171,10 +170,7 @@ def test_cskd_loss_is_traced_into_its_kernels():
     without one it treats every input as written (cskd_kernels.triton.common),
     which makes autograd refuse this backward.
     """
-    loss = CSKDLoss(8, 16, grid=(2, 3), projection="learned", backend="triton").to(DEVICE)
-    with torch.no_grad():  # away from the initial 0, so every gradient is exercised
-        loss.gamma_cam.fill_(0.5)
-        loss.gamma_pam.fill_(0.7)
+    loss = _cskd_loss("learned", "triton").to(DEVICE)  # gammas 0.5 and 0.7: every gradient exercised
     compiled = _compile_and_compare(lambda s, t: loss(s, t).loss, [_randn(4, 8, 6, 7), _randn(4, 16, 6, 7, grad=False)],
                                     backward=HAS_CUDA)
     if not HAS_CUDA:
@@ -236,10 +232,7 @@ def test_cskd_loss_under_cuda_graphs_matches_eager():
     new data (a replay reading stale static buffers would repeat the first
     result).
     """
-    loss = CSKDLoss(8, 16, grid=(2, 3), projection="learned", backend="triton").to(DEVICE)
-    with torch.no_grad():
-        loss.gamma_cam.fill_(0.5)
-        loss.gamma_pam.fill_(0.7)
+    loss = _cskd_loss("learned", "triton").to(DEVICE)  # gammas 0.5 and 0.7: every gradient exercised
     graphed = torch.compile(loss, mode="reduce-overhead")
     for _ in range(3):
         torch.compiler.cudagraph_mark_step_begin()  # a new training step, as a training loop marks it
