@@ -114,10 +114,13 @@ grep -E "^(FAILED|ERROR)" "$OUTDIR/bench.log" | head -n 20
 tail -n 1 "$OUTDIR/bench.log"
 [ "$status" -eq 0 ] || FAILED+=("benchmarks (exit $status$([ "$status" -eq 124 ] && echo ', timed out'))")
 # The CUDA-graphed loss (provider triton-graphs) last: compiling it takes minutes, which must not
-# starve the other cases.
-# shellcheck disable=SC2086
-timeout "${GRAPHS_TIMEOUT:-180}" "$PY" -m pytest benchmarks/test_bench_cskd_loss.py -q -rfEs -k graphs \
-  --bench-device "${BENCH_DEVICE:-cuda}" ${BENCH_ARGS:-} > "$OUTDIR/bench_graphs.log" 2>&1
+# starve the other cases. graphs_bench LOG runs it, writing LOG.
+graphs_bench() {
+  # shellcheck disable=SC2086
+  timeout "${GRAPHS_TIMEOUT:-180}" "$PY" -m pytest benchmarks/test_bench_cskd_loss.py -q -rfEs -k graphs \
+    --bench-device "${BENCH_DEVICE:-cuda}" ${BENCH_ARGS:-} > "$1" 2>&1
+}
+graphs_bench "$OUTDIR/bench_graphs.log"
 status=$?
 grep -E "^(FAILED|ERROR)" "$OUTDIR/bench_graphs.log" | head -n 20
 tail -n 1 "$OUTDIR/bench_graphs.log"
@@ -125,9 +128,7 @@ tail -n 1 "$OUTDIR/bench_graphs.log"
 if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
   # Inductor compiles the Triton kernels themselves (triton_op, untimed on a GPU before): should that
   # fail, time the loss with the kernels behind opaque custom ops instead.
-  # shellcheck disable=SC2086
-  CSKD_TRITON_OP=0 timeout "${GRAPHS_TIMEOUT:-180}" "$PY" -m pytest benchmarks/test_bench_cskd_loss.py -q -rfEs \
-    -k graphs --bench-device "${BENCH_DEVICE:-cuda}" ${BENCH_ARGS:-} > "$OUTDIR/bench_graphs_opaque.log" 2>&1
+  CSKD_TRITON_OP=0 graphs_bench "$OUTDIR/bench_graphs_opaque.log"
   echo "CSKD_TRITON_OP=0: exit $? ($(tail -n 1 "$OUTDIR/bench_graphs_opaque.log"))"
 fi
 find benchmarks/results -name '*.csv' -newer "$marker" -exec cp {} "$OUTDIR/results/" \;
