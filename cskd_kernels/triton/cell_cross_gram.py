@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from cskd_kernels.backend import triton_interpreting
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES as MAX_ROWS
 from cskd_kernels.ops.cross_gram import TRITON_MAX_PARTS as MAX_PARTS
-from cskd_kernels.triton.common import cell_pixels, load_cell, target_programs, traceable
+from cskd_kernels.triton.common import cell_pixels, interpreted_launches, load_cell, target_programs, traceable
 
 # Elements of one (BLOCK_N, BLOCK_F) float32 tile: 64 registers a thread at 4 warps.
 _TILE_ELEMENTS = 8192
@@ -146,7 +145,7 @@ def _check(parts):
 def _blocks(n):
     block_n = max(16, triton.next_power_of_2(n))
     # The interpreter pays per loop step, not per element: wide tiles.
-    block_f = 256 if triton_interpreting() else max(32, min(128, _TILE_ELEMENTS // block_n))
+    block_f = 256 if interpreted_launches() else max(32, min(128, _TILE_ELEMENTS // block_n))
     return block_n, block_f
 
 

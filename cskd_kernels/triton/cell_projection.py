@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cskd_kernels.backend import triton_interpreting
 from cskd_kernels.ops.cell_projection import TRITON_MAX_OUTPUTS as MAX_OUTPUTS
-from cskd_kernels.triton.common import cell_pixels, dot_precision, load_cell, traceable
+from cskd_kernels.triton.common import cell_pixels, dot_precision, interpreted_launches, load_cell, traceable
 
 
 @triton.jit
@@ -127,7 +126,7 @@ def _input_grad_kernel(
 
 def _blocks(x):
     """BLOCK_R (weight rows), BLOCK_C (channels), BLOCK_P (pixels)."""
-    if triton_interpreting():
+    if interpreted_launches():
         return 32, 32, 64  # the interpreter pays per program and per loop step, not per element
     return 64, 32, 64
 

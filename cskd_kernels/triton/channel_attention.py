@@ -36,8 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cskd_kernels.backend import triton_interpreting
-from cskd_kernels.triton.common import target_programs, traceable
+from cskd_kernels.triton.common import interpreted_launches, target_programs, traceable
 
 # The interpreter runs every program in Python: small tiles, few splits, still
 # more than one so the cross-split reduction is exercised.
@@ -264,12 +263,12 @@ def _input_grad_kernel(
 
 def _upcast(x):
     """Only under the interpreter, whose bfloat16 tl.dot returns garbage; GPUs multiply bfloat16 natively."""
-    return triton_interpreting() and x.dtype == torch.bfloat16
+    return interpreted_launches() and x.dtype == torch.bfloat16
 
 
 def _product_tiles(x):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the (C x C) @ (C x N) products."""
-    if triton_interpreting():
+    if interpreted_launches():
         return 16, 32, 16, 4
     if x.dtype == torch.float32:
         return 64, 64, 32, 4
@@ -278,7 +277,7 @@ def _product_tiles(x):
 
 def _gram_tiles(x):
     """(BLOCK_M, BLOCK_K, num_warps) of the split-K C x C products."""
-    if triton_interpreting():
+    if interpreted_launches():
         return 16, 32, 4
     if x.dtype == torch.float32:
         return 64, 32, 4
@@ -290,7 +289,7 @@ def _splits(x, tile_programs):
     batch, _, n = x.shape
     _, block_k, _ = _gram_tiles(x)
     k_tiles = triton.cdiv(n, block_k)
-    if triton_interpreting():
+    if interpreted_launches():
         wanted = _INTERPRETER_SPLITS
     else:
         wanted = triton.cdiv(target_programs(x.device), batch * tile_programs)

@@ -36,9 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cskd_kernels.backend import triton_interpreting
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES as MAX_SAMPLES
-from cskd_kernels.triton.common import target_programs, traceable
+from cskd_kernels.triton.common import interpreted_launches, target_programs, traceable
 
 # Up to this many samples every sample of a column lives in one thread (n * n accumulators a thread).
 FEW_SAMPLES = 8
@@ -296,7 +295,7 @@ def _few_samples_blocks(n):
     The interpreter has no threads or layouts; wider tiles only mean fewer
     Python-level loop iterations there, the arithmetic is the same.
     """
-    block_k = 512 if triton_interpreting() else 32 * _FEW_SAMPLES_WARPS
+    block_k = 512 if interpreted_launches() else 32 * _FEW_SAMPLES_WARPS
     return triton.next_power_of_2(n), block_k, _FEW_SAMPLES_WARPS
 
 

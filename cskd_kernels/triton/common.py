@@ -110,14 +110,28 @@ def dot_precision(dtype):
     return "tf32"
 
 
+def interpreted_launches():
+    """Whether the launches go to Triton's interpreter, which pays per program and per loop step, not per element.
+
+    Every launch size that differs between a GPU and the interpreter asks
+    this (benchmarks/gpu_compile.py sets it False to plan a GPU's launches on
+    the CPU).
+    """
+    return triton_interpreting()
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def multiprocessors(device):
+    """The SM count of a CUDA device."""
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def target_programs(device):
     """Programs that fill the device: a few per SM on a GPU, a handful under the interpreter."""
-    if device.type == "cuda" and not triton_interpreting():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return PROGRAMS_PER_SM * _multiprocessors(index)
-    return INTERPRETER_PROGRAMS
+    if interpreted_launches():
+        return INTERPRETER_PROGRAMS
+    return PROGRAMS_PER_SM * multiprocessors(device)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cskd_kernels.triton.common import cell_pixels, dot_precision, load_cell, traceable
+from cskd_kernels.triton.common import cell_pixels, dot_precision, interpreted_launches, load_cell, traceable
 
 LOG2E = 1.4426950408889634
 
@@ -212,11 +212,10 @@ def _block_d(q):
 
 def default_config(q, v):
     """The launch configuration used unless ``config`` is given (benchmarks/tune_position_attention.py sweeps it)."""
-    block_d = _block_d(q)
-    block_cv = min(128 if q.is_cuda else 64, max(16, triton.next_power_of_2(v.shape[1])))
-    block_m = block_n = 64 if q.is_cuda else 16
-    if q.is_cuda and block_d >= 128:
-        block_m = block_n = 32  # keep the q, k and accumulator tiles in registers
+    if interpreted_launches():
+        return LaunchConfig(16, 16, min(64, max(16, triton.next_power_of_2(v.shape[1]))))
+    block_cv = min(128, max(16, triton.next_power_of_2(v.shape[1])))
+    block_m = block_n = 32 if _block_d(q) >= 128 else 64  # d = 128: keep q, k and the accumulator in registers
     return LaunchConfig(block_m, block_n, block_cv)
 
 
