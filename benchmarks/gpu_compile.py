@@ -75,6 +75,14 @@ def _workloads(quick):
             out.sum().backward()
         return run
 
+    def cross_grams(batch):
+        def run():
+            from cskd_kernels.ops.cross_gram import centered_cross_grams
+
+            maps = [torch.randn(batch, 64, 32, 64, requires_grad=True) for _ in range(2)]
+            centered_cross_grams(*maps, grid=(5, 5), backend="triton").sum().backward()
+        return run
+
     released = [("cskd grid float32", cskd_loss((5, 5), torch.float32))]
     if quick:
         return released
@@ -93,8 +101,14 @@ def _workloads(quick):
                                         torch.float32, temperature=2.0)),
         ("cam C=512 bfloat16", attention(cskd_kernels.channel_attention, [(8, channels, 64, 128), (1,)],
                                          torch.bfloat16, temperature=2.0)),
+        ("pam grid d=32 float32", attention(cskd_kernels.position_attention, [(8, 32, 64, 128)] * 2
+                                            + [(8, 256, 64, 128)], torch.float32, grid=(5, 5))),
+        ("pam d=64 bfloat16", attention(cskd_kernels.position_attention,
+                                        [(2, 64, 32, 64), (2, 64, 32, 64), (2, 512, 32, 64)], torch.bfloat16)),
         ("pam d=128 float32", attention(cskd_kernels.position_attention,
                                         [(2, 128, 32, 64), (2, 128, 32, 64), (2, 256, 32, 64)], torch.float32)),
+        ("cross-Grams of 64 rows", cross_grams(32)),
+        ("cross-Grams of 128 rows", cross_grams(64)),
     ]
 
 
@@ -149,11 +163,20 @@ def plan(quick, multiprocessors):
 
 # ----------------------------------------------------------------------------- compile (runs without the interpreter)
 
+def _specialisation(described):
+    """What Triton compiles an argument for: an int by its range, divisibility by 16 and being 1; else as is."""
+    value = described.get("value")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"int": (value == 1, value % 16 == 0, -2 ** 31 <= value < 2 ** 31)}
+    return described
+
+
 def _distinct(launches):
-    """Launches that compile to different code: one per (kernel, arguments' types and values, options)."""
+    """Launches that compile to different code: one per (kernel, arguments' specialisations, constexprs, options)."""
     seen = {}
     for launch in launches:
-        key = json.dumps({name: launch[name] for name in ("kernel", "args", "kwargs")}, sort_keys=True)
+        key = json.dumps([launch["kernel"], [_specialisation(arg) for arg in launch["args"]], launch["kwargs"]],
+                         sort_keys=True)
         seen.setdefault(key, {**launch, "workloads": []})["workloads"].append(launch["workload"])
     return list(seen.values())
 
@@ -226,8 +249,7 @@ def compile_launch(launch, arch, folder):
     kernel = getattr(importlib.import_module(module), name)
     args = [_argument(arg) for arg in launch["args"]]
     kwargs = {key: _argument(value) for key, value in launch["kwargs"].items()}
-    result = {"kernel": launch["kernel"], "workloads": launch["workloads"], "grid": launch["grid"],
-              "constexprs": {key: value["value"] for key, value in launch["kwargs"].items()}}
+    result = {**launch, "constexprs": {key: value["value"] for key, value in launch["kwargs"].items()}}
     try:
         compiled = kernel.warmup(*args, grid=launch["grid"], **kwargs)
         result["registers"], result["spilled_bytes"] = _ptxas_report(compiled.asm["ptx"], arch)

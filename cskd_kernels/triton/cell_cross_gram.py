@@ -32,7 +32,7 @@ from cskd_kernels.ops.cross_gram import TRITON_MAX_PARTS as MAX_PARTS
 from cskd_kernels.triton.common import cell_pixels, interpreted_launches, load_cell, target_programs, traceable
 
 # Elements of one (BLOCK_N, BLOCK_F) float32 tile: 64 registers a thread at 4 warps.
-_TILE_ELEMENTS = 8192
+_TILE_ELEMENTS = 2048
 
 
 @triton.jit
@@ -143,10 +143,17 @@ def _check(parts):
 
 
 def _blocks(n):
+    """(BLOCK_N, BLOCK_F, num_warps) for n rows.
+
+    The interpreter pays per loop step, not per element: wide tiles. On a
+    GPU the tiles are the largest that do not spill registers on sm_90 in
+    float32 (python -m benchmarks.gpu_compile): 128 features spilled at 16
+    rows; at 128 rows 64 features needed more shared memory than sm_90 has.
+    """
     block_n = max(16, triton.next_power_of_2(n))
-    # The interpreter pays per loop step, not per element: wide tiles.
-    block_f = 256 if interpreted_launches() else max(32, min(128, _TILE_ELEMENTS // block_n))
-    return block_n, block_f
+    if interpreted_launches():
+        return block_n, 256, 4
+    return block_n, max(16, min(64, _TILE_ELEMENTS // block_n)), 8 if block_n >= 64 else 4
 
 
 def _splits(parts, cells, block_f):
@@ -165,12 +172,12 @@ def forward(parts, cells):
     _check(parts)
     batch, channels, h, w = parts[0].shape
     n = len(parts) * batch
-    block_n, block_f = _blocks(n)
+    block_n, block_f, num_warps = _blocks(n)
     splits = _splits(parts, cells, block_f)
     partial = torch.empty((cells.shape[0], splits, n, n), dtype=torch.float32, device=parts[0].device)
     traceable(_forward_kernel)[(cells.shape[0], splits)](
         *_padded(parts), partial, cells, batch, n, channels, h * w, w,
-        BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts),
+        BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts), num_warps=num_warps,
     )
     return partial.sum(dim=1, dtype=torch.float64)
 
@@ -181,10 +188,10 @@ def backward(parts, cells, m):
     n = len(parts) * batch
     if m.shape != (cells.shape[0], n, n):
         raise ValueError(f"m {tuple(m.shape)} does not fit {len(parts)} maps of batch {batch} in {cells.shape[0]} cells")
-    block_n, block_f = _blocks(n)
+    block_n, block_f, num_warps = _blocks(n)
     grads = [torch.empty_like(p) for p in parts]
     traceable(_backward_kernel)[(cells.shape[0], _splits(parts, cells, block_f))](
         *_padded(parts), *_padded(grads), m.to(torch.float32).contiguous(), cells, batch, n, channels, h * w, w,
-        BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts),
+        BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts), num_warps=num_warps,
     )
     return grads

@@ -124,11 +124,19 @@ def _input_grad_kernel(
         tl.store(dx_rows + pix[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
-def _blocks(x):
-    """BLOCK_R (weight rows), BLOCK_C (channels), BLOCK_P (pixels)."""
+def _launch(backward):
+    """BLOCK_R (weight rows), BLOCK_C (channels), BLOCK_P (pixels) and the warps / stages options of a pass.
+
+    The GPU tiles are the largest with which the kernel does not spill
+    registers on sm_90 in float32 (3xTF32 or TF32) and 16-bit, by ptxas's
+    count (python -m benchmarks.gpu_compile): Triton's default 4 warps and
+    3 stages spilled 1 KiB (forward) and 4 KiB (backward) per thread.
+    """
     if interpreted_launches():
-        return 32, 32, 64  # the interpreter pays per program and per loop step, not per element
-    return 64, 32, 64
+        return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_P=64)  # the interpreter pays per program and loop step
+    if backward:  # BLOCK_C is the output tile here, BLOCK_R the reduction step
+        return dict(BLOCK_R=32, BLOCK_C=64, BLOCK_P=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_R=64, BLOCK_C=32, BLOCK_P=64, num_warps=8, num_stages=2)
 
 
 def _pixel_splits(height, width, cells, block_p):
@@ -156,14 +164,14 @@ def forward(x, weight, bias, cells, sizes):
     _check(x, weight, cells)
     b, c, h, w = x.shape
     outs = [x.new_empty((b, size, h, w)) for size in sizes]
-    block_r, block_c, block_p = _blocks(x)
-    splits = _pixel_splits(h, w, cells.shape[0], block_p)
+    launch = _launch(backward=False)
+    splits = _pixel_splits(h, w, cells.shape[0], launch["BLOCK_P"])
     (s0, s1, s2), (o0, o1, o2) = _sizes_and_pointers(outs, sizes)
     rows = weight.shape[1]
-    traceable(_forward_kernel)[(triton.cdiv(rows, block_r), cells.shape[0], b * splits)](
+    traceable(_forward_kernel)[(triton.cdiv(rows, launch["BLOCK_R"]), cells.shape[0], b * splits)](
         x, weight, bias, o0, o1, o2, cells, c, h * w, w, rows, s0, s1, s2,
         0 if weight.shape[0] == 1 else weight.stride(0), 0 if bias.shape[0] == 1 else bias.stride(0), splits,
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, OUTPUTS=len(sizes), PRECISION=dot_precision(x.dtype),
+        OUTPUTS=len(sizes), PRECISION=dot_precision(x.dtype), **launch,
     )
     return outs
 
@@ -176,12 +184,12 @@ def backward(grads, weight, cells, channels):
         raise ValueError(f"gradients of sizes {sizes} (contiguous) do not fit weight {tuple(weight.shape)}")
     weight = weight.contiguous()
     dx = grads[0].new_empty((b, channels, h, w))
-    block_r, block_c, block_p = _blocks(dx)
-    splits = _pixel_splits(h, w, cells.shape[0], block_p)
+    launch = _launch(backward=True)
+    splits = _pixel_splits(h, w, cells.shape[0], launch["BLOCK_P"])
     (s0, s1, s2), (g0, g1, g2) = _sizes_and_pointers(grads, sizes)
-    traceable(_input_grad_kernel)[(triton.cdiv(channels, block_c), cells.shape[0], b * splits)](
+    traceable(_input_grad_kernel)[(triton.cdiv(channels, launch["BLOCK_C"]), cells.shape[0], b * splits)](
         g0, g1, g2, weight, dx, cells, channels, h * w, w, s0, s1, s2,
         0 if weight.shape[0] == 1 else weight.stride(0), splits,
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, OUTPUTS=len(sizes), PRECISION=dot_precision(dx.dtype),
+        OUTPUTS=len(sizes), PRECISION=dot_precision(dx.dtype), **launch,
     )
     return dx

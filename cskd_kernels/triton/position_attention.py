@@ -211,24 +211,47 @@ def _block_d(q):
 
 
 def default_config(q, v):
-    """The launch configuration used unless ``config`` is given (benchmarks/tune_position_attention.py sweeps it)."""
+    """The forward's and _dv_kernel's configuration unless ``config`` is given (tune_position_attention sweeps it).
+
+    On a GPU: the largest tiles with which neither kernel spills registers
+    on sm_90, in float32 (3xTF32 or TF32) and 16-bit, by ptxas's count
+    (python -m benchmarks.gpu_compile); Triton's defaults (4 warps, 3
+    stages) spilled at 64 x 64 x 128.
+    """
+    value_tile = max(16, triton.next_power_of_2(v.shape[1]))
     if interpreted_launches():
-        return LaunchConfig(16, 16, min(64, max(16, triton.next_power_of_2(v.shape[1]))))
-    block_cv = min(128, max(16, triton.next_power_of_2(v.shape[1])))
-    block_m = block_n = 32 if _block_d(q) >= 128 else 64  # d = 128: keep q, k and the accumulator in registers
-    return LaunchConfig(block_m, block_n, block_cv)
+        return LaunchConfig(16, 16, min(64, value_tile))
+    if _block_d(q) >= 128:
+        return LaunchConfig(32, 32, min(64, value_tile), num_warps=8, num_stages=2)
+    return LaunchConfig(64, 32, min(128, value_tile), num_warps=8, num_stages=2)
 
 
-def _blocks(q, v, config):
-    """(config, launch options): the options are every kernel's constexprs (BLOCK_M, BLOCK_N, BLOCK_D,
-    BLOCK_CV, the tl.dot precision) and the config's num_warps / num_stages where set."""
-    config = config or default_config(q, v)
+def _dkdq_config(q, config):
+    """_dkdq_kernel's configuration: its own on a GPU, where it holds the most tiles at once.
+
+    It accumulates dP = dO V^T over value tiles and holds P, dS and dK
+    besides: with the forward's tiles it spilled kilobytes of registers
+    and, Triton's 3 stages, needed 244 KiB of shared memory (sm_90 has
+    227). BLOCK_CV here is the dP reduction step, not an output tile.
+    """
+    if interpreted_launches():
+        return config
+    if _block_d(q) >= 128:
+        return LaunchConfig(16, 32, 32, num_warps=8, num_stages=1)
+    if _block_d(q) >= 32:
+        return LaunchConfig(32, 32, 32, num_warps=8, num_stages=1)
+    return LaunchConfig(64, 32, 32, num_warps=4, num_stages=1 if dot_precision(q.dtype) == "tf32x3" else 2)
+
+
+def _options(q, config):
+    """Launch options of ``config``: every kernel's constexprs (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_CV, the tl.dot
+    precision) and the config's num_warps / num_stages where set."""
     # float32: 3xTF32 (float32 accuracy) unless torch.set_float32_matmul_precision allows TF32.
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(q), BLOCK_CV=config.block_cv,
                      PRECISION=dot_precision(q.dtype))
     launch = {name: value for name, value in (("num_warps", config.num_warps), ("num_stages", config.num_stages))
               if value is not None}
-    return config, {**constants, **launch}
+    return {**constants, **launch}
 
 
 def position_attention_forward(q, k, v, cells, largest_cell, scale, config=None):
@@ -237,7 +260,8 @@ def position_attention_forward(q, k, v, cells, largest_cell, scale, config=None)
     cv = v.shape[1]
     if d > 128:
         raise ValueError(f"the Triton position attention supports q/k width d <= 128, got q {tuple(q.shape)}")
-    config, options = _blocks(q, v, config)
+    config = config or default_config(q, v)
+    options = _options(q, config)
     out = torch.empty_like(v)
     lse = torch.empty((b, h, w), device=q.device, dtype=torch.float32)
     cv_tiles = triton.cdiv(cv, config.block_cv)
@@ -250,15 +274,15 @@ def position_attention_backward(q, k, v, out, lse, grad_out, cells, largest_cell
     """(dq, dk, dv) in the input dtype, by blockwise recomputation of P."""
     b, d, h, w = q.shape
     cv = v.shape[1]
-    config, options = _blocks(q, v, config)
+    config = config or default_config(q, v)
     delta = (grad_out.float() * out.float()).sum(1)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    key_blocks = triton.cdiv(largest_cell, config.block_n)
     cv_tiles = triton.cdiv(cv, config.block_cv)
-    traceable(_dv_kernel)[(key_blocks, cells.shape[0], b * cv_tiles)](
-        q, k, grad_out, lse, dv, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles, **options)
-    traceable(_dkdq_kernel)[(key_blocks, cells.shape[0], b)](
-        q, k, v, grad_out, lse, delta, dk, dq, cells, d, cv, h * w, w, scale * LOG2E, scale, **options)
+    traceable(_dv_kernel)[(triton.cdiv(largest_cell, config.block_n), cells.shape[0], b * cv_tiles)](
+        q, k, grad_out, lse, dv, cells, d, cv, h * w, w, scale * LOG2E, cv_tiles, **_options(q, config))
+    dkdq = _dkdq_config(q, config)
+    traceable(_dkdq_kernel)[(triton.cdiv(largest_cell, dkdq.block_n), cells.shape[0], b)](
+        q, k, v, grad_out, lse, delta, dk, dq, cells, d, cv, h * w, w, scale * LOG2E, scale, **_options(q, dkdq))
     return dq.to(q.dtype), dk, dv

@@ -1,0 +1,85 @@
+"""The GPU path's Triton kernels compile for an H100 (sm_90), checked without one (benchmarks/gpu_compile.py).
+
+The interpreter runs code the compiler rejects and has no registers or
+shared memory to run out of; Triton's compiler and ptxas run on any machine.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Every kernel one CSKDLoss forward + backward launches (grid mode, float32).
+CSKD_LOSS_KERNELS = {
+    "channel_attention:_nt_product_kernel", "channel_attention:_softmax_rows_kernel",
+    "channel_attention:_attend_residual_kernel", "channel_attention:_softmax_backward_rows_kernel",
+    "channel_attention:_input_grad_kernel", "cell_projection:_forward_kernel", "cell_projection:_input_grad_kernel",
+    "position_attention:_forward_kernel", "position_attention:_dv_kernel", "position_attention:_dkdq_kernel",
+    "cell_cross_gram:_forward_kernel", "cell_cross_gram:_backward_kernel",
+    "cka:_centered_gram_few_samples_kernel", "cka:_centered_gram_backward_few_samples_kernel",
+}
+
+
+def _has_nvidia_compiler():
+    return importlib.util.find_spec("triton") is not None and \
+        importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
+
+
+pytestmark = pytest.mark.skipif(not _has_nvidia_compiler(), reason="needs Triton with its NVIDIA backend (ptxas)")
+
+
+def _compiled_env():
+    """The child compiles kernels: Triton must not be in interpreter mode there (conftest sets it here)."""
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_compiled_env(), capture_output=True, text=True,
+                          timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_compile") / "launches.json"
+    done = _run("-m", "benchmarks.gpu_compile", "--out", str(out))
+    return done, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_every_launch_compiles_for_sm90_without_spills_within_shared_memory(compiled):
+    done, results = compiled
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
+    assert results and all("error" not in r and r["spilled_bytes"] == 0 and r["registers"] <= 255 for r in results)
+    assert all(r["shared_bytes"] <= 232448 and r["inductor_shared_bytes"] <= 232448 for r in results)
+
+
+def test_the_plan_covers_every_kernel_of_the_loss_and_every_workload(compiled):
+    _, results = compiled
+    released = {r["kernel"].split(".")[-1] for r in results if "cskd grid float32" in r["workloads"]}
+    assert released == CSKD_LOSS_KERNELS
+    workloads = {w for r in results for w in r["workloads"]}
+    assert {"cskd grid bfloat16", "cskd global float32", "cwd 512x1024 float32", "cka 64 samples float32",
+            "pam d=128 float32", "cross-Grams of 128 rows"} <= workloads
+    # GPU launch sizes, not the interpreter's: the position attention's forward runs 8 warps on a GPU.
+    forward = [r for r in results if r["kernel"].endswith("position_attention:_forward_kernel")]
+    assert forward and all(r["constexprs"].get("num_warps") == 8 for r in forward)
+
+
+def test_a_launch_that_does_not_fit_sm90_is_reported(compiled, tmp_path):
+    """The position attention's dK/dQ kernel with the forward's tiles and Triton's 3 stages (the old default)."""
+    _, results = compiled
+    launch = next(r for r in results if r["kernel"].endswith("_dkdq_kernel") and "cskd grid float32" in r["workloads"])
+    launch["kwargs"] = {**{k: v for k, v in launch["kwargs"].items() if not k.startswith("num_")},
+                        "BLOCK_M": {"value": 64}, "BLOCK_N": {"value": 64}, "BLOCK_CV": {"value": 128}}
+    launch["workload"] = launch["workloads"][0]
+    path = tmp_path / "launch.json"
+    path.write_text(json.dumps([launch]))
+    done = _run("-c", "import json, sys; from benchmarks import gpu_compile as g; "
+                      "print(json.dumps(g.compile_all(json.load(open(sys.argv[1])), 90)))", str(path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    (result,) = json.loads(done.stdout.splitlines()[-1])
+    assert "bytes of shared memory, sm_90 has 232448" in result["error"] and result["spilled_bytes"] > 0
