@@ -9,7 +9,10 @@ configuration (tile sizes, num_warps, num_stages) the results are checked
 against the default configuration's (a configuration that disagrees is
 reported, never ranked), then timed (median of triton.testing.do_bench on a
 GPU, of wall-clock repeats elsewhere). The table is printed fastest first,
-with the default's time for comparison; --out writes it as JSON.
+with the default's time for comparison; --out writes it as JSON. A
+configuration sets the forward's and _dv_kernel's launches; on a GPU the
+dK/dQ kernel keeps its own tiles (position_attention._dkdq_config). Before
+timing a new default, check it fits: python -m benchmarks.gpu_compile.
 --quick: tiny shapes and two configurations (how the tests run it, on the CPU
 through TRITON_INTERPRET=1).
 """
