@@ -144,17 +144,31 @@ class _Recorder:
         return launch
 
 
-def plan(quick, multiprocessors):
-    """Every launch the workloads make on a GPU with ``multiprocessors`` SMs (needs TRITON_INTERPRET=1)."""
+def _set_in_every_kernel_module(name, value, set_attribute=setattr):
+    """``name`` = ``value`` in every cskd_kernels.triton module that has it (they import it by name)."""
     import cskd_kernels.triton as package
-    from cskd_kernels.triton import common
 
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
-        for name, value in (("interpreted_launches", lambda: False), ("traceable", _Recorder)):
-            if hasattr(module, name):
-                setattr(module, name, value)
-    common.multiprocessors = lambda device: multiprocessors
+        if hasattr(module, name):
+            set_attribute(module, name, value)
+
+
+def use_gpu_launch_sizes(multiprocessors, set_attribute=setattr):
+    """Launch sizes of a GPU with ``multiprocessors`` SMs from now on, also for interpreted kernels.
+
+    ``set_attribute`` (e.g. pytest's monkeypatch.setattr) sets the attributes.
+    """
+    from cskd_kernels.triton import common
+
+    _set_in_every_kernel_module("interpreted_launches", lambda: False, set_attribute)
+    set_attribute(common, "multiprocessors", lambda device: multiprocessors)
+
+
+def plan(quick, multiprocessors):
+    """Every launch the workloads make on a GPU with ``multiprocessors`` SMs (needs TRITON_INTERPRET=1)."""
+    use_gpu_launch_sizes(multiprocessors)
+    _set_in_every_kernel_module("traceable", _Recorder)
     for name, run in _workloads(quick):
         _Recorder.workload = name
         run()

@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import cskd_kernels
+from cskd_kernels.backend import triton_interpreting
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every kernel one CSKDLoss forward + backward launches (grid mode, float32).
@@ -30,7 +34,7 @@ def _has_nvidia_compiler():
         importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
 
 
-pytestmark = pytest.mark.skipif(not _has_nvidia_compiler(), reason="needs Triton with its NVIDIA backend (ptxas)")
+needs_compiler = pytest.mark.skipif(not _has_nvidia_compiler(), reason="needs Triton with its NVIDIA backend (ptxas)")
 
 
 def _compiled_env():
@@ -50,6 +54,7 @@ def compiled(tmp_path_factory):
     return done, json.loads(out.read_text()) if out.exists() else None
 
 
+@needs_compiler
 def test_every_launch_compiles_for_sm90_without_spills_within_shared_memory(compiled):
     done, results = compiled
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
@@ -57,6 +62,7 @@ def test_every_launch_compiles_for_sm90_without_spills_within_shared_memory(comp
     assert all(r["shared_bytes"] <= 232448 and r["inductor_shared_bytes"] <= 232448 for r in results)
 
 
+@needs_compiler
 def test_the_plan_covers_every_kernel_of_the_loss_and_every_workload(compiled):
     _, results = compiled
     released = {r["kernel"].split(".")[-1] for r in results if "cskd grid float32" in r["workloads"]}
@@ -69,6 +75,7 @@ def test_the_plan_covers_every_kernel_of_the_loss_and_every_workload(compiled):
     assert forward and all(r["constexprs"].get("num_warps") == 8 for r in forward)
 
 
+@needs_compiler
 def test_a_launch_that_does_not_fit_sm90_is_reported(compiled, tmp_path):
     """The position attention's dK/dQ kernel with the forward's tiles and Triton's 3 stages (the old default)."""
     _, results = compiled
@@ -83,3 +90,31 @@ def test_a_launch_that_does_not_fit_sm90_is_reported(compiled, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     (result,) = json.loads(done.stdout.splitlines()[-1])
     assert "bytes of shared memory, sm_90 has 232448" in result["error"] and result["spilled_bytes"] > 0
+
+
+def _loss_and_grads(loss, feat_s, feat_t):
+    feat_s = feat_s.detach().requires_grad_()
+    out = loss(feat_s, feat_t)
+    grads = torch.autograd.grad(out.loss, [feat_s, loss.gamma_cam, loss.gamma_pam])
+    return [out.loss.detach(), *grads]
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="runs the GPU launch sizes through Triton's interpreter")
+@pytest.mark.parametrize("grid", [(5, 5), None], ids=["grid", "global"])
+def test_gpu_launch_sizes_give_the_interpreter_sizes_results(monkeypatch, grid):
+    """The GPU's tiles, warps and splits (the dK/dQ kernel's own tiles included) compute the same loss and gradients.
+
+    CI runs the kernels with the interpreter's launch sizes; these are what a GPU runs.
+    """
+    from benchmarks.gpu_compile import use_gpu_launch_sizes
+
+    loss = cskd_kernels.CSKDLoss(16, 32, grid=grid, projection="fixed", backend="triton")
+    with torch.no_grad():
+        loss.gamma_cam.fill_(0.3)
+        loss.gamma_pam.fill_(0.7)
+    feat_s, feat_t = torch.randn(2, 16, 9, 14), torch.randn(2, 32, 9, 14)
+    want = _loss_and_grads(loss, feat_s, feat_t)
+    use_gpu_launch_sizes(4, monkeypatch.setattr)
+    got = _loss_and_grads(loss, feat_s, feat_t)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -31,7 +31,7 @@ from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES as MAX_ROWS
 from cskd_kernels.ops.cross_gram import TRITON_MAX_PARTS as MAX_PARTS
 from cskd_kernels.triton.common import cell_pixels, interpreted_launches, load_cell, target_programs, traceable
 
-# Elements of one (BLOCK_N, BLOCK_F) float32 tile: 64 registers a thread at 4 warps.
+# Elements of one (BLOCK_N, BLOCK_F) float32 tile: 16 registers a thread at 4 warps (see _blocks).
 _TILE_ELEMENTS = 2048
 
 
