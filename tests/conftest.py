@@ -56,6 +56,20 @@ TOLERANCES = {
 
 
 @pytest.fixture(autouse=True)
+def _gpu_launch_sizes(request):
+    """CSKD_GPU_LAUNCH_SIZES=1: interpreted kernels launch with a GPU's tiles, warps and splits (not the interpreter's).
+
+    CI runs the interpreter's launch sizes; this checks the GPU's give the same results without a GPU
+    (16-bit cases excepted: the interpreter's bfloat16 tl.dot is wrong, the GPU sizes do not work around it).
+    """
+    if os.environ.get("CSKD_GPU_LAUNCH_SIZES") == "1" and triton_interpreting():
+        from benchmarks.gpu_compile import use_gpu_launch_sizes
+
+        use_gpu_launch_sizes(4, request.getfixturevalue("monkeypatch").setattr)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different but reproducible seed per test: fresh random inputs, rerunnable failures."""
     seed = zlib.crc32(request.node.nodeid.encode())

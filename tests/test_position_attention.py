@@ -357,7 +357,9 @@ def test_tuning_sweep_checks_every_configuration_against_the_default():
     from benchmarks.tune_position_attention import tune
 
     rows = tune(quick=True)
-    assert sorted(row["case"] for row in rows) == ["student", "student", "teacher", "teacher"]
+    cases = [row["case"] for row in rows]
+    # Both quick configurations per case, and the default where it is neither (GPU launch sizes).
+    assert sorted(set(cases)) == ["student", "teacher"] and cases.count("student") == cases.count("teacher") >= 2
     assert all(row["agrees"] and row["ms"] is not None for row in rows)
     assert sum(row["default"] for row in rows) == 2
 
