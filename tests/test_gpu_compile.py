@@ -1,4 +1,4 @@
-"""The GPU path's Triton kernels compile for an H100 (sm_90), checked without one (benchmarks/gpu_compile.py).
+"""The GPU path's Triton kernels compile for an H100 (sm_90) and an A100 (sm_80), checked without a GPU.
 
 The interpreter runs code the compiler rejects and has no registers or
 shared memory to run out of; Triton's compiler and ptxas run on any machine.
@@ -55,16 +55,20 @@ def compiled(tmp_path_factory):
 
 
 @needs_compiler
-def test_every_launch_compiles_for_sm90_without_spills_within_shared_memory(compiled):
+def test_every_launch_compiles_for_sm90_without_spills_and_fits_sm90_and_sm80(compiled):
     done, results = compiled
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
-    assert results and all("error" not in r and r["spilled_bytes"] == 0 and r["registers"] <= 255 for r in results)
-    assert all(r["shared_bytes"] <= 232448 and r["inductor_shared_bytes"] <= 232448 for r in results)
+    assert results and all("error" not in r and r["registers"] <= 255 for r in results)
+    assert {r["arch"] for r in results} == {90, 80}
+    assert all(r["spilled_bytes"] == 0 for r in results if r["arch"] == 90)
+    shared_limit = {90: 232448, 80: 166912}
+    assert all(max(r["shared_bytes"], r["inductor_shared_bytes"]) <= shared_limit[r["arch"]] for r in results)
 
 
 @needs_compiler
 def test_the_plan_covers_every_kernel_of_the_loss_and_every_workload(compiled):
     _, results = compiled
+    results = [r for r in results if r["arch"] == 90]
     released = {r["kernel"].split(".")[-1] for r in results if "cskd grid float32" in r["workloads"]}
     assert released == CSKD_LOSS_KERNELS
     workloads = {w for r in results for w in r["workloads"]}
@@ -79,7 +83,8 @@ def test_the_plan_covers_every_kernel_of_the_loss_and_every_workload(compiled):
 def test_a_launch_that_does_not_fit_sm90_is_reported(compiled, tmp_path):
     """The position attention's dK/dQ kernel with the forward's tiles and Triton's 3 stages (the old default)."""
     _, results = compiled
-    launch = next(r for r in results if r["kernel"].endswith("_dkdq_kernel") and "cskd grid float32" in r["workloads"])
+    launch = next(r for r in results if r["kernel"].endswith("_dkdq_kernel") and "cskd grid float32" in r["workloads"]
+                  and r["arch"] == 90)
     launch["kwargs"] = {**{k: v for k, v in launch["kwargs"].items() if not k.startswith("num_")},
                         "BLOCK_M": {"value": 64}, "BLOCK_N": {"value": 64}, "BLOCK_CV": {"value": 128}}
     launch["workload"] = launch["workloads"][0]

@@ -143,17 +143,19 @@ def _check(parts):
 
 
 def _blocks(n):
-    """(BLOCK_N, BLOCK_F, num_warps) for n rows.
+    """(BLOCK_N, BLOCK_F, launch options) for n rows.
 
     The interpreter pays per loop step, not per element: wide tiles. On a
     GPU the tiles are the largest that do not spill registers on sm_90 in
     float32 (python -m benchmarks.gpu_compile): 128 features spilled at 16
-    rows; at 128 rows 64 features needed more shared memory than sm_90 has.
+    rows; at 128 rows 64 features needed more shared memory than sm_90 has,
+    and 16 features with Triton's 3 stages more than sm_80 (A100) has.
     """
     block_n = max(16, triton.next_power_of_2(n))
     if interpreted_launches():
-        return block_n, 256, 4
-    return block_n, max(16, min(64, _TILE_ELEMENTS // block_n)), 8 if block_n >= 64 else 4
+        return block_n, 256, {}
+    options = {"num_warps": 8, "num_stages": 2} if block_n >= 64 else {"num_warps": 4}
+    return block_n, max(16, min(64, _TILE_ELEMENTS // block_n)), options
 
 
 def _splits(parts, cells, block_f):
@@ -172,12 +174,12 @@ def forward(parts, cells):
     _check(parts)
     batch, channels, h, w = parts[0].shape
     n = len(parts) * batch
-    block_n, block_f, num_warps = _blocks(n)
+    block_n, block_f, options = _blocks(n)
     splits = _splits(parts, cells, block_f)
     partial = torch.empty((cells.shape[0], splits, n, n), dtype=torch.float32, device=parts[0].device)
     traceable(_forward_kernel)[(cells.shape[0], splits)](
         *_padded(parts), partial, cells, batch, n, channels, h * w, w,
-        BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts), num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts), **options,
     )
     return partial.sum(dim=1, dtype=torch.float64)
 
@@ -188,10 +190,10 @@ def backward(parts, cells, m):
     n = len(parts) * batch
     if m.shape != (cells.shape[0], n, n):
         raise ValueError(f"m {tuple(m.shape)} does not fit {len(parts)} maps of batch {batch} in {cells.shape[0]} cells")
-    block_n, block_f, num_warps = _blocks(n)
+    block_n, block_f, options = _blocks(n)
     grads = [torch.empty_like(p) for p in parts]
     traceable(_backward_kernel)[(cells.shape[0], _splits(parts, cells, block_f))](
         *_padded(parts), *_padded(grads), m.to(torch.float32).contiguous(), cells, batch, n, channels, h * w, w,
-        BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts), num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_F=block_f, K=len(parts), **options,
     )
     return grads

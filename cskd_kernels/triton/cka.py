@@ -42,8 +42,10 @@ from cskd_kernels.triton.common import interpreted_launches, target_programs, tr
 # Up to this many samples every sample of a column lives in one thread (n * n accumulators a thread).
 FEW_SAMPLES = 8
 _FEW_SAMPLES_WARPS = 4
-# tl.dot kernels: elements of one (BLOCK_N, BLOCK_K) float32 tile, 64 registers a thread at 4 warps.
-_TILE_ELEMENTS = 8192
+# tl.dot kernels: elements of one (BLOCK_N, BLOCK_K) float32 tile on a GPU (32 registers a thread at 4 warps),
+# and under the interpreter, which pays per loop step, not per element (see _dot_blocks).
+_TILE_ELEMENTS = 4096
+_INTERPRETER_TILE_ELEMENTS = 8192
 
 
 @triton.jit
@@ -300,10 +302,20 @@ def _few_samples_blocks(n):
 
 
 def _dot_blocks(n):
+    """(BLOCK_N, BLOCK_K, launch options) of the tl.dot Gram kernels for n samples.
+
+    On a GPU at most 128 columns a tile: more spilled registers on sm_90 at
+    16 samples, and needed more shared memory than an A100 (sm_80) has at 64
+    (python -m benchmarks.gpu_compile); at 128 samples the backward's
+    128 x 128 M leaves room for one pipeline stage there.
+    """
     block_n = max(16, triton.next_power_of_2(n))
-    block_k = max(64, min(512, _TILE_ELEMENTS // block_n))
-    num_warps = 4 if block_n <= 32 else 8
-    return block_n, block_k, num_warps
+    options = {"num_warps": 4 if block_n <= 32 else 8}
+    if interpreted_launches():
+        return block_n, max(64, min(512, _INTERPRETER_TILE_ELEMENTS // block_n)), options
+    if block_n >= 128:
+        options["num_stages"] = 1
+    return block_n, max(32, min(128, _TILE_ELEMENTS // block_n)), options
 
 
 def _column_split(g, p, chunk, device):
@@ -328,12 +340,12 @@ def centered_gram(x):
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         )
     else:
-        block_n, block_k, num_warps = _dot_blocks(n)
+        block_n, block_k, options = _dot_blocks(n)
         splits, chunks = _column_split(g, p, block_k, x.device)
         partial = torch.empty((g, splits, n, n), dtype=torch.float32, device=x.device)
         traceable(_centered_gram_kernel)[(g, splits)](
             x, partial, n, p, x.stride(0), x.stride(1), chunks,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+            BLOCK_N=block_n, BLOCK_K=block_k, **options,
         )
     # A fixed-order sum over the splits: deterministic, unlike atomics.
     return partial[:, 0] if splits == 1 else partial.sum(dim=1)
@@ -356,10 +368,10 @@ def centered_gram_backward(x, m):
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         )
     else:
-        block_n, block_k, num_warps = _dot_blocks(n)
+        block_n, block_k, options = _dot_blocks(n)
         programs, chunks = _column_split(g, p, block_k, x.device)
         traceable(_centered_gram_backward_kernel)[(g, programs)](
             x, m, dx, n, p, x.stride(0), x.stride(1), dx.stride(0), dx.stride(1), chunks,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+            BLOCK_N=block_n, BLOCK_K=block_k, **options,
         )
     return dx
