@@ -40,7 +40,7 @@ def _cases(quick):
 
 
 def _configs(kernels, quick, cv):
-    """Tile sizes (BLOCK_M, BLOCK_N), value tile, warps: 16 or 24 configurations a case (2 with --quick).
+    """Tile sizes (BLOCK_M, BLOCK_N), value tile, warps: 20 or 30 configurations a case (2 with --quick).
 
     Every configuration compiles its kernels (about a second each on a GPU), so the sweep is kept to
     what a lease can afford; Triton's default num_stages throughout.
@@ -52,7 +52,7 @@ def _configs(kernels, quick, cv):
     value_tiles = sorted({min(tile, triton.next_power_of_2(cv)) for tile in (64, 128, 256)})
     configs = []
     for (block_m, block_n), block_cv, warps in itertools.product(
-            ((32, 32), (64, 32), (64, 64), (128, 64)), value_tiles, (4, 8)):
+            ((32, 32), (64, 32), (64, 64), (128, 32), (128, 64)), value_tiles, (4, 8)):
         configs.append(kernels.LaunchConfig(block_m, block_n, block_cv, warps))
     return configs
 
