@@ -21,8 +21,9 @@ A launch fails if either compilation fails, if it needs more shared memory
 than the architecture has, or, for --arch (the GPU the launch sizes are
 chosen for), if ptxas spills registers to local memory; --fit-arch (default:
 sm_80, the A100) checks only the first two. The table gives per launch its
-registers per thread, spilled bytes and shared memory. Exit status 1 on any
-failure. --quick: the released configuration only in float32.
+registers per thread, spilled bytes, shared memory and the blocks of it one
+SM holds at once. Exit status 1 on any failure. --quick: the released
+configuration only in float32.
 """
 
 import argparse
@@ -36,8 +37,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Shared memory one block may use, by compute capability (CUDA programming guide, opt-in maximum).
+# Shared memory one block may use, by compute capability (CUDA programming guide, opt-in maximum), and one SM
+# has (each resident block also takes 1 KiB of it for the system).
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SM_SHARED_BYTES = {80: 167936, 86: 102400, 89: 102400, 90: 233472, 100: 233472, 120: 102400}
+SM_REGISTERS, SM_MAX_WARPS, SM_MAX_BLOCKS = 65536, 64, 32  # 48 warps on sm_86/89/120: an upper bound there
 
 
 # ----------------------------------------------------------------------------- plan (runs under the interpreter)
@@ -246,6 +250,14 @@ def _ptxas_report(ptx, arch):
     return registers, spills
 
 
+def blocks_per_sm(registers, warps, shared_bytes, arch):
+    """Blocks of a kernel that fit on one SM at once, by registers (allocated 8 a thread at a time), warps and
+    shared memory: with the launch's warps, how well it can hide latency."""
+    by_registers = SM_REGISTERS // (warps * 32 * -(-registers // 8) * 8)
+    by_shared = SM_SHARED_BYTES.get(arch, min(SM_SHARED_BYTES.values())) // (shared_bytes + 1024)
+    return min(by_registers, by_shared, SM_MAX_WARPS // warps, SM_MAX_BLOCKS)
+
+
 def _as_inductor_emits(kernel, folder):
     """``kernel`` rebuilt from the source torch.compile generates for it, as a module of its own."""
     from torch._inductor.codegen.triton import TritonKernel
@@ -274,6 +286,8 @@ def compile_launch(launch, arch, folder, spills_fail=True):
         compiled = kernel.warmup(*args, grid=launch["grid"], **kwargs)
         result["registers"], result["spilled_bytes"] = _ptxas_report(compiled.asm["ptx"], arch)
         result["shared_bytes"] = compiled.metadata.shared
+        result["blocks_per_sm"] = blocks_per_sm(result["registers"], compiled.metadata.num_warps,
+                                                result["shared_bytes"], arch)
         rebuilt = _as_inductor_emits(kernel, folder).warmup(*args, grid=launch["grid"], **kwargs)
         result["inductor_shared_bytes"] = rebuilt.metadata.shared
     except Exception as error:  # reported per launch; the others still compile
@@ -320,7 +334,7 @@ def _line(result):
     constexprs = " ".join(f"{key}={value}" for key, value in result["constexprs"].items())
     if "registers" in result:
         numbers = f"{result['registers']:3d} regs {result['spilled_bytes']:5d} B spilled " \
-                  f"{result['shared_bytes'] // 1024:4d} KiB shared"
+                  f"{result['shared_bytes'] // 1024:4d} KiB shared {result['blocks_per_sm']:2d} blocks/SM"
     else:
         numbers = "not compiled"
     status = f"  FAILED: {result['error']}" if "error" in result else ""

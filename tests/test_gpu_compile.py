@@ -123,3 +123,12 @@ def test_gpu_launch_sizes_give_the_interpreter_sizes_results(monkeypatch, grid):
     got = _loss_and_grads(loss, feat_s, feat_t)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_per_sm_is_limited_by_registers_shared_memory_and_warps():
+    from benchmarks.gpu_compile import blocks_per_sm
+
+    assert blocks_per_sm(255, 4, 24 * 1024, 90) == 2  # 256 registers x 128 threads: half the register file
+    assert blocks_per_sm(241, 8, 68 * 1024, 90) == 1  # 248 x 256 threads
+    assert blocks_per_sm(29, 4, 0, 90) == 16  # 64 warps an SM
+    assert blocks_per_sm(64, 4, 100 * 1024, 90) == 2 and blocks_per_sm(64, 4, 100 * 1024, 80) == 1  # shared memory
