@@ -146,10 +146,10 @@ def _blocks(n):
     """(BLOCK_N, BLOCK_F, launch options) for n rows.
 
     The interpreter pays per loop step, not per element: wide tiles. On a
-    GPU the tiles are the largest that do not spill registers on sm_90 in
-    float32 (python -m benchmarks.gpu_compile): 128 features spilled at 16
-    rows; at 128 rows 64 features needed more shared memory than sm_90 has,
-    and 16 features with Triton's 3 stages more than sm_80 (A100) has.
+    GPU no launch spills registers on sm_90 in float32 (python -m
+    benchmarks.gpu_compile): 128 features spilled at 16 rows; at 128 rows 64
+    features needed more shared memory than sm_90 has, and 16 features with
+    Triton's 3 stages more than sm_80 (A100) has.
     """
     block_n = max(16, triton.next_power_of_2(n))
     if interpreted_launches():

@@ -127,10 +127,10 @@ def _input_grad_kernel(
 def _launch(backward):
     """BLOCK_R (weight rows), BLOCK_C (channels), BLOCK_P (pixels) and the warps / stages options of a pass.
 
-    The GPU tiles are the largest with which the kernel does not spill
-    registers on sm_90 in float32 (3xTF32 or TF32) and 16-bit, by ptxas's
-    count (python -m benchmarks.gpu_compile): Triton's default 4 warps and
-    3 stages spilled 1 KiB (forward) and 4 KiB (backward) per thread.
+    The GPU launches do not spill registers on sm_90 in float32 (3xTF32 or
+    TF32) and 16-bit, by ptxas's count (python -m benchmarks.gpu_compile):
+    with Triton's default 4 warps and 3 stages the same tiles spilled 1 KiB
+    (forward) and 4 KiB (backward) per thread.
     """
     if interpreted_launches():
         return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_P=64)  # the interpreter pays per program and loop step

@@ -213,10 +213,11 @@ def _block_d(q):
 def default_config(q, v):
     """The forward's and _dv_kernel's configuration unless ``config`` is given (tune_position_attention sweeps it).
 
-    On a GPU: the largest tiles with which neither kernel spills registers
-    on sm_90, in float32 (3xTF32 or TF32) and 16-bit, by ptxas's count
-    (python -m benchmarks.gpu_compile); Triton's defaults (4 warps, 3
-    stages) spilled at 64 x 64 x 128.
+    On a GPU: tiles with which neither kernel spills registers on sm_90, in
+    float32 (3xTF32 or TF32) and 16-bit, by ptxas's count (python -m
+    benchmarks.gpu_compile); 64 x 64 x 128 with Triton's defaults (4 warps,
+    3 stages) spilled, and 128 x 32 x 128 spilled in _dv_kernel. Not yet
+    timed on a GPU (tune_position_attention).
     """
     value_tile = max(16, triton.next_power_of_2(v.shape[1]))
     if interpreted_launches():
