@@ -306,15 +306,15 @@ def compile_launch(launch, arch, folder, spills_fail=True):
     return result
 
 
-def compile_all(launches, arch, spills_fail=True):
-    """compile_launch for each distinct launch."""
+def compile_all(distinct, arch, spills_fail=True):
+    """compile_launch for each of the distinct launches (_distinct)."""
     import triton
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile step needs compiled Triton kernels: run it without TRITON_INTERPRET=1")
     triton.runtime.driver.set_active(_TargetDriver(arch))
     with tempfile.TemporaryDirectory() as folder:
-        return [compile_launch(launch, arch, folder, spills_fail) for launch in _distinct(launches)]
+        return [compile_launch(launch, arch, folder, spills_fail) for launch in distinct]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -355,14 +355,15 @@ def main(argv=None):
         json.dump(plan(args.quick, args.multiprocessors), sys.stdout)
         return 0
     launches = _plan_in_interpreter(args.quick, args.multiprocessors)
-    results = compile_all(launches, args.arch)
+    distinct = _distinct(launches)
+    results = compile_all(distinct, args.arch)
     for arch in args.fit_arch:
-        results += compile_all(launches, arch, spills_fail=False)
+        results += compile_all(distinct, arch, spills_fail=False)
     for result in results:
         print(_line(result))
     failed = [result for result in results if "error" in result]
     archs = ", ".join(f"sm_{arch}" for arch in [args.arch, *args.fit_arch])
-    print(f"{len(launches)} launches, {len(_distinct(launches))} distinct, compiled for {archs}: {len(failed)} failed")
+    print(f"{len(launches)} launches, {len(distinct)} distinct, compiled for {archs}: {len(failed)} failed")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 1 if failed else 0

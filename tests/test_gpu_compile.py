@@ -16,6 +16,7 @@ import torch
 
 import cskd_kernels
 from cskd_kernels.backend import triton_interpreting
+from test_compile import _cskd_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every kernel one CSKDLoss forward + backward launches (grid mode, float32).
@@ -87,7 +88,6 @@ def test_a_launch_that_does_not_fit_sm90_is_reported(compiled, tmp_path):
                   and r["arch"] == 90)
     launch["kwargs"] = {**{k: v for k, v in launch["kwargs"].items() if not k.startswith("num_")},
                         "BLOCK_M": {"value": 64}, "BLOCK_N": {"value": 64}, "BLOCK_CV": {"value": 128}}
-    launch["workload"] = launch["workloads"][0]
     path = tmp_path / "launch.json"
     path.write_text(json.dumps([launch]))
     done = _run("-c", "import json, sys; from benchmarks import gpu_compile as g; "
@@ -95,13 +95,6 @@ def test_a_launch_that_does_not_fit_sm90_is_reported(compiled, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     (result,) = json.loads(done.stdout.splitlines()[-1])
     assert "bytes of shared memory, sm_90 has 232448" in result["error"] and result["spilled_bytes"] > 0
-
-
-def _loss_and_grads(loss, feat_s, feat_t):
-    feat_s = feat_s.detach().requires_grad_()
-    out = loss(feat_s, feat_t)
-    grads = torch.autograd.grad(out.loss, [feat_s, loss.gamma_cam, loss.gamma_pam])
-    return [out.loss.detach(), *grads]
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs the GPU launch sizes through Triton's interpreter")
@@ -118,10 +111,10 @@ def test_gpu_launch_sizes_give_the_interpreter_sizes_results(monkeypatch, grid):
         loss.gamma_cam.fill_(0.3)
         loss.gamma_pam.fill_(0.7)
     feat_s, feat_t = torch.randn(2, 16, 9, 14), torch.randn(2, 32, 9, 14)
-    want = _loss_and_grads(loss, feat_s, feat_t)
+    want_outputs, want_grads = _cskd_run(loss, feat_s, feat_t)
     use_gpu_launch_sizes(4, monkeypatch.setattr)
-    got = _loss_and_grads(loss, feat_s, feat_t)
-    for g, w in zip(got, want):
+    got_outputs, got_grads = _cskd_run(loss, feat_s, feat_t)
+    for g, w in zip([*got_outputs, *got_grads], [*want_outputs, *want_grads]):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
