@@ -54,10 +54,13 @@ using cskd::read_cells;
 // Features per work item (channels x cell positions), about cka.cpp's item size.
 constexpr int64_t kItemFeatures = 8192;
 
-// Tile rows are padded to whole register blocks of the backward (kGradLanes).
+// Columns of the widest vector: tile rows are padded to whole vectors.
+template <typename T>
+constexpr int64_t kTileLanes = kAvx512Bytes / sizeof(T);
+
 template <typename T>
 int64_t tile_ld(int64_t block) {
-  constexpr int64_t L = kGradLanes<T>;
+  constexpr int64_t L = kTileLanes<T>;
   return (block + L - 1) / L * L;
 }
 
@@ -176,7 +179,7 @@ CSKD_TILES_INLINE void shift_run(const T* const* rows, int64_t n, int64_t offset
 template <typename Pack, typename Flush>
 CSKD_TILES_INLINE void pack_band(const Geometry& geo, const Band& band, int64_t c0, int64_t c1, int64_t block,
                                  std::vector<int64_t>& pos, const Pack& pack, const Flush& flush) {
-  for_each_run(geo, band, c0, c1, [&](int64_t q, int64_t offset, int64_t len) {
+  for_each_run(geo, band, c0, c1, [&](int64_t q, int64_t offset, int64_t len) CSKD_TILES_LAMBDA {
     for (int64_t done = 0; done < len;) {
       const int64_t take = std::min(len - done, block - pos[q]);
       pack(q, offset + done, take);
@@ -190,16 +193,16 @@ CSKD_TILES_INLINE void pack_band(const Geometry& geo, const Band& band, int64_t 
 
 // G of one item into acc: one n x n slot per cell of the band (lower triangle;
 // row and column 0 stay zero). tile: one (n - 1) x ld tile per cell of the band.
-template <typename Ops, typename T>
+template <typename Ops, int Bytes, typename T>
 CSKD_TILES_INLINE void gram_item_body(const T* const* rows, int64_t n, const Geometry& geo, const Band& band,
                                       int64_t c0, int64_t c1, int64_t block, int64_t ld, T* tile, double* acc) {
   const int64_t tile_stride = (n - 1) * ld;
   std::vector<int64_t> pos(static_cast<size_t>(band.count), 0);
-  auto flush = [&](int64_t j) {
-    if (pos[j] > 0) gram_block(tile + j * tile_stride, ld, n - 1, pos[j], acc + j * n * n + n + 1, n);
+  auto flush = [&](int64_t j) CSKD_TILES_LAMBDA {
+    if (pos[j] > 0) gram_block<Bytes>(tile + j * tile_stride, ld, n - 1, pos[j], acc + j * n * n + n + 1, n);
     pos[j] = 0;
   };
-  pack_band(geo, band, c0, c1, block, pos, [&](int64_t j, int64_t offset, int64_t take) {
+  pack_band(geo, band, c0, c1, block, pos, [&](int64_t j, int64_t offset, int64_t take) CSKD_TILES_LAMBDA {
     shift_run<Ops>(rows, n, offset, take, tile + j * tile_stride + pos[j], ld);
   }, flush);
 }
@@ -211,31 +214,30 @@ struct Piece {
 };
 
 // The gradients of one item. m_band: the n x n matrices of the band's cells;
-// tile: one (n - 1) x ld tile per cell of the band; out: ld scratch; pieces:
-// up to `block` pieces per cell of the band.
-template <typename Ops, typename T>
+// tile: one (n - 1) x ld tile per cell of the band; out: n x ld scratch;
+// pieces: up to `block` pieces per cell of the band.
+template <typename Ops, int Bytes, typename T>
 CSKD_TILES_INLINE void grad_item_body(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo,
                                       const Band& band, int64_t c0, int64_t c1, const T* m_band, int64_t block,
                                       int64_t ld, T* tile, T* out, Piece* pieces) {
-  constexpr int64_t L = kGradLanes<T>;
+  constexpr int64_t L = kTileLanes<T>;
   const int64_t tile_stride = (n - 1) * ld;
   std::vector<int64_t> pos(static_cast<size_t>(band.count), 0), count(static_cast<size_t>(band.count), 0);
-  auto flush = [&](int64_t q) {
+  auto flush = [&](int64_t q) CSKD_TILES_LAMBDA {
     if (pos[q] == 0) return;
-    const T* t = tile + q * tile_stride;
     const Piece* pq = pieces + q * block;
-    // Whole register blocks: the columns past pos hold stale (finite) tile values and are not copied out.
+    // Whole vectors: the columns past pos hold stale (finite) tile values and are not copied out.
     const int64_t width = (pos[q] + L - 1) / L * L;
+    // Row i of the output is sum_l m[i][l] (row_l - row_0); l = 0 drops out (its shifted row is zero).
+    combine_rows<Bytes>(m_band + q * n * n + 1, n, tile + q * tile_stride, ld, n - 1, n, width, out, ld);
     for (int64_t i = 0; i < n; ++i) {
-      const T* m_i = m_band + q * n * n + i * n;
-      for (int64_t j = 0; j < width; j += L) grad_lanes<T, L>(m_i, t + j, ld, n, out + j);
       T* g = grads[i];
-      for (int64_t s = 0; s < count[q]; ++s) Ops::copy(out + pq[s].pos, g + pq[s].offset, pq[s].len);
+      for (int64_t s = 0; s < count[q]; ++s) Ops::copy(out + i * ld + pq[s].pos, g + pq[s].offset, pq[s].len);
     }
     pos[q] = 0;
     count[q] = 0;
   };
-  pack_band(geo, band, c0, c1, block, pos, [&](int64_t q, int64_t offset, int64_t take) {
+  pack_band(geo, band, c0, c1, block, pos, [&](int64_t q, int64_t offset, int64_t take) CSKD_TILES_LAMBDA {
     shift_run<Ops>(rows, n, offset, take, tile + q * tile_stride + pos[q], ld);
     pieces[q * block + count[q]++] = Piece{pos[q], offset, take};
   }, flush);
@@ -244,14 +246,14 @@ CSKD_TILES_INLINE void grad_item_body(const T* const* rows, T* const* grads, int
 template <typename T>
 void gram_item_baseline(const T* const* rows, int64_t n, const Geometry& geo, const Band& band, int64_t c0,
                         int64_t c1, int64_t block, int64_t ld, T* tile, double* acc) {
-  gram_item_body<PlainOps>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
+  gram_item_body<PlainOps, kBaselineBytes>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
 }
 
 template <typename T>
 void grad_item_baseline(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo, const Band& band,
                         int64_t c0, int64_t c1, const T* m_c, int64_t block, int64_t ld, T* tile, T* out,
                         Piece* pieces) {
-  grad_item_body<PlainOps>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
+  grad_item_body<PlainOps, kBaselineBytes>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
 }
 
 #ifdef CSKD_XG_X86_DISPATCH
@@ -259,7 +261,7 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void gram_item_avx2(const T* const* rows, int64_t n, const Geometry& geo,
                                                         const Band& band, int64_t c0, int64_t c1, int64_t block,
                                                         int64_t ld, T* tile, double* acc) {
-  gram_item_body<PlainOps>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
+  gram_item_body<PlainOps, kAvx2Bytes>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
 }
 
 template <typename T>
@@ -267,20 +269,20 @@ __attribute__((target("avx2,fma"))) void grad_item_avx2(const T* const* rows, T*
                                                         const Geometry& geo, const Band& band, int64_t c0,
                                                         int64_t c1, const T* m_c, int64_t block, int64_t ld,
                                                         T* tile, T* out, Piece* pieces) {
-  grad_item_body<PlainOps>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
+  grad_item_body<PlainOps, kAvx2Bytes>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
 }
 
 template <typename T>
 CSKD_XG_AVX512 void gram_item_avx512(const T* const* rows, int64_t n, const Geometry& geo, const Band& band,
                                      int64_t c0, int64_t c1, int64_t block, int64_t ld, T* tile, double* acc) {
-  gram_item_body<Avx512Ops>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
+  gram_item_body<Avx512Ops, kAvx512Bytes>(rows, n, geo, band, c0, c1, block, ld, tile, acc);
 }
 
 template <typename T>
 CSKD_XG_AVX512 void grad_item_avx512(const T* const* rows, T* const* grads, int64_t n, const Geometry& geo,
                                      const Band& band, int64_t c0, int64_t c1, const T* m_c, int64_t block,
                                      int64_t ld, T* tile, T* out, Piece* pieces) {
-  grad_item_body<Avx512Ops>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
+  grad_item_body<Avx512Ops, kAvx512Bytes>(rows, grads, n, geo, band, c0, c1, m_c, block, ld, tile, out, pieces);
 }
 #endif
 
@@ -427,8 +429,9 @@ void backward_typed(const Problem& pb, const torch::Tensor& m, std::vector<torch
   const int threads = item_threads(count);
   const int64_t block = block_columns<T>(n - 1);
   const int64_t ld = tile_ld<T>(block);
-  // The band's tiles, then one output row.
-  const int64_t tile_size = std::max<int64_t>(n - 1, 1) * ld * pb.widest + ld;
+  // The band's tiles, then the n output rows.
+  const int64_t tiles = std::max<int64_t>(n - 1, 1) * ld * pb.widest;
+  const int64_t tile_size = tiles + n * ld;
   AlignedBuffer<T> scratch(threads * tile_size);
   // The padded columns of the tiles are read (never used): start them finite.
   std::memset(scratch.data(), 0, static_cast<size_t>(threads * tile_size) * sizeof(T));
@@ -439,7 +442,7 @@ void backward_typed(const Problem& pb, const torch::Tensor& m, std::vector<torch
     const Band& band = pb.bands[item.band];
     T* tile = scratch.data() + tid * tile_size;
     grad_item(rows.data(), grad_rows.data(), n, pb.geo, band, item.c0, item.c1, m_data + band.first * n * n, block,
-              ld, tile, tile + (tile_size - ld), pieces.data() + tid * piece_size);
+              ld, tile, tile + tiles, pieces.data() + tid * piece_size);
   });
 }
 

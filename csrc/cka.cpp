@@ -111,57 +111,52 @@ CSKD_CKA_INLINE void shift_block(const Rows<T>& x, int64_t k, int64_t c0, int64_
 
 // G of columns [c0, c1) of group k into acc (n x n, lower triangle; row and
 // column 0 stay zero). tile: (n - 1) * block scratch.
-template <typename T>
+template <int Bytes, typename T>
 CSKD_CKA_INLINE void gram_tiles_body(const Rows<T>& x, int64_t k, int64_t c0, int64_t c1, int64_t block, T* tile,
                                      double* acc) {
   for (int64_t b0 = c0; b0 < c1; b0 += block) {
     const int64_t w = std::min(block, c1 - b0);
     shift_block(x, k, b0, w, tile, block);
-    gram_block(tile, block, x.n - 1, w, acc + x.n + 1, x.n);
+    gram_block<Bytes>(tile, block, x.n - 1, w, acc + x.n + 1, x.n);
   }
 }
 
 // dx of columns [c0, c1) of group k. tile: (n - 1) * block shifted rows 1..n-1
 // (row 0 shifted is zero and drops out of the sum).
-template <typename T>
+template <int Bytes, typename T>
 CSKD_CKA_INLINE void grad_tiles_body(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k, int64_t c0, int64_t c1,
                                      int64_t block, T* tile) {
-  constexpr int64_t L = kGradLanes<T>;
   const int64_t n = x.n;
   for (int64_t b0 = c0; b0 < c1; b0 += block) {
     const int64_t w = std::min(block, c1 - b0);
     shift_block(x, k, b0, w, tile, block);
-    for (int64_t i = 0; i < n; ++i) {
-      T* out = dx_k + i * x.p + b0;
-      int64_t j = 0;
-      for (; j + L <= w; j += L) grad_lanes<T, L>(m_k + i * n, tile + j, block, n, out + j);
-      if (j < w) grad_tail(m_k + i * n, tile + j, block, n, w - j, out + j);
-    }
+    // m_k[i][l] for l >= 1 weighs tile row l - 1.
+    combine_rows<Bytes>(m_k + 1, n, tile, block, n - 1, n, w, dx_k + b0, x.p);
   }
 }
 
 template <typename T>
 void gram_tiles_baseline(const Rows<T>& x, int64_t k, int64_t c0, int64_t c1, int64_t block, T* tile, double* acc) {
-  gram_tiles_body(x, k, c0, c1, block, tile, acc);
+  gram_tiles_body<kBaselineBytes>(x, k, c0, c1, block, tile, acc);
 }
 
 template <typename T>
 void grad_tiles_baseline(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k, int64_t c0, int64_t c1, int64_t block,
                          T* tile) {
-  grad_tiles_body(x, m_k, dx_k, k, c0, c1, block, tile);
+  grad_tiles_body<kBaselineBytes>(x, m_k, dx_k, k, c0, c1, block, tile);
 }
 
 #ifdef CSKD_CKA_X86_DISPATCH
 template <typename T>
 __attribute__((target("avx2,fma"))) void gram_tiles_avx2(const Rows<T>& x, int64_t k, int64_t c0, int64_t c1,
                                                          int64_t block, T* tile, double* acc) {
-  gram_tiles_body(x, k, c0, c1, block, tile, acc);
+  gram_tiles_body<kAvx2Bytes>(x, k, c0, c1, block, tile, acc);
 }
 
 template <typename T>
 __attribute__((target("avx2,fma"))) void grad_tiles_avx2(const Rows<T>& x, const T* m_k, T* dx_k, int64_t k,
                                                          int64_t c0, int64_t c1, int64_t block, T* tile) {
-  grad_tiles_body(x, m_k, dx_k, k, c0, c1, block, tile);
+  grad_tiles_body<kAvx2Bytes>(x, m_k, dx_k, k, c0, c1, block, tile);
 }
 
 // ---------------------------------------------------------------------------

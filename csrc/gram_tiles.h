@@ -10,12 +10,19 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <utility>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define CSKD_TILES_INLINE inline __attribute__((always_inline))
+// For the lambdas of a kernel body: GCC compiles a lambda that it does not
+// inline as a function of its own, without the target attributes (AVX-512,
+// AVX2) of the function it was written in, i.e. for plain x86-64 (SSE2, no FMA).
+#define CSKD_TILES_LAMBDA __attribute__((always_inline))
 #else
 #define CSKD_TILES_INLINE inline
+#define CSKD_TILES_LAMBDA
 #endif
 
 namespace cskd::tiles {
@@ -70,69 +77,124 @@ void for_each_item(int64_t count, int threads, const Work& work) {
   for (int64_t i = 0; i < count; ++i) work(i, omp_get_thread_num());
 }
 
-// acc[a * acc_ld + b] += <tile_a, tile_b> for b <= a < r (lower triangle).
-// Four dot products share each load of row a: 5 loads per 4 FMAs instead of 2 per 1.
-template <typename T>
-CSKD_TILES_INLINE void gram_block(const T* tile, int64_t ld, int64_t r, int64_t w, double* acc, int64_t acc_ld) {
-  for (int64_t a = 0; a < r; ++a) {
-    const T* ta = tile + a * ld;
-    double* acc_a = acc + a * acc_ld;
-    int64_t b = 0;
-    for (; b + 4 <= a + 1; b += 4) {
-      const T* t0 = tile + b * ld;
-      const T* t1 = t0 + ld;
-      const T* t2 = t1 + ld;
-      const T* t3 = t2 + ld;
-      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t j = 0; j < w; ++j) {
-        const T v = ta[j];
-        s0 += v * t0[j];
-        s1 += v * t1[j];
-        s2 += v * t2[j];
-        s3 += v * t3[j];
+// Vector widths of the three builds of every kernel body (the body is inlined
+// into a function compiled for that target).
+constexpr int kBaselineBytes = 16;
+constexpr int kAvx2Bytes = 32;
+constexpr int kAvx512Bytes = 64;
+
+// A vector of Bytes / sizeof(T) lanes (GCC / Clang vector extension).
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int64_t lanes = Bytes / static_cast<int64_t>(sizeof(T));
+};
+
+template <typename V, typename T>
+CSKD_TILES_INLINE V load_vec(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Adjacent lanes of a then b summed: (a0 + a1, a2 + a3, ..., b0 + b1, ...).
+template <typename V, size_t... I>
+CSKD_TILES_INLINE V pair_sums(V a, V b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (2 * I)...) + __builtin_shufflevector(a, b, (2 * I + 1)...);
+}
+
+// sums[e] = the sum of the L lanes of s[e], e < C (C a multiple of L, both powers of two), by a tree
+// of pair sums: log2(L) levels of C / 2, C / 4, ... vector shuffles and adds instead of C * L scalar adds.
+template <typename T, typename V, int64_t L, int C>
+CSKD_TILES_INLINE void lane_sums(V* s, T* sums) {
+  static_assert(C % L == 0, "every vector of the last level holds L whole sums");
+  int count = C;
+#pragma GCC unroll 8
+  for (int64_t width = L; width > 1; width /= 2) {
+#pragma GCC unroll 16
+    for (int e = 0; e < count / 2; ++e) s[e] = pair_sums(s[2 * e], s[2 * e + 1], std::make_index_sequence<L>{});
+    count /= 2;
+  }
+#pragma GCC unroll 16
+  for (int e = 0; e < C; ++e) sums[e] = s[e / L][e % L];
+}
+
+// acc[a * acc_ld + b] += <tile_a, tile_b> over columns [0, w) for b <= a < r (lower triangle).
+// Register blocks of RA x RB row pairs (their products share each load: RA + RB loads per RA * RB
+// products), summed across the lanes once per block. Columns [w, w rounded up to a vector) of the
+// tile are zeroed first: ld must hold them.
+template <int Bytes, typename T>
+CSKD_TILES_INLINE void gram_block(T* tile, int64_t ld, int64_t r, int64_t w, double* acc, int64_t acc_ld) {
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int64_t L = Vec<T, Bytes>::lanes;
+  // Accumulators plus the loaded rows fit the registers: 16 + 8 of 32 zmm, 8 + 6 of 16 ymm / xmm.
+  constexpr int RA = Bytes == kAvx512Bytes ? 4 : 2;
+  constexpr int RB = 4;
+  const int64_t wv = (w + L - 1) / L * L;
+  for (int64_t a = 0; a < r; ++a) std::fill(tile + a * ld + w, tile + a * ld + wv, T(0));
+  for (int64_t a0 = 0; a0 < r; a0 += RA) {
+    // Rows past r repeat row r - 1: their products are computed and dropped.
+    const T* ta[RA];
+    for (int i = 0; i < RA; ++i) ta[i] = tile + std::min(a0 + i, r - 1) * ld;
+    for (int64_t b0 = 0; b0 <= std::min(a0 + RA - 1, r - 1); b0 += RB) {
+      const T* tb[RB];
+      for (int k = 0; k < RB; ++k) tb[k] = tile + std::min(b0 + k, r - 1) * ld;
+      V s[RA * RB] = {};
+      for (int64_t j = 0; j < wv; j += L) {
+        V va[RA], vb[RB];
+#pragma GCC unroll 4
+        for (int i = 0; i < RA; ++i) va[i] = load_vec<V>(ta[i] + j);
+#pragma GCC unroll 4
+        for (int k = 0; k < RB; ++k) vb[k] = load_vec<V>(tb[k] + j);
+#pragma GCC unroll 4
+        for (int i = 0; i < RA; ++i) {
+#pragma GCC unroll 4
+          for (int k = 0; k < RB; ++k) s[i * RB + k] += va[i] * vb[k];
+        }
       }
-      acc_a[b] += s0;
-      acc_a[b + 1] += s1;
-      acc_a[b + 2] += s2;
-      acc_a[b + 3] += s3;
-    }
-    for (; b <= a; ++b) {
-      const T* tb = tile + b * ld;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < w; ++j) s += ta[j] * tb[j];
-      acc_a[b] += s;
+      T sums[RA * RB];
+      lane_sums<T, V, L, RA * RB>(s, sums);
+      for (int i = 0; i < RA; ++i) {
+        for (int k = 0; k < RB; ++k) {
+          const int64_t a = a0 + i, b = b0 + k;
+          if (a < r && b <= a) acc[a * acc_ld + b] += sums[i * RB + k];
+        }
+      }
     }
   }
 }
 
-// Lanes of output columns kept in registers while the n-term sums run.
-template <typename T>
-constexpr int64_t kGradLanes = 64 / sizeof(T) * 2;
-
-// out[v] = sum_{l >= 1} m_i[l] * shifted[l - 1][v] for v < L: L output columns
-// stay in registers while the n-term sums run.
-template <typename T, int64_t L>
-CSKD_TILES_INLINE void grad_lanes(const T* m_i, const T* shifted, int64_t ld, int64_t n, T* out) {
-  T s[L] = {};
-  for (int64_t l = 1; l < n; ++l) {
-    const T coef = m_i[l];
-    const T* t = shifted + (l - 1) * ld;
-#pragma omp simd
-    for (int64_t v = 0; v < L; ++v) s[v] += coef * t[v];
-  }
-#pragma omp simd
-  for (int64_t v = 0; v < L; ++v) out[v] = s[v];
-}
-
-// The same for the last w < L columns of a range.
-template <typename T>
-CSKD_TILES_INLINE void grad_tail(const T* m_i, const T* shifted, int64_t ld, int64_t n, int64_t w, T* out) {
-  for (int64_t v = 0; v < w; ++v) {
-    T s = 0;
-    for (int64_t l = 1; l < n; ++l) s += m_i[l] * shifted[(l - 1) * ld + v];
-    out[v] = s;
+// out[i * out_ld + v] = sum_{l < r} m[i * m_ld + l] * tile[l * ld + v] for i < rows, v < w: the
+// m-combinations of the tile rows. Register blocks of 8 output rows x one vector of columns (8
+// accumulators; each tile load serves 8 products); the last w % L columns scalar.
+template <int Bytes, typename T>
+CSKD_TILES_INLINE void combine_rows(const T* m, int64_t m_ld, const T* tile, int64_t ld, int64_t r, int64_t rows,
+                                    int64_t w, T* out, int64_t out_ld) {
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int64_t L = Vec<T, Bytes>::lanes;
+  constexpr int RI = 8;
+  for (int64_t i0 = 0; i0 < rows; i0 += RI) {
+    // Rows past `rows` repeat the last one: computed, not stored.
+    const T* mi[RI];
+    for (int i = 0; i < RI; ++i) mi[i] = m + std::min(i0 + i, rows - 1) * m_ld;
+    const int ri = static_cast<int>(std::min<int64_t>(RI, rows - i0));
+    int64_t j = 0;
+    for (; j + L <= w; j += L) {
+      V o[RI] = {};
+      for (int64_t l = 0; l < r; ++l) {
+        const V t = load_vec<V>(tile + l * ld + j);
+#pragma GCC unroll 8
+        for (int i = 0; i < RI; ++i) o[i] += t * mi[i][l];
+      }
+      for (int i = 0; i < ri; ++i) std::memcpy(out + (i0 + i) * out_ld + j, &o[i], sizeof(V));
+    }
+    for (int i = 0; i < ri; ++i) {
+      for (int64_t v = j; v < w; ++v) {
+        T sum = 0;
+        for (int64_t l = 0; l < r; ++l) sum += mi[i][l] * tile[l * ld + v];
+        out[(i0 + i) * out_ld + v] = sum;
+      }
+    }
   }
 }
 
