@@ -7,6 +7,7 @@ run again, in a child process, under each cap.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,22 @@ def test_an_unknown_cap_is_refused_by_name():
     result = _run(["-c", "from cskd_kernels import _C; _C.kernel_isa()"], "avx1024")
     assert result.returncode != 0
     assert "CSKD_MAX_ISA must be baseline, avx2 or avx512, got 'avx1024'" in result.stderr
+
+
+def _outlined_body_parts(library):
+    """Functions of the library that are pieces of a kernel body compiled out of line."""
+    symbols = subprocess.run([shutil.which("nm"), "-C", library], capture_output=True, text=True, check=True).stdout
+    return [line for line in symbols.splitlines() if "_item_body<" in line or "_tiles_body<" in line]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_kernel_bodies_are_compiled_into_their_entry_points():
+    """A body is compiled into each of its AVX-512, AVX2 and baseline entry points (always inline).
+
+    GCC compiles a lambda it does not inline (or a template that takes one) as a function of its
+    own, without the entry point's target attribute, i.e. as baseline x86-64 code: the cross-Gram
+    kernels' Gram loops ran so, as SSE2 without FMA, until their lambdas were forced inline.
+    """
+    from cskd_kernels import _C
+
+    assert _outlined_body_parts(_C.__file__) == []
