@@ -100,13 +100,15 @@ CSKD_AVX512 void pack_panels(View src, int64_t rows, int64_t kc, float* dst) {
   static_assert(R % 8 == 0 && (R <= 16 || R % 16 == 0), "panels of 8, 16 or a multiple of 16 rows");
   const int64_t padded = (rows + R - 1) / R * R;
   if (src.row == 1) {
-    // Each p holds R consecutive rows: masked vector copies.
-    for (int64_t q = 0; q < padded; q += R) {
-      float* panel = dst + q * kc;
-      for (int64_t p = 0; p < kc; ++p) {
-        const float* s = src.ptr + q + p * src.depth;
+    // Each p holds R consecutive rows: masked vector copies, p by p, so that src is read in order
+    // (its p lie src.depth apart, often a power of two: panel by panel, every panel's kc short reads
+    // would fall into the same cache sets and be evicted before the next panel reads their neighbours).
+    for (int64_t p = 0; p < kc; ++p) {
+      const float* s = src.ptr + p * src.depth;
+      for (int64_t q = 0; q < padded; q += R) {
+        float* out = dst + q * kc + p * R;
         for (int64_t l = 0; l < R; l += 16)
-          _mm512_mask_storeu_ps(panel + p * R + l, lanes(R - l), _mm512_maskz_loadu_ps(lanes(rows - q - l), s + l));
+          _mm512_mask_storeu_ps(out + l, lanes(R - l), _mm512_maskz_loadu_ps(lanes(rows - q - l), s + q + l));
       }
     }
     return;
