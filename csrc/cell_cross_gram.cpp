@@ -12,7 +12,7 @@
 // spans whole rows). So no stacked or padded copy of the cells is made: the
 // kernels pack the shifted segments (row_r - row_0) of up to `block` features
 // into a thread-local tile that stays in L1, then run the register-blocked
-// Gram of cka.cpp over it (forward), or form every output row as the
+// Gram of gram_tiles.h over it (forward), or form every output row as the
 // m-combination of the tile rows and scatter it to the gradients' segments
 // (backward; every pixel is in exactly one cell, so every gradient element is
 // written exactly once).
