@@ -167,18 +167,9 @@ __attribute__((target("avx2,fma"))) void grad_tiles_avx2(const Rows<T>& x, const
 // memory speed with more.
 constexpr int kMaxDirectRows = 8;
 
+// One zmm register of T (gram_tiles.h's vector type).
 template <typename T>
-struct Zmm {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
-};
-
-template <typename T>
-CSKD_CKA_AVX512 CSKD_CKA_INLINE typename Zmm<T>::type load_zmm(const T* p) {
-  typename Zmm<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+using Zmm = Vec<T, kAvx512Bytes>;
 
 // Non-temporal stores: dx is written once and not read back by this pass, so
 // it skips the read-for-ownership of every line.
@@ -200,10 +191,10 @@ CSKD_CKA_AVX512 void gram_direct_avx512(const Rows<T>& x, int64_t k, int64_t c0,
     V s[kPairs] = {};
     int64_t j = b0;
     for (; j + kLanes <= b1; j += kLanes) {
-      const V base = load_zmm(r0 + j);
+      const V base = load_vec<V>(r0 + j);
       V d[R];
 #pragma GCC unroll 16
-      for (int l = 0; l < R; ++l) d[l] = load_zmm(rows[l] + j) - base;
+      for (int l = 0; l < R; ++l) d[l] = load_vec<V>(rows[l] + j) - base;
       int e = 0;
 #pragma GCC unroll 16
       for (int a = 0; a < R; ++a) {
@@ -244,10 +235,10 @@ CSKD_CKA_AVX512 void grad_direct_avx512(const Rows<T>& x, const T* m_k, T* dx_k,
   for (int l = 0; l < R; ++l) rows[l] = x.row(k, l + 1);
   int64_t j = c0;
   for (; j + kLanes <= c1; j += kLanes) {
-    const V base = load_zmm(r0 + j);
+    const V base = load_vec<V>(r0 + j);
     V d[R];
 #pragma GCC unroll 16
-    for (int l = 0; l < R; ++l) d[l] = load_zmm(rows[l] + j) - base;
+    for (int l = 0; l < R; ++l) d[l] = load_vec<V>(rows[l] + j) - base;
 #pragma GCC unroll 16
     for (int i = 0; i <= R; ++i) {
       const T* m_i = m_k + i * n + 1;

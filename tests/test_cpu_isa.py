@@ -6,6 +6,7 @@ other two. CSKD_MAX_ISA caps that choice: here the op tests of the C++ backend
 run again, in a child process, under each cap.
 """
 
+import functools
 import os
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ def _run(args, isa):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@functools.cache  # one child process per cap, however many tests ask
 def _kernel_isa(isa):
     result = _run(["-c", "from cskd_kernels import _C; print(_C.kernel_isa())"], isa)
     assert result.returncode == 0, result.stderr
