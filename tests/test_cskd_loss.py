@@ -110,8 +110,8 @@ def test_float32_fused_close_to_float64_reference():
 
 
 def test_teacher_features_get_no_gradient():
-    feat_s = torch.randn(2, 16, 10, 10, requires_grad=True)
-    feat_t = torch.randn(2, 16, 10, 10, requires_grad=True)
+    feat_s = torch.randn(3, 16, 10, 10, requires_grad=True)
+    feat_t = torch.randn(3, 16, 10, 10, requires_grad=True)
     CSKDLoss(16, 16)(feat_s, feat_t).loss.backward()
     assert feat_t.grad is None
     assert feat_s.grad is not None

@@ -110,7 +110,7 @@ def test_gpu_launch_sizes_give_the_interpreter_sizes_results(monkeypatch, grid):
     with torch.no_grad():
         loss.gamma_cam.fill_(0.3)
         loss.gamma_pam.fill_(0.7)
-    feat_s, feat_t = torch.randn(2, 16, 9, 14), torch.randn(2, 32, 9, 14)
+    feat_s, feat_t = torch.randn(3, 16, 9, 14), torch.randn(3, 32, 9, 14)
     want_outputs, want_grads = _cskd_run(loss, feat_s, feat_t)
     use_gpu_launch_sizes(4, monkeypatch.setattr)
     got_outputs, got_grads = _cskd_run(loss, feat_s, feat_t)

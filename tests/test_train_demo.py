@@ -30,11 +30,11 @@ def test_released_timing_runs_the_released_cskd_loss(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(released, "cskd_loss", spy)
-    args = argparse.Namespace(timing_shapes=["demo"], image_size=40, batch_size=2, seed=0)
+    args = argparse.Namespace(timing_shapes=["demo"], image_size=40, batch_size=3, seed=0)
     (row,) = demo.distillation_timing(args, 128, 128)
     _, warmup, repeats = demo.TIMING_SHAPES["demo"]
     # Every warm-up and timed released step went through cskd_kernels.released.cskd_loss.
-    assert calls == [(2, 128, 5, 5)] * (warmup + repeats)
+    assert calls == [(3, 128, 5, 5)] * (warmup + repeats)
     for key in ("fused_ms", "released_ms"):
         assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0
 
@@ -65,7 +65,7 @@ def test_demo_prints_three_mious_and_fused_vs_released(tmp_path, capsys, restore
     out = tmp_path / "demo"
     assert demo.main([
         "--output-dir", str(out), "--teacher-iterations", "2", "--student-iterations", "1",
-        "--batch-size", "2", "--image-size", "40", "--train-images", "4", "--val-images", "2",
+        "--batch-size", "3", "--image-size", "40", "--train-images", "6", "--val-images", "2",
         "--timing-shapes", "demo", "--no-progress",
     ]) == 0
     printed = capsys.readouterr().out

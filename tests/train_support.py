@@ -10,10 +10,11 @@ APP_DIR = os.path.join(REPO, "python")
 if APP_DIR not in sys.path:  # cskd_train without an install (pip install -e . puts it on the path too)
     sys.path.insert(0, APP_DIR)
 
-# Tiny, fast runs: 40x40 crops give 5x5 feature maps, enough for the 5x5 CSKD grid.
+# Tiny, fast runs: 40x40 crops give 5x5 feature maps, enough for the 5x5 CSKD grid; batch 3, the
+# smallest whose linear CKA is not constant (CSKDLoss refuses fewer samples), 3 batches per epoch.
 TINY = [
-    "--crop-size", "40", "40", "--synthetic-size", "40", "--synthetic-images", "6",
-    "--synthetic-val-images", "2", "--batch-size", "2", "--threads", "1", "--no-progress", "--no-plot",
+    "--crop-size", "40", "40", "--synthetic-size", "40", "--synthetic-images", "9",
+    "--synthetic-val-images", "2", "--batch-size", "3", "--threads", "1", "--no-progress", "--no-plot",
 ]
 
 

@@ -24,6 +24,11 @@ possible (peak memory is the cost that matters at the released size):
 No Python loop over cells: the attention is one grid-mode position_attention
 call per side, the per-cell cross-Grams one grouped pass per channel block,
 and the per-cell CKAs one grouped computation on the (cells, n, n) Grams.
+
+The CKA's samples are the batch: at least MIN_SAMPLES of them (over 2 samples
+linear CKA is always 1, so the loss would be a constant with zero gradients).
+Under DDP with few images per process, ``global_batch=True`` computes it over
+the batch of all processes (cskd_kernels/batch_gather.py).
 """
 import math
 from typing import NamedTuple
@@ -34,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels.batch_gather import broadcast_from_first_rank, gather_batch, group_size
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.backend import resolve_backend
 from cskd_kernels.ops.cell_projection import cell_projection
@@ -44,6 +50,8 @@ from cskd_kernels.ops.cross_gram import centered_cross_grams, combine_grams
 from cskd_kernels.ops.position_attention import position_attention
 
 PROJECTIONS = ("resample", "fixed", "learned")
+# Samples (images) the CKA needs: over 2, linear CKA is 1 whatever the features (over 1 it is undefined).
+MIN_SAMPLES = 3
 
 
 class CSKDOutput(NamedTuple):
@@ -105,10 +113,22 @@ class CSKDLoss(nn.Module):
     ``feat_t`` is treated as detached; the shared gammas (initial 0) get
     gradients through both sides. ``generator`` (a torch.Generator, optional)
     seeds the per-call projections of projection="resample".
+
+    The batch must hold at least MIN_SAMPLES (3) images. ``global_batch=True``
+    (under torch.distributed) computes the CKAs over the batch of every
+    process of ``process_group`` (default: the default group), exactly as one
+    process with the whole batch would: every rank gathers all features
+    (with gradient), computes the same loss, and DDP's gradient averaging gives
+    the single-process gradient (see cskd_kernels/batch_gather.py). It costs
+    each rank the loss over the whole batch and world_size times the feature
+    memory; resampled projections are broadcast from the first rank so all
+    ranks use the same ones. Without an initialised process group it is the
+    ordinary loss.
     """
 
     def __init__(self, student_channels, teacher_channels, *, temperature=2.0, lambda_cam=0.3, lambda_pam=0.8,
-                 grid=(5, 5), projection="resample", reduction=8, backend=None, generator=None):
+                 grid=(5, 5), projection="resample", reduction=8, backend=None, generator=None,
+                 global_batch=False, process_group=None):
         super().__init__()
         for name, channels in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
             if not isinstance(channels, int) or channels < reduction:
@@ -128,6 +148,7 @@ class CSKDLoss(nn.Module):
         self.temperature, self.lambda_cam, self.lambda_pam = temperature, lambda_cam, lambda_pam
         self.grid = None if grid is None else tuple(grid)
         self.backend, self.generator = backend, generator
+        self.global_batch, self.process_group = bool(global_batch), process_group
         self.gamma_cam = nn.Parameter(torch.zeros(1))
         self.gamma_pam = nn.Parameter(torch.zeros(1))
         self.student_projection = PositionProjection(student_channels, reduction, projection)
@@ -136,10 +157,16 @@ class CSKDLoss(nn.Module):
     def forward(self, feat_s, feat_t):
         self._check(feat_s, feat_t)
         feat_t = feat_t.detach()
+        if self.global_batch:
+            feat_s, feat_t = gather_batch(feat_s, self.process_group), gather_batch(feat_t, self.process_group)
+        self._check_samples(feat_s, feat_t)
         cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
         # Drawn student first, then teacher (the order the reference composition uses).
         weights_s = self.student_projection.weights(cells, self.generator, feat_s)
         weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
+        if self.global_batch and self.student_projection.mode == "resample":
+            # Every rank computes the same loss over the whole batch: it needs the same projections.
+            broadcast_from_first_rank(weights_s + weights_t, self.process_group)
         # The teacher first: its transients (attention outputs) come and go while nothing else is held.
         cam_t = self._teacher_channel_gram(feat_t)
         pam_t = combine_grams(self._position_grams(feat_t, weights_t), (self.gamma_pam, 1.0))
@@ -191,6 +218,26 @@ class CSKDLoss(nn.Module):
             del q, k, v
             return centered_cross_grams(attention, x, grid=self.grid, backend=self.backend)
 
+    def _check_samples(self, feat_s, feat_t):
+        """MIN_SAMPLES to TRITON_MAX_SAMPLES (Triton) images in the batch the CKAs run over (after gathering)."""
+        n = feat_s.shape[0]
+        if n > TRITON_MAX_SAMPLES and resolve_backend(self.backend, feat_s, feat_t) == "triton":
+            raise ValueError(f"batch {n}: the Triton kernels take at most {TRITON_MAX_SAMPLES} samples "
+                             "(their Grams hold a sample per row of one register tile); use backend='reference'")
+        if n >= MIN_SAMPLES:
+            return
+        if self.global_batch:
+            where = f"a global batch of {n} ({group_size(self.process_group)} process(es))"
+            advice = "use more images per process"
+        else:
+            where = f"a batch of {n}"
+            advice = ("use a larger batch, or under DDP global_batch=True to compute the CKA over the "
+                      "batch of all processes")
+        raise ValueError(
+            f"CSKDLoss needs at least {MIN_SAMPLES} samples, got {where}: linear CKA over 2 samples is 1 "
+            f"whatever the features (over 1 undefined), so the loss would be a constant with zero gradients; {advice}"
+        )
+
     def _check(self, feat_s, feat_t):
         check_float_tensor("feat_s", feat_s)
         check_float_tensor("feat_t", feat_t)
@@ -204,6 +251,3 @@ class CSKDLoss(nn.Module):
                 raise ValueError(f"{name} {tuple(t.shape)} has {t.shape[1]} channels, the loss was built for {expected}")
         if self.grid is not None and (self.grid[0] > feat_s.shape[2] or self.grid[1] > feat_s.shape[3]):
             raise ValueError(f"grid {self.grid} is larger than the feature map {tuple(feat_s.shape[2:])}")
-        if feat_s.shape[0] > TRITON_MAX_SAMPLES and resolve_backend(self.backend, feat_s, feat_t) == "triton":
-            raise ValueError(f"batch {feat_s.shape[0]}: the Triton kernels take at most {TRITON_MAX_SAMPLES} samples "
-                             "(their Grams hold a sample per row of one register tile); use backend='reference'")
