@@ -135,7 +135,9 @@ def test_bad_checkpoint_is_one_line_and_overwrites_nothing(tmp_path, finished_ru
     if flag == "--resume":
         args = ["--resume", str(bad)]
     else:
-        args = ["--distill", "cwd", "--teacher-model", "deeplabv3_resnet18", "--teacher-checkpoint", str(bad)]
+        # --overwrite: a fresh run in the used directory, which must still delete nothing before the check
+        args = ["--overwrite", "--distill", "cwd", "--teacher-model", "deeplabv3_resnet18", "--teacher-checkpoint",
+                str(bad)]
     result = run_module("cskd_train.train", ["--max-iterations", "4", "--output-dir", str(out), *args, *TINY])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "should-never-run" not in result.stdout

@@ -85,7 +85,8 @@ def common_flags(args):
 def run_training(name, flags, output_dir):
     print(f"\n== {name} ==", flush=True)
     started = time.perf_counter()
-    rc = train.main([*flags, "--output-dir", output_dir])
+    # Each demo run starts over: --overwrite replaces the previous demo's run in the same directory.
+    rc = train.main([*flags, "--output-dir", output_dir, "--overwrite"])
     if rc != 0:
         raise SystemExit(f"cskd-demo: training the {name} failed (exit code {rc})")
     seconds = time.perf_counter() - started

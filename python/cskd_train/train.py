@@ -9,7 +9,9 @@ validation), config.json and curves.png.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -25,24 +27,43 @@ from cskd_train import distributed
 from cskd_train.checkpoint import (
     FORMAT,
     CheckpointError,
+    check_resume_entries,
     is_training_checkpoint,
     load_file,
+    load_optimizer_state,
+    load_scheduler_state,
     load_state_dict_checked,
     load_training_checkpoint,
     rng_state,
     save_atomic,
     set_rng_state,
+    write_atomic,
 )
 from cskd_train.convert import backbone_state_dict, teacher_state_dict
 from cskd_train.datasets import DATASET_NAMES, NUM_CLASSES, DatasetError, build_dataset
 from cskd_train.evaluate import eval_loader, evaluate
 from cskd_train.models import MODEL_NAMES, build_model, feature_channels
 from cskd_train.objective import DISTILL_MODES, Objective, ObjectiveConfig
+from cskd_train.output_dir import OutputDirError, claim_output_dir, reason, remove_run_files, warn
 from cskd_train.transforms import NORMALIZATIONS, SeededSampler, TrainTransform, Transformed
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (bad flags, too many non-finite losses); reported in one line."""
+
+
+class OtherRankFailed(TrainingError):
+    """Raised on the ranks that did not fail themselves, so that every rank stops together."""
+
+    def __init__(self):
+        super().__init__("another rank failed (rank 0 says why)")
+
+
+def raise_together(error, context):
+    """Raise error (or OtherRankFailed) on every rank if any rank has one: a rank that stopped alone would
+    leave the others waiting in their next collective."""
+    if distributed.any_across_ranks(error is not None, context):
+        raise error if error is not None else OtherRankFailed()
 
 
 class StopRequested(Exception):
@@ -112,6 +133,8 @@ def build_parser():
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output-dir", default="runs/cskd")
     run.add_argument("--resume", default=None, help="a last.pt to continue from")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a new run in an --output-dir that holds one (its files are deleted)")
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--val-every", type=int, default=1000, help="validate every K iterations (and at the end)")
     run.add_argument("--val-batch-size", type=int, default=1)
@@ -202,24 +225,85 @@ def train_batches(loader, sampler, start_iteration, batches_per_epoch):
         epoch, offset = epoch + 1, 0
 
 
+def parse_metrics_row(raw):
+    """A metrics.jsonl line as a dict with an integer iteration, or None if it is not one."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+        return None
+    return row
+
+
+def read_metrics_lines(path, keep_through):
+    """The lines of metrics.jsonl up to iteration keep_through (for a resume), as bytes.
+
+    A bad last line is a record whose write was cut short (disk full, kill -9): it is dropped with a
+    warning. A bad line anywhere else is an error naming it: dropping it would silently lose a record.
+    """
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read().split(b"\n")
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise TrainingError(f"cannot read {path}: {reason(error)}") from None
+    if lines[-1] == b"":
+        lines.pop()  # what follows the last newline
+    kept = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        row = parse_metrics_row(raw)
+        if row is None:
+            if number == len(lines):
+                warn(f"dropped the torn last line {number} of {path} ({len(raw)} bytes; a write cut short)")
+                continue
+            raise TrainingError(f"{path} line {number} is not a metrics record (a JSON object with an "
+                                f"integer iteration); repair or delete that line to resume")
+        if row["iteration"] <= keep_through:
+            kept.append(raw + b"\n")
+    return kept
+
+
 class MetricsLog:
-    """metrics.jsonl, written by rank 0; on resume the rows after the checkpoint's iteration are dropped."""
+    """metrics.jsonl, written by rank 0; on resume the rows after the checkpoint's iteration are dropped.
+
+    The file is read when the log is made (before the run writes anything) and written from open(): cut
+    back atomically on resume, then appended to one whole record per write call.
+    """
 
     def __init__(self, path, enabled, resume_iteration=None):
         self.path = path
         self.enabled = enabled
-        if enabled and resume_iteration is not None and os.path.exists(path):
-            with open(path, encoding="utf-8") as lines:
-                kept = [line for line in lines if line.strip() and json.loads(line)["iteration"] <= resume_iteration]
-            with open(path, "w", encoding="utf-8") as out:
-                out.writelines(kept)
-        elif enabled and resume_iteration is None:
-            open(path, "w").close()
+        self.kept = None
+        if enabled and resume_iteration is not None:
+            self.kept = read_metrics_lines(path, resume_iteration)
+        self.handle = None
+
+    def open(self):
+        if not self.enabled:
+            return
+        if self.kept is not None and os.path.exists(self.path):
+            # temporary file + rename: a crash while cutting back loses no row of the file
+            kept = b"".join(self.kept)
+            write_atomic(self.path, lambda handle: handle.write(kept))
+        # Unbuffered: each record goes out in one write() of its whole line (a full disk tears at most
+        # the last line, which the next resume drops).
+        self.handle = open(self.path, "ab" if self.kept is not None else "wb", buffering=0)
 
     def write(self, row):
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as out:
-                out.write(json.dumps(row) + "\n")
+        if self.handle is None:
+            return
+        line = (json.dumps(row) + "\n").encode("utf-8")
+        if self.handle.write(line) != len(line):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 def ignore_interrupts(worker_id):
@@ -301,8 +385,18 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -1.0
         self.nonfinite_total = 0
+        self.last_good = None  # (path, iteration) of the newest checkpoint known finite and complete
         if resume is not None:
             self.restore(resume, args.resume)
+            self.last_good = (args.resume, self.iteration)
+        # Read (and checked) now, before anything is written; rank 0's verdict is every rank's.
+        error = None
+        try:
+            self.log = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"), context.is_main,
+                                  resume_iteration=self.iteration if resume is not None else None)
+        except TrainingError as failed:
+            error = failed
+        raise_together(error, context)
         self.ddp = self.step_module
         if context.distributed:
             self.ddp = DistributedDataParallel(
@@ -314,20 +408,44 @@ class Trainer:
         self.val_loader = eval_loader(self.val_set, args.normalization, context, args.val_batch_size, args.workers)
         self.start_iteration = self.iteration
         self.resumed = resume is not None
-        self.log = None
 
     def restore(self, checkpoint, path):
+        """Load a checkpoint into the built objects, every entry checked first: a hand-edited or damaged
+        file is refused here, in one line, before the output directory is touched."""
+        check_resume_entries(checkpoint, path, self.args.max_iterations)
         load_state_dict_checked(self.student, checkpoint["model"], path)
+        load_state_dict_checked(self.objective, checkpoint["loss_module"], path)
+        load_optimizer_state(self.optimizer, checkpoint["optimizer"], path)
+        load_scheduler_state(self.scheduler, checkpoint["scheduler"], path)
+        if self.scheduler.last_epoch != checkpoint["iteration"]:
+            raise CheckpointError(f"{path}: its scheduler is at step {self.scheduler.last_epoch}, "
+                                  f"its iteration is {checkpoint['iteration']}")
         try:
-            self.objective.load_state_dict(checkpoint["loss_module"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"{path} does not fit this run's optimiser or loss: {error}".splitlines()[0]) from None
+            set_rng_state(checkpoint["rng"])
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise CheckpointError(f"{path}: its RNG state cannot be restored: {error}".splitlines()[0]) from None
         self.iteration = checkpoint["iteration"]
-        self.best_miou = checkpoint.get("best_miou", -1.0)
+        self.best_miou = float(checkpoint.get("best_miou", -1.0))
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
-        set_rng_state(checkpoint["rng"])
+        if self.scheduler.total_iters != self.args.max_iterations:
+            self.follow_new_schedule_length()
+
+    def follow_new_schedule_length(self):
+        """A resume with another --max-iterations: the poly schedule restored from the checkpoint keeps its
+        old length (an extended run would train at lr 0), so the lr is set to where a run started with the
+        new length would be at this iteration; PolynomialLR's step-to-step factors then follow that schedule."""
+        scheduler, new = self.scheduler, self.args.max_iterations
+        old = scheduler.total_iters
+        scheduler.total_iters = new
+        lrs = [base * (1.0 - self.iteration / new) ** scheduler.power for base in scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
+        self.message(
+            f"resuming at iteration {self.iteration} with --max-iterations {new} (the checkpoint's schedule had "
+            f"{old}): from here the learning rate follows the poly schedule of {new} iterations, "
+            f"base_lr * (1 - i/{new})^{scheduler.power:g} (lr {lrs[0]:.6g} now)"
+        )
 
     def make_train_loader(self):
         args, context = self.args, self.context
@@ -367,14 +485,84 @@ class Trainer:
         }
 
     def save(self, path):
+        """Write a checkpoint (rank 0) from finite state only; every rank learns whether it worked."""
+        error = None
         if self.context.is_main:
-            save_atomic(self.checkpoint(), path)
-        distributed.barrier(self.context)
+            try:
+                if not self.state_is_finite():  # the loop stops before this; a checkpoint must never hold it
+                    raise TrainingError(f"refusing to write {path}: {self.nonfinite_state()} is not finite; "
+                                        f"{self.last_good_note()}")
+                with self.writing(path):
+                    save_atomic(self.checkpoint(), path)
+            except TrainingError as failed:
+                error = failed
+        raise_together(error, self.context)  # also the barrier: no rank runs ahead of the save
+        if path == self.last_path:
+            self.last_good = (path, self.iteration)
+
+    @contextlib.contextmanager
+    def writing(self, path):
+        """An OSError while writing path (disk full, quota, I/O error) becomes one line saying what survived."""
+        try:
+            yield
+        except OSError as error:
+            raise TrainingError(f"{reason(error)} while writing {path}; {self.intact_note()}") from None
+
+    def intact_note(self):
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        return f"{self.last_good[0]} of iteration {self.last_good[1]} is intact"
+
+    def last_good_note(self):
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {self.last_good[0]} (iteration {self.last_good[1]})"
+
+    def record(self, row):
+        with self.writing(self.log.path):
+            self.log.write(row)
+
+    # ---- finiteness of what a checkpoint saves ---------------------------------------------------
+
+    def named_state_tensors(self):
+        """(name, tensor) of every floating tensor a checkpoint saves that a step changes: parameters,
+        BatchNorm statistics (changed by the forward pass, even of a skipped step) and optimiser buffers."""
+        for name, tensor in self.step_module.named_parameters():
+            yield name, tensor
+        for name, tensor in self.step_module.named_buffers():
+            if tensor.is_floating_point():
+                yield name, tensor
+        names = {id(p): n for n, p in self.step_module.named_parameters()}
+        for parameter, buffers in self.optimizer.state.items():
+            for key, tensor in buffers.items():
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    yield f"optimizer {key} of {names.get(id(parameter), '?')}", tensor
+
+    def finite_state_tensor(self):
+        """A 0-dim bool tensor, without a host sync: one max-abs norm per tensor (fused by dtype and device;
+        inf or NaN exactly when the tensor holds one, and no overflow for large finite values)."""
+        groups = {}
+        for _, tensor in self.named_state_tensors():
+            groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
+        norms = [torch.stack(torch._foreach_norm(tensors, ord=math.inf)).float().max()
+                 for tensors in groups.values()]
+        return torch.isfinite(torch.stack(norms)).all() if norms else torch.tensor(True)
+
+    def state_is_finite(self):
+        return bool(self.finite_state_tensor())
+
+    def nonfinite_state(self):
+        """The name of the first non-finite tensor (for the message; only on the failure path)."""
+        for name, tensor in self.named_state_tensors():
+            if not bool(torch.isfinite(tensor).all()):
+                return name
+        return "nothing"
 
     # ---- one step ----------------------------------------------------------
 
     def step(self, images, labels):
-        """One optimisation step; returns the loss parts as floats, or None if the loss was not finite."""
+        """One optimisation step: (the loss parts as floats, or None if the loss was not finite and the step
+        skipped; whether the parameters, BatchNorm statistics and optimiser state are still finite on every rank)."""
         if self.args.compile_loss:
             # A new step for the compiled loss's CUDA graphs: the last step's outputs may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
@@ -388,17 +576,23 @@ class Trainer:
         if nonfinite:
             # Every rank skips together (a lone backward would hang DDP's gradient all-reduce).
             self.scheduler.step()
-            return None
+            return None, self.finite_on_all_ranks(self.state_is_finite())
         parts["loss"].backward()
         self.optimizer.step()
         self.scheduler.step()
-        return {name: float(value.detach()) for name, value in parts.items()}
+        # The state check rides on the host sync that reads the loss parts anyway.
+        values = torch.stack([self.finite_state_tensor().double()]
+                             + [value.detach().double() for value in parts.values()]).tolist()
+        return dict(zip(parts, values[1:])), self.finite_on_all_ranks(values[0] == 1.0)
+
+    def finite_on_all_ranks(self, finite):
+        return not distributed.any_across_ranks(not finite, self.context)
 
     def validate(self):
         distributed.broadcast_buffers(self.student, self.context)
         miou, iou = evaluate(self.student, self.val_loader, self.num_classes, self.context,
                              mode=self.args.val_mode, crop_size=self.args.crop_size)
-        self.log.write({"iteration": self.iteration, "miou": miou, "iou": iou})
+        self.record({"iteration": self.iteration, "miou": miou, "iou": iou})
         if miou > self.best_miou:
             self.best_miou = miou
             self.save(self.best_path)
@@ -407,13 +601,26 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------
 
     def run(self):
+        try:
+            return self.run_loop()
+        finally:
+            self.log.close()
+
+    def start_writing(self):
+        """The first writes of the run, after everything was read and checked."""
+        if self.context.is_main:
+            if self.args.overwrite:
+                remove_run_files(self.output_dir)
+            config_path = os.path.join(self.output_dir, "config.json")
+            config = (json.dumps(vars(self.args), indent=2) + "\n").encode("utf-8")
+            with self.writing(config_path):
+                write_atomic(config_path, lambda handle: handle.write(config))
+            with self.writing(self.log.path):
+                self.log.open()
+
+    def run_loop(self):
         args, context = self.args, self.context
-        if context.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, "config.json"), "w", encoding="utf-8") as out:
-                json.dump(vars(args), out, indent=2)
-        self.log = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"), context.is_main,
-                              resume_iteration=self.iteration if self.resumed else None)
+        self.start_writing()
         batches_per_epoch = self.sampler.num_samples // args.batch_size
         batches = train_batches(self.train_loader, self.sampler, self.iteration, batches_per_epoch)
         progress = self.progress_bar()
@@ -426,27 +633,33 @@ class Trainer:
                 images, labels = next(batches)
                 images, labels = images.to(context.device, non_blocking=True), labels.to(context.device)
                 started = time.perf_counter()
-                parts = self.step(images, labels)
+                parts, state_finite = self.step(images, labels)
                 seconds = time.perf_counter() - started
                 self.iteration += 1
+                if not state_finite:
+                    # Nothing of this step may reach a checkpoint, and later steps would start from it.
+                    raise TrainingError(
+                        f"iteration {self.iteration}: the step left non-finite values in "
+                        f"{self.nonfinite_state()}: stopping without saving it; {self.last_good_note()}"
+                    )
                 if parts is None:
                     consecutive_nonfinite += 1
                     self.nonfinite_total += 1
-                    self.log.write({"iteration": self.iteration, "nonfinite": True,
-                                    "nonfinite_total": self.nonfinite_total})
+                    self.record({"iteration": self.iteration, "nonfinite": True,
+                                 "nonfinite_total": self.nonfinite_total})
                     self.message(f"iteration {self.iteration}: non-finite loss, step skipped "
                                  f"({consecutive_nonfinite} in a row, {self.nonfinite_total} in all)")
                     if consecutive_nonfinite >= args.max_nonfinite:
                         raise TrainingError(
                             f"{consecutive_nonfinite} non-finite losses in a row at iteration {self.iteration}: "
-                            f"stopping; the last good checkpoint is {self.last_path}"
+                            f"stopping; {self.last_good_note()}"
                         )
                 else:
                     consecutive_nonfinite = 0
                     if self.iteration % args.log_every == 0 or self.iteration == args.max_iterations:
                         row = distributed.mean_across_ranks(parts, context)
                         row.update(iteration=self.iteration, lr=self.scheduler.get_last_lr()[0], seconds=seconds)
-                        self.log.write(row)
+                        self.record(row)
                     if progress is not None:
                         progress.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
                 if progress is not None:
@@ -493,6 +706,26 @@ def error_line(error):
     return text or type(error).__name__
 
 
+def output_dir_claimed(args, context):
+    """The output directory, checked and locked by rank 0 before datasets and models are built (a context
+    manager: unlocked on exit); every rank fails together if it cannot take the run."""
+    claim = contextlib.ExitStack()
+    error = None
+    if context.is_main:
+        try:
+            if args.resume and args.overwrite:
+                raise OutputDirError("--overwrite starts a new run and --resume continues one: give one of them")
+            claim.enter_context(claim_output_dir(args.output_dir, resume=bool(args.resume), overwrite=args.overwrite))
+        except OutputDirError as failed:
+            error = failed
+    try:
+        raise_together(error, context)
+    except BaseException:
+        claim.close()
+        raise
+    return claim
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
@@ -507,8 +740,9 @@ def main(argv=None):
         print(f"cskd-train: error: {error}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(args, context)
-        best = trainer.run()
+        with output_dir_claimed(args, context):
+            trainer = Trainer(args, context)
+            best = trainer.run()
         if context.is_main:
             state = "done" if trainer.iteration == args.max_iterations else "stopped (--stop-after)"
             print(f"cskd-train: {state} at iteration {trainer.iteration} of {args.max_iterations}, "
@@ -520,7 +754,7 @@ def main(argv=None):
             print(f"cskd-train: {name} received: checkpoint saved to {os.path.join(args.output_dir, 'last.pt')}; "
                   f"continue with --resume", file=sys.stderr)
         return 128 + stop.signum
-    except (CheckpointError, DatasetError, TrainingError) as error:
+    except (CheckpointError, DatasetError, OutputDirError, TrainingError) as error:
         print(f"cskd-train: error: {error_line(error)}", file=sys.stderr)
         return 2
     finally:
