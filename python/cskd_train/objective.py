@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cskd_kernels
+from cskd_kernels.modules.cskd_loss import MIN_SAMPLES  # noqa: F401 (cskd-train checks it at start-up)
 from cskd_train.datasets import IGNORE_INDEX
 
 DISTILL_MODES = ("none", "cwd", "cskd")
@@ -32,6 +33,7 @@ class ObjectiveConfig:
     grid: Optional[Tuple[int, int]] = (5, 5)
     projection: str = "resample"
     reduction: int = 8
+    global_batch: bool = False  # the CKAs over the batch of all processes (CSKDLoss(global_batch=True))
 
 
 def segmentation_ce(logits, labels):
@@ -64,6 +66,7 @@ class Objective(nn.Module):
                 grid=config.grid,
                 projection=config.projection,
                 reduction=config.reduction,
+                global_batch=config.global_batch,
             )
 
     def compile_cskd(self, device):

@@ -43,7 +43,7 @@ from cskd_train.convert import backbone_state_dict, teacher_state_dict
 from cskd_train.datasets import DATASET_NAMES, NUM_CLASSES, DatasetError, build_dataset
 from cskd_train.evaluate import eval_loader, evaluate
 from cskd_train.models import MODEL_NAMES, build_model, feature_channels
-from cskd_train.objective import DISTILL_MODES, Objective, ObjectiveConfig
+from cskd_train.objective import DISTILL_MODES, MIN_SAMPLES, Objective, ObjectiveConfig
 from cskd_train.output_dir import OutputDirError, claim_output_dir, reason, remove_run_files, warn
 from cskd_train.transforms import NORMALIZATIONS, SeededSampler, TrainTransform, Transformed
 
@@ -114,6 +114,9 @@ def build_parser():
     loss.add_argument("--grid", type=int, nargs=2, metavar=("GH", "GW"), default=(5, 5))
     loss.add_argument("--global-pam", action="store_true", help="one PAM over the whole map instead of a grid")
     loss.add_argument("--projection", choices=("resample", "fixed", "learned"), default="resample")
+    loss.add_argument("--cka-global-batch", action="store_true",
+                      help="under torchrun, the CSKD loss's CKAs over the batch of all processes (exact: as one "
+                           "process with the whole batch; each process gathers every feature map)")
     loss.add_argument("--compile-loss", action="store_true",
                       help="run the CSKD loss under torch.compile (on CUDA replayed as CUDA graphs); "
                            "checkpoints are the same as without")
@@ -130,6 +133,9 @@ def build_parser():
 
     run = p.add_argument_group("run")
     run.add_argument("--device", default="cpu")
+    run.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="under torchrun: stop with an error naming the rank that stopped answering after this "
+                          "long without a reply")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output-dir", default="runs/cskd")
     run.add_argument("--resume", default=None, help="a last.pt to continue from")
@@ -157,9 +163,32 @@ def parse_args(argv=None):
     for name in ("max_iterations", "batch_size", "log_every", "val_every", "max_nonfinite"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.ddp_timeout > 0:
+        raise TrainingError(f"--ddp-timeout must be > 0 seconds, got {args.ddp_timeout}")
     if args.checkpoint_every is None:
         args.checkpoint_every = args.val_every
+    check_cka_samples(args, int(os.environ.get("WORLD_SIZE", "1")))
     return args
+
+
+def check_cka_samples(args, world_size):
+    """The CSKD term's CKAs need MIN_SAMPLES images: refused at start-up, not at the first step."""
+    if args.distill != "cskd":
+        if args.cka_global_batch:
+            raise TrainingError(f"--cka-global-batch is an option of the CSKD loss: it needs --distill cskd")
+        return
+    samples = args.batch_size * (world_size if args.cka_global_batch else 1)
+    if samples >= MIN_SAMPLES:
+        return
+    if args.cka_global_batch:
+        raise TrainingError(f"--distill cskd needs a global batch of at least {MIN_SAMPLES} images for its CKAs, "
+                            f"got {world_size} process(es) x --batch-size {args.batch_size}")
+    hint = (" or add --cka-global-batch (CKAs over the batch of all processes)" if world_size > 1
+            else ", or under torchrun add --cka-global-batch")
+    raise TrainingError(
+        f"--distill cskd needs at least {MIN_SAMPLES} images per CKA, got --batch-size {args.batch_size}: linear CKA "
+        f"over 2 samples is always 1, the CSKD term would be a constant with zero gradients; raise --batch-size{hint}"
+    )
 
 
 def objective_config(args):
@@ -174,6 +203,7 @@ def objective_config(args):
         lambda_pam=args.lambda_pam,
         grid=None if args.global_pam else tuple(args.grid),
         projection=args.projection,
+        global_batch=args.cka_global_batch,
     )
 
 
@@ -543,7 +573,8 @@ class Trainer:
         inf or NaN exactly when the tensor holds one, and no overflow for large finite values)."""
         groups = {}
         for _, tensor in self.named_state_tensors():
-            groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
+            if tensor.numel():  # the inf-norm of an empty tensor is an error (no identity); it holds nothing
+                groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
         norms = [torch.stack(torch._foreach_norm(tensors, ord=math.inf)).float().max()
                  for tensors in groups.values()]
         return torch.isfinite(torch.stack(norms)).all() if norms else torch.tensor(True)
@@ -636,6 +667,7 @@ class Trainer:
                 parts, state_finite = self.step(images, labels)
                 seconds = time.perf_counter() - started
                 self.iteration += 1
+                distributed.report_progress(self.iteration, context)
                 if not state_finite:
                     # Nothing of this step may reach a checkpoint, and later steps would start from it.
                     raise TrainingError(
@@ -667,13 +699,14 @@ class Trainer:
                 final = self.iteration == args.max_iterations
                 if self.iteration % args.val_every == 0 or final:
                     self.validate()
-                stop = distributed.any_across_ranks(signals.signum is not None, context)
+                # The signal any rank received (SIGINT to one rank stops all), the same on every rank.
+                stop = distributed.max_across_ranks(signals.signum or 0, context)
                 if self.iteration % args.checkpoint_every == 0 or final or stop or self.iteration == stop_at:
                     self.save(self.last_path)
                 if stop:
                     if progress is not None:
                         progress.close()
-                    raise StopRequested(signals.signum or signal.SIGTERM)
+                    raise StopRequested(stop)
         if progress is not None:
             progress.close()
         if not distributed.replicas_in_sync(self.step_module, context):
@@ -730,12 +763,13 @@ def main(argv=None):
     try:
         args = parse_args(argv)
     except TrainingError as error:
-        print(f"cskd-train: error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank parses: one line, not one per rank
+            print(f"cskd-train: error: {error}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        context = distributed.setup(args.device)
+        context = distributed.setup(args.device, args.ddp_timeout)
     except RuntimeError as error:
         print(f"cskd-train: error: {error}", file=sys.stderr)
         return 2
@@ -757,6 +791,14 @@ def main(argv=None):
     except (CheckpointError, DatasetError, OutputDirError, TrainingError) as error:
         print(f"cskd-train: error: {error_line(error)}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if not distributed.is_collective_failure(error, context):
+            raise
+        # A rank froze or died: one line from one rank, naming it, instead of a traceback from each.
+        message = distributed.stalled_ranks_message(context, args.ddp_timeout)
+        if message is not None:
+            print(f"cskd-train: error: {message}", file=sys.stderr)
+        return 1
     finally:
         distributed.teardown(context)
 
