@@ -33,9 +33,13 @@ def linear_cka(x, y):
 
 
 def cka_loss(x, y):
-    """The released loss on flattened features: -log(mean |CKA|) + 1e-8 (the 1e-8 is outside the log)."""
+    """The released loss on flattened features: -log(mean |CKA| + 1e-8), the 1e-8 inside the log.
+
+    The released line is ``-torch.log(torch.mean(torch.abs(torch.div(hsic, (var1 * var2)))) + 1e-8)``:
+    its last parenthesis closes the log.
+    """
     cka = linear_cka(x.flatten(1), y.flatten(1))
-    return -torch.log(torch.mean(torch.abs(cka))) + 1e-8
+    return -torch.log(torch.mean(torch.abs(cka)) + 1e-8)
 
 
 def cwd_loss(preds_s, preds_t, temperature=1.0):

@@ -169,7 +169,14 @@ def test_loss_is_negative_log_of_absolute_cka():
 def test_reference_matches_the_released_formulation():
     x, y = torch.randn(8, 3, 5, 5, dtype=torch.float64) + 2.0, torch.randn(8, 7, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(reference.linear_cka(x, y), released.linear_cka(x.flatten(1), y.flatten(1)))
-    torch.testing.assert_close(reference.cka_loss(x, y) + 1e-8, released.cka_loss(x, y))
+    cka = reference.linear_cka(x, y).abs()
+    torch.testing.assert_close(-torch.log(cka + 1e-8), released.cka_loss(x, y))
+    # The 1e-8 sits inside the log: samples whose centered Grams do not overlap have CKA 0, and the
+    # released loss is then -log(1e-8), finite (with the 1e-8 outside the log it would be infinite).
+    x0 = torch.tensor([[1.0], [-1.0], [0.0], [0.0]], dtype=torch.float64)
+    y0 = torch.tensor([[0.0], [0.0], [1.0], [-1.0]], dtype=torch.float64)
+    assert released.linear_cka(x0, y0).item() == 0.0
+    assert released.cka_loss(x0, y0).item() == pytest.approx(-math.log(1e-8))
 
 
 def _literal_unbiased_hsic(k, l):
