@@ -161,6 +161,26 @@ def test_second_live_process_is_refused(tmp_path):
     assert not (out / ".lock").exists()
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_torchrun_every_rank_stops_when_rank_0_refuses_the_directory(two_iterations, tmp_path):
+    """Only rank 0 checks and locks the directory; the other rank must stop with it, not wait for it."""
+    out = copy_run(two_iterations, tmp_path)
+    before = snapshot(out)
+    started = time.time()
+    result = run_module("torch.distributed.run", [
+        "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "cskd_train.train",
+        "--max-iterations", "4", "--output-dir", str(out), *RUN], timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count(f"cskd-train: error: --output-dir {out} holds a run") == 1, result.stderr[-3000:]
+    assert time.time() - started < 120  # no rank waited for a collective timeout
+    assert snapshot(out) == before
+
+
 def dead_pid():
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()

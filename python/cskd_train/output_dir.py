@@ -214,7 +214,8 @@ def remove_stale_temporaries(directory, now=None):
 
 def exit_on_signal(signum, frame):
     """SIGTERM outside the training loop (which saves and stops on its own): unwind so the lock is removed."""
-    print(f"cskd-train: {signal.Signals(signum).name} received before training: nothing saved", file=sys.stderr)
+    print(f"cskd-train: {signal.Signals(signum).name} received outside the training steps: stopping without "
+          "saving", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
