@@ -4,7 +4,9 @@
 // two passes:
 //   1. online log-sum-exp of s/T and t/T over blocks that stay in L1 (block
 //      max, rescale the running sum, add the block's exponentials);
-//   2. log p_s, log p_t from the saved statistics; accumulate
+//   2. log p_s, log p_t from the saved statistics, as (x / T - max) - log(sum):
+//      never through lse = max + log(sum), whose rounding (an ulp of max / T,
+//      1e-3 at |x / T| ~ 1e4) would shift every log-probability; accumulate
 //      sum p_t (log p_t - log p_s) and, when the student needs a gradient,
 //      write ds = grad_scale * (p_s - p_t).
 // The loss is a terminal one, so its gradient is computed here and the
@@ -38,7 +40,7 @@ struct RowStats {
     sum = sum * std::exp(max - new_max) + block_sum_at_block_max * std::exp(block_max - new_max);
     max = new_max;
   }
-  acc_t lse() const { return max + std::log(sum); }
+  acc_t log_sum() const { return std::log(sum); }
 };
 
 // ---------------------------------------------------------------------------
@@ -72,12 +74,12 @@ scalar_t row_kl_scalar(const scalar_t* s, const scalar_t* t, int64_t n, scalar_t
     stats_s.merge_block(ms, zs);
     stats_t.merge_block(mt, zt);
   }
-  const scalar_t lse_s = stats_s.lse();
-  const scalar_t lse_t = stats_t.lse();
+  const scalar_t log_sum_s = stats_s.log_sum();
+  const scalar_t log_sum_t = stats_t.log_sum();
   scalar_t kl = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t log_ps = s[j] * inv_t - lse_s;
-    const scalar_t log_pt = t[j] * inv_t - lse_t;
+    const scalar_t log_ps = (s[j] * inv_t - stats_s.max) - log_sum_s;
+    const scalar_t log_pt = (t[j] * inv_t - stats_t.max) - log_sum_t;
     const scalar_t pt = std::exp(log_pt);
     kl += pt * (log_pt - log_ps);
     if (ds != nullptr) ds[j] = grad_scale * (std::exp(log_ps) - pt);
@@ -145,14 +147,14 @@ CSKD_AVX2 float row_kl_avx2(const float* s, const float* t, int64_t n, float inv
     stats_s.merge_block(ms, hsum256(vzs));
     stats_t.merge_block(mt, hsum256(vzt));
   }
-  const __m256 lse_s = _mm256_set1_ps(stats_s.lse());
-  const __m256 lse_t = _mm256_set1_ps(stats_t.lse());
+  const __m256 max_s = _mm256_set1_ps(stats_s.max), log_sum_s = _mm256_set1_ps(stats_s.log_sum());
+  const __m256 max_t = _mm256_set1_ps(stats_t.max), log_sum_t = _mm256_set1_ps(stats_t.log_sum());
   const __m256 vscale = _mm256_set1_ps(grad_scale);
   __m256 vkl = zero;
   for (int64_t j = 0; j < n; j += 8) {
     const int64_t remaining = n - j;
-    const __m256 log_ps = _mm256_fmsub_ps(load_or(s + j, remaining, zero), vinv_t, lse_s);
-    const __m256 log_pt = _mm256_fmsub_ps(load_or(t + j, remaining, zero), vinv_t, lse_t);
+    const __m256 log_ps = _mm256_sub_ps(_mm256_fmsub_ps(load_or(s + j, remaining, zero), vinv_t, max_s), log_sum_s);
+    const __m256 log_pt = _mm256_sub_ps(_mm256_fmsub_ps(load_or(t + j, remaining, zero), vinv_t, max_t), log_sum_t);
     __m256 pt = exp256(log_pt);
     if (remaining < 8) pt = _mm256_and_ps(pt, _mm256_castsi256_ps(tail_mask(remaining)));
     vkl = _mm256_fmadd_ps(pt, _mm256_sub_ps(log_pt, log_ps), vkl);

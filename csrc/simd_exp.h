@@ -11,7 +11,10 @@
 // - underflow: arguments below -87.3 (exp under FLT_MIN) give exactly 0, never
 //   a denormal; in particular -inf (padding lanes) gives 0;
 // - overflow: arguments are clamped to 88 (exp(88) ~ 1.65e38 < FLT_MAX); the
-//   callers subtract a maximum first, so their arguments are <= 0.
+//   callers subtract a maximum first, so their arguments are <= 0;
+// - NaN gives NaN (the clamps take x as their second operand, which min/max
+//   return when either is NaN): a NaN or Inf in the kernels' input reaches
+//   their sums and outputs instead of turning into a finite exp(-87.3).
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -36,7 +39,7 @@ constexpr float kPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f
 CSKD_AVX2 inline __m256 exp256(__m256 x) {
   const __m256 lowest = _mm256_set1_ps(kExpLowest);
   const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(kExpHighest));
+  x = _mm256_min_ps(_mm256_set1_ps(kExpHighest), _mm256_max_ps(lowest, x));  // NaN passes both
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
@@ -51,8 +54,8 @@ CSKD_AVX2 inline __m256 exp256(__m256 x) {
 // The same operations as exp256, on 16 lanes.
 CSKD_AVX512 inline __m512 exp512(__m512 x) {
   const __m512 lowest = _mm512_set1_ps(kExpLowest);
-  const __mmask16 in_range = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // NaN stays in, as in exp256
-  x = _mm512_min_ps(_mm512_max_ps(x, lowest), _mm512_set1_ps(kExpHighest));
+  const __mmask16 in_range = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // NaN is kept, as in exp256
+  x = _mm512_min_ps(_mm512_set1_ps(kExpHighest), _mm512_max_ps(lowest, x));  // NaN passes both
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);

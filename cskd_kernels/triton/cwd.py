@@ -6,7 +6,9 @@ configuration) is loaded once and kept in registers. Longer rows take two
 passes in blocks:
 
 1. online log-sum-exp of s/T and t/T (block max, rescale the running sum);
-2. log p_s and log p_t from those statistics; accumulate
+2. log p_s and log p_t from those statistics, as (x/T - max) - log(sum), not
+   x/T - lse: lse = max + log(sum) rounds to an ulp of max/T (1e-3 at
+   |x/T| ~ 1e4), an error every log-probability would inherit; accumulate
    sum p_t (log p_t - log p_s) and, when the student needs a gradient, write
    ds = grad_scale * (p_s - p_t).
 
@@ -67,11 +69,11 @@ def _cwd_row_in_registers(s_row, t_row, ds_row, kl_out, n_cols, scale2, grad_sca
     xt = tl.load(t_row + offsets, mask=mask, other=float("-inf")).to(tl.float32) * scale2
     max_s = tl.max(xs, axis=0)
     max_t = tl.max(xt, axis=0)
-    lse_s = max_s + tl.log2(tl.sum(tl.exp2(xs - max_s), axis=0))
-    lse_t = max_t + tl.log2(tl.sum(tl.exp2(xt - max_t), axis=0))
+    log2_sum_s = tl.log2(tl.sum(tl.exp2(xs - max_s), axis=0))
+    log2_sum_t = tl.log2(tl.sum(tl.exp2(xt - max_t), axis=0))
     # Padding lanes: finite values from here on (no -inf - -inf), and p_t = 0 there.
-    log2_ps = tl.where(mask, xs, 0.0) - lse_s
-    log2_pt = tl.where(mask, xt, 0.0) - lse_t
+    log2_ps = (tl.where(mask, xs, max_s) - max_s) - log2_sum_s
+    log2_pt = (tl.where(mask, xt, max_t) - max_t) - log2_sum_t
     pt = tl.where(mask, tl.exp2(log2_pt), 0.0)
     kl = tl.sum(pt * (log2_pt - log2_ps), axis=0)
     if COMPUTE_GRAD:
@@ -101,16 +103,16 @@ def _cwd_row_in_blocks(s_row, t_row, ds_row, kl_out, n_cols, scale2, grad_scale,
         sum_t = sum_t * tl.exp2(max_t - new_max_t) + tl.sum(tl.exp2(xt - new_max_t), axis=0)
         max_s = new_max_s
         max_t = new_max_t
-    lse_s = max_s + tl.log2(sum_s)
-    lse_t = max_t + tl.log2(sum_t)
+    log2_sum_s = tl.log2(sum_s)
+    log2_sum_t = tl.log2(sum_t)
 
     # Pass 2: KL terms and the student gradient.
     kl = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n_cols
-        log2_ps = tl.load(s_row + offsets, mask=mask, other=0.0).to(tl.float32) * scale2 - lse_s
-        log2_pt = tl.load(t_row + offsets, mask=mask, other=0.0).to(tl.float32) * scale2 - lse_t
+        log2_ps = (tl.load(s_row + offsets, mask=mask, other=0.0).to(tl.float32) * scale2 - max_s) - log2_sum_s
+        log2_pt = (tl.load(t_row + offsets, mask=mask, other=0.0).to(tl.float32) * scale2 - max_t) - log2_sum_t
         pt = tl.where(mask, tl.exp2(log2_pt), 0.0)
         kl += pt * (log2_pt - log2_ps)
         if COMPUTE_GRAD:
