@@ -789,7 +789,8 @@ def main(argv=None):
                   f"continue with --resume", file=sys.stderr)
         return 128 + stop.signum
     except (CheckpointError, DatasetError, OutputDirError, TrainingError) as error:
-        print(f"cskd-train: error: {error_line(error)}", file=sys.stderr)
+        if not isinstance(error, OtherRankFailed):  # the failing rank says why, once
+            print(f"cskd-train: error: {error_line(error)}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         if not distributed.is_collective_failure(error, context):
