@@ -14,6 +14,7 @@ FEATURE_WIDTHS = {
     "pspnet_resnet18": 128,
     "pspnet_resnet101": 512,
     "deeplabv3_mobilenetv2": 128,
+    "pspnet_mobilenetv2": 128,
 }
 
 
@@ -24,8 +25,8 @@ def test_outputs_at_stride_8_with_released_widths(name):
         out = model(torch.randn(2, 3, 48, 56))
     assert out.logits.shape == (2, 7, 6, 7)
     assert out.features.shape == (2, FEATURE_WIDTHS[name], 6, 7)
-    if name == "deeplabv3_mobilenetv2":
-        assert out.aux_logits is None  # the released MobileNetV2 model has no auxiliary head
+    if name.endswith("mobilenetv2"):
+        assert out.aux_logits is None  # the released MobileNetV2 models have no auxiliary head
     else:
         assert out.aux_logits.shape == (2, 7, 6, 7)
 

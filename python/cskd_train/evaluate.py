@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cskd_train import distributed
-from cskd_train.checkpoint import CheckpointError, load_state_dict_checked, load_file
-from cskd_train.convert import teacher_state_dict
+from cskd_train.checkpoint import CheckpointError
+from cskd_train.convert import load_network_file
 from cskd_train.datasets import DATASET_NAMES, IGNORE_INDEX, NUM_CLASSES, SYNTHETIC_CLASSES, DatasetError, build_dataset
 from cskd_train.models import MODEL_NAMES, build_model
 from cskd_train.transforms import NORMALIZATIONS, EvalTransform, Transformed
@@ -143,8 +143,7 @@ def run(args):
         )
         num_classes = NUM_CLASSES[args.dataset]
         model = build_model(args.model, num_classes)
-        state = teacher_state_dict(load_file(args.checkpoint), args.checkpoint)
-        load_state_dict_checked(model, state, args.checkpoint)
+        load_network_file(model, args.model, args.checkpoint, "--model")
         model.to(context.device)
         loader = eval_loader(dataset, args.normalization, context, args.batch_size, args.workers)
         miou, iou = evaluate(model, loader, num_classes, context, mode=args.mode, crop_size=args.crop_size)

@@ -174,14 +174,21 @@ class ResNetSegmentation(nn.Module):
 
 
 class MobileNetV2Segmentation(nn.Module):
-    """DeepLabV3 (ASPP width 128) on a dilated MobileNetV2 (320 channels at stride 8); no aux head."""
+    """DeepLabV3 (ASPP width 128) or PSPNet (width 128) on a dilated MobileNetV2 (320 channels at stride 8).
 
-    def __init__(self, num_classes):
+    No aux head, as in the released ``deeplab_mobile`` and ``psp_mobile``. timm's
+    ``mobilenetv2_100`` at output stride 8 is the released dilated MobileNetV2
+    layer for layer (ReLU6; the first block of a dilated stage keeps the
+    previous dilation), with other names (cskd_train.convert).
+    """
+
+    def __init__(self, head, num_classes):
         super().__init__()
         self.backbone = timm.create_model(
             "mobilenetv2_100", pretrained=False, features_only=True, output_stride=8, out_indices=(4,)
         )
-        self.head = DeepLabHead(self.backbone.feature_info.channels()[-1], num_classes, 128)
+        channels = self.backbone.feature_info.channels()[-1]
+        self.head = DeepLabHead(channels, num_classes, 128) if head == "deeplabv3" else PSPHead(channels, num_classes, 128)
         self.feature_channels = 128
 
     def forward(self, x):
@@ -198,6 +205,7 @@ MODEL_NAMES = (
     "pspnet_resnet18",
     "pspnet_resnet101",
     "deeplabv3_mobilenetv2",
+    "pspnet_mobilenetv2",
 )
 
 
@@ -205,10 +213,10 @@ def build_model(name, num_classes, *, sync_bn=False):
     """A model by name (one of MODEL_NAMES), randomly initialised; nothing is downloaded."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if name == "deeplabv3_mobilenetv2":
-        model = MobileNetV2Segmentation(num_classes)
+    head, backbone = name.split("_")
+    if backbone == "mobilenetv2":
+        model = MobileNetV2Segmentation(head, num_classes)
     else:
-        head, backbone = name.split("_")
         model = ResNetSegmentation(head, int(backbone.removeprefix("resnet")), num_classes)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -28,8 +28,6 @@ from cskd_train.checkpoint import (
     FORMAT,
     CheckpointError,
     check_resume_entries,
-    is_training_checkpoint,
-    load_file,
     load_optimizer_state,
     load_scheduler_state,
     load_state_dict_checked,
@@ -39,7 +37,7 @@ from cskd_train.checkpoint import (
     set_rng_state,
     write_atomic,
 )
-from cskd_train.convert import backbone_state_dict, teacher_state_dict
+from cskd_train.convert import load_backbone_file, load_network_file
 from cskd_train.datasets import DATASET_NAMES, NUM_CLASSES, DatasetError, build_dataset
 from cskd_train.evaluate import eval_loader, evaluate
 from cskd_train.models import MODEL_NAMES, build_model, feature_channels
@@ -96,6 +94,9 @@ def build_parser():
     model = p.add_argument_group("models")
     model.add_argument("--model", choices=MODEL_NAMES, default="deeplabv3_resnet18")
     model.add_argument("--backbone-weights", default=None, help="local ImageNet backbone state dict")
+    model.add_argument("--init-checkpoint", default=None,
+                       help="the student's initial weights: our last.pt/best.pt or a released (CIRKD code base) "
+                            "state dict of the --model network (instead of --backbone-weights)")
     model.add_argument("--teacher-model", choices=MODEL_NAMES, default=None)
     model.add_argument("--teacher-checkpoint", default=None,
                        help="our last.pt/best.pt, or a released (CIRKD code base) state dict")
@@ -158,6 +159,8 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.distill != "none" and (args.teacher_model is None or args.teacher_checkpoint is None):
         raise TrainingError(f"--distill {args.distill} needs --teacher-model and --teacher-checkpoint")
+    if args.init_checkpoint and args.backbone_weights:
+        raise TrainingError("--init-checkpoint holds the whole student: it cannot be combined with --backbone-weights")
     if args.compile_loss and args.distill != "cskd":
         raise TrainingError(f"--compile-loss compiles the CSKD loss: it needs --distill cskd, got --distill {args.distill}")
     for name in ("max_iterations", "batch_size", "log_every", "val_every", "max_nonfinite"):
@@ -175,7 +178,7 @@ def check_cka_samples(args, world_size):
     """The CSKD term's CKAs need MIN_SAMPLES images: refused at start-up, not at the first step."""
     if args.distill != "cskd":
         if args.cka_global_batch:
-            raise TrainingError(f"--cka-global-batch is an option of the CSKD loss: it needs --distill cskd")
+            raise TrainingError("--cka-global-batch is an option of the CSKD loss: it needs --distill cskd")
         return
     samples = args.batch_size * (world_size if args.cka_global_batch else 1)
     if samples >= MIN_SAMPLES:
@@ -214,23 +217,11 @@ def objective_config(args):
 
 def load_teacher(args, num_classes, device):
     model = build_model(args.teacher_model, num_classes)
-    obj = load_file(args.teacher_checkpoint)
-    if is_training_checkpoint(obj) and obj.get("model_name") != args.teacher_model:
-        raise CheckpointError(
-            f"{args.teacher_checkpoint} holds a {obj.get('model_name')}, not the --teacher-model {args.teacher_model}"
-        )
-    state = teacher_state_dict(obj, args.teacher_checkpoint)
-    load_state_dict_checked(model, state, args.teacher_checkpoint)
+    load_network_file(model, args.teacher_model, args.teacher_checkpoint, "--teacher-model")
     model.to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
-
-
-def load_backbone_weights(model, path):
-    backbone = model.backbone
-    state = backbone_state_dict(load_file(path), set(backbone.state_dict()), path)
-    load_state_dict_checked(backbone, state, path)
 
 
 class StudentStep(nn.Module):
@@ -397,8 +388,10 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.teacher = load_teacher(args, self.num_classes, context.device) if args.distill != "none" else None
         student = build_model(args.model, self.num_classes, sync_bn=args.sync_bn and context.distributed)
-        if args.backbone_weights and resume is None:
-            load_backbone_weights(student, args.backbone_weights)
+        if args.init_checkpoint and resume is None:
+            load_network_file(student, args.model, args.init_checkpoint, "--model")
+        elif args.backbone_weights and resume is None:
+            load_backbone_file(student.backbone, args.backbone_weights)
         teacher_channels = feature_channels(self.teacher) if self.teacher is not None else None
         objective = Objective(objective_config(args), feature_channels(student), teacher_channels)
         if args.compile_loss:
