@@ -1,16 +1,13 @@
 """Every released network and backbone file loads, and a wrong file is refused in the file's own names.
 
 The released state-dict layouts (every key, shape and dtype of the six
-networks of the released CSKD code and of its three ImageNet backbone files)
-are in the shared folder released_models/ next to the repository; the files
-built here carry those keys with random values. The released dilated
+networks of the released CSKD code and of its three ImageNet backbone files,
+tests/released_models/, see its README) give the files built here, with
+random values. The released dilated
 MobileNetV2 is also written out below from its description, independently of
 our model code (timm's), to check that the converted weights compute the same
 thing.
 """
-
-import json
-import os
 
 import pytest
 import torch
@@ -21,39 +18,13 @@ from cskd_train import evaluate, train
 from cskd_train.checkpoint import CheckpointError
 from cskd_train.convert import load_backbone_file, load_network_file
 from cskd_train.models import MODEL_NAMES, build_model
-from train_support import REPO, TINY
+from released_support import layout, released_network_file, released_state, save
+from train_support import TINY
 
-LAYOUTS = os.path.join(os.path.dirname(REPO), "shared", "released_models")
 NETWORKS = ("deeplabv3_resnet18", "deeplabv3_resnet101", "pspnet_resnet18", "pspnet_resnet101",
             "deeplabv3_mobilenetv2", "pspnet_mobilenetv2")
 BACKBONES = {"mobilenetv2": "deeplabv3_mobilenetv2", "resnet18_v1s": "deeplabv3_resnet18",
              "resnet101_v1s": "pspnet_resnet101"}
-pytestmark = pytest.mark.skipif(not os.path.isdir(LAYOUTS), reason="needs the shared released_models/ layouts")
-
-
-def layout(name):
-    with open(os.path.join(LAYOUTS, f"{name}.json"), encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def released_state(name, prefix=""):
-    """A file of the released layout ``name`` with random, distinct values (a swapped mapping shows)."""
-    generator = torch.Generator().manual_seed(sum(map(ord, name)))
-    state = {}
-    for key, shape, dtype in layout(name)["state_dict"]:
-        if dtype == "int64":
-            state[prefix + key] = torch.randint(0, 1000, shape, generator=generator)
-        elif key.endswith("running_var"):
-            state[prefix + key] = torch.rand(shape, generator=generator) + 0.5
-        else:
-            state[prefix + key] = torch.randn(shape, generator=generator) * 0.1
-    return state
-
-
-def save(tmp_path, state, name="released.pth"):
-    path = tmp_path / name
-    torch.save(state, path)
-    return str(path)
 
 
 # ---- every network, every backbone file -----------------------------------
@@ -161,14 +132,7 @@ def test_released_mobilenetv2_network_gives_the_released_outputs(tmp_path, name)
 
 
 def released_file_for(tmp_path, name, num_classes):
-    """Our randomly initialised network saved under the released names (any class count)."""
-    model = build_model(name, num_classes)
-    from cskd_train.convert import convert_released_state_dict
-
-    ours_to_released = {ours: theirs for ours, theirs in
-                        convert_released_state_dict(released_state(name)).origin.items()}
-    state = {ours_to_released[key]: value for key, value in model.state_dict().items()}
-    return model, save(tmp_path, state, f"{name}_released.pth")
+    return released_network_file(str(tmp_path), name, num_classes)
 
 
 def test_released_mobilenetv2_student_initial_weights_and_eval(tmp_path, capsys):

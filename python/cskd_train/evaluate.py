@@ -16,6 +16,7 @@ from cskd_train.checkpoint import CheckpointError
 from cskd_train.convert import load_network_file
 from cskd_train.datasets import DATASET_NAMES, IGNORE_INDEX, NUM_CLASSES, SYNTHETIC_CLASSES, DatasetError, build_dataset
 from cskd_train.models import MODEL_NAMES, build_model
+from cskd_train.predictions import FORMATS, PredictionError, PredictionWriter, check_prediction_dir
 from cskd_train.transforms import NORMALIZATIONS, EvalTransform, Transformed
 
 
@@ -64,8 +65,11 @@ def iou_from_confusion(confusion):
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes, context, *, mode="whole", crop_size=None):
-    """Returns (miou, per-class IoU list); the confusion matrix is summed over ranks."""
+def evaluate(model, loader, num_classes, context, *, mode="whole", crop_size=None, on_predictions=None):
+    """Returns (miou, per-class IoU list); the confusion matrix is summed over ranks.
+
+    ``on_predictions`` (optional) receives each batch's predicted train ids (B, H, W), in loader order.
+    """
     was_training = model.training
     model.eval()
     metric = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, sync_on_compute=False)
@@ -76,7 +80,10 @@ def evaluate(model, loader, num_classes, context, *, mode="whole", crop_size=Non
             logits = predict_sliding(model, images, crop_size)
         else:
             logits = predict_whole(model, images)
-        metric.update(logits.argmax(1), labels)
+        predictions = logits.argmax(1)
+        metric.update(predictions, labels)
+        if on_predictions is not None:
+            on_predictions(predictions)
     confusion = distributed.sum_across_ranks(metric.compute(), context)
     model.train(was_training)
     iou, miou = iou_from_confusion(confusion)
@@ -131,6 +138,11 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     parser.add_argument("--synthetic-size", type=int, default=64)
     parser.add_argument("--synthetic-images", type=int, default=None)
+    parser.add_argument("--save-predictions", default=None, metavar="DIR",
+                        help="write one PNG per image into DIR (new or empty), named after the image")
+    parser.add_argument("--prediction-format", choices=FORMATS, default="train-ids",
+                        help="train-ids; label-ids (Cityscapes: the official labelIds, for the evaluation server); "
+                             "color (a palette PNG in the dataset's colours)")
     return parser.parse_args(argv)
 
 
@@ -146,7 +158,12 @@ def run(args):
         load_network_file(model, args.model, args.checkpoint, "--model")
         model.to(context.device)
         loader = eval_loader(dataset, args.normalization, context, args.batch_size, args.workers)
-        miou, iou = evaluate(model, loader, num_classes, context, mode=args.mode, crop_size=args.crop_size)
+        writer = None
+        if args.save_predictions:
+            writer = PredictionWriter(args.save_predictions, args.prediction_format, args.dataset, dataset,
+                                      loader.dataset.indices)
+        miou, iou = evaluate(model, loader, num_classes, context, mode=args.mode, crop_size=args.crop_size,
+                             on_predictions=writer)
         if context.is_main:
             print(format_report(miou, iou, class_names(args.dataset, num_classes)))
         return 0
@@ -157,8 +174,10 @@ def run(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.save_predictions:
+            check_prediction_dir(args.save_predictions)  # before any work
         return run(args)
-    except (CheckpointError, DatasetError) as error:
+    except (CheckpointError, DatasetError, PredictionError) as error:
         print(f"cskd-eval: error: {error}", file=sys.stderr)
         return 2
 
