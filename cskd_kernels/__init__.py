@@ -3,9 +3,11 @@
 Public ops (each takes ``backend=``, see cskd_kernels.backend):
     linear_cka, cka_loss, channel_attention, cwd_loss, position_attention
 Modules: ChannelAttention, CWDLoss, PositionAttention, CSKDLoss (the whole distillation loss)
+Every temperature lies in [MIN_TEMPERATURE, MAX_TEMPERATURE] (check_temperature refuses others).
 The plain PyTorch definitions of every op live in cskd_kernels.reference.
 """
 
+from cskd_kernels._validation import MAX_TEMPERATURE, MIN_TEMPERATURE, check_temperature
 from cskd_kernels.backend import BACKENDS, BackendError, resolve_backend
 from cskd_kernels.modules.channel_attention import ChannelAttention
 from cskd_kernels.modules.cskd_loss import CSKDLoss, CSKDOutput
@@ -25,8 +27,11 @@ __all__ = [
     "CSKDOutput",
     "CWDLoss",
     "ChannelAttention",
+    "MAX_TEMPERATURE",
+    "MIN_TEMPERATURE",
     "PositionAttention",
     "channel_attention",
+    "check_temperature",
     "cka_loss",
     "cwd_loss",
     "linear_cka",

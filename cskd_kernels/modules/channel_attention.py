@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from cskd_kernels._validation import check_temperature
 from cskd_kernels.ops.channel_attention import channel_attention
 
 
@@ -15,9 +16,7 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, temperature=1.0, backend=None):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature, "ChannelAttention")
         self.backend = backend
         self.gamma = nn.Parameter(torch.zeros(1))
 

@@ -2,7 +2,8 @@
 
 from torch import nn
 
-from cskd_kernels.ops.cwd import _check_temperature, cwd_loss
+from cskd_kernels._validation import check_temperature
+from cskd_kernels.ops.cwd import cwd_loss
 
 
 class CWDLoss(nn.Module):
@@ -14,8 +15,7 @@ class CWDLoss(nn.Module):
 
     def __init__(self, temperature=1.0, backend=None):
         super().__init__()
-        _check_temperature(temperature)
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature, "CWDLoss")
         self.backend = backend
 
     def forward(self, s, t):

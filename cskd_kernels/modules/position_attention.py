@@ -10,12 +10,10 @@ Conv2d layers inside forward); "fixed" draws them once at construction
 (buffers); "learned" makes them parameters.
 """
 
-import math
-
 import torch
 from torch import nn
 
-from cskd_kernels._validation import check_float_tensor
+from cskd_kernels._validation import check_float_tensor, check_temperature
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules.cskd_loss import PROJECTIONS, PositionProjection
 from cskd_kernels.ops.position_attention import position_attention
@@ -41,8 +39,7 @@ class PositionAttention(nn.Module):
             raise ValueError(f"reduction={reduction!r} must be a positive int")
         if not isinstance(channels, int) or channels < reduction:
             raise ValueError(f"channels={channels!r} must be an int >= reduction ({reduction})")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature={temperature!r} must be finite and > 0")
+        temperature = check_temperature(temperature, "PositionAttention")
         if grid is not None and (len(grid) != 2 or any(not isinstance(g, int) or g < 1 for g in grid)):
             raise ValueError(f"grid={grid!r} must be None or two positive ints (rows, columns)")
         if projection not in PROJECTIONS:

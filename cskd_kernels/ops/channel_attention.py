@@ -22,12 +22,10 @@ Kernels per backend (same contract everywhere), x is contiguous (B, C, N):
         -> (dx or None, dgamma shaped like gamma)
 """
 
-import numbers
-
 import torch
 
 from cskd_kernels import reference
-from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_positive, check_same_device
+from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device, check_temperature
 from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 
@@ -122,14 +120,7 @@ def _check_inputs(x, gamma, temperature):
     if not gamma.is_floating_point():
         raise TypeError(f"gamma must be a floating-point tensor, got dtype {gamma.dtype} (shape {tuple(gamma.shape)})")
     check_same_device(x=x, gamma=gamma)
-    if isinstance(temperature, bool) or not isinstance(temperature, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1:
-            raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
-        temperature = temperature.item()  # a hyperparameter, read once at the boundary
-    check_positive("temperature", temperature)
-    return float(temperature)
+    return check_temperature(temperature, "channel_attention")
 
 
 def channel_attention(x, gamma, *, temperature=1.0, backend=None):
@@ -137,7 +128,8 @@ def channel_attention(x, gamma, *, temperature=1.0, backend=None):
 
     ``x`` is (B, C, H, W) and ``gamma`` a 1-element tensor (the module's
     learnable scale); the result has x's shape and dtype. Gradients flow to x
-    and gamma. ``temperature`` > 0 divides the energies before the softmax.
+    and gamma. ``temperature`` (in [MIN_TEMPERATURE, MAX_TEMPERATURE],
+    cskd_kernels._validation) divides the energies before the softmax.
     """
     temperature = _check_inputs(x, gamma, temperature)
     name = resolve_backend(backend, x)

@@ -20,13 +20,10 @@ Kernels per backend (same contract everywhere):
     for float64 input); ds in the dtype of s.
 """
 
-import math
-import numbers
-
 import torch
 
 from cskd_kernels import reference
-from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device, check_temperature
 from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 
@@ -87,16 +84,7 @@ def _check_inputs(s, t, temperature):
     if s.shape != t.shape:
         raise ValueError(f"cwd_loss needs s and t of one shape, got s {tuple(s.shape)} and t {tuple(t.shape)}")
     check_same_device(s=s, t=t)
-    _check_temperature(temperature)
-
-
-def _check_temperature(temperature):
-    if isinstance(temperature, torch.Tensor):
-        raise TypeError("temperature must be a Python number, not a tensor")
-    is_number = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-    # A chained comparison, not math.isfinite: dynamo (dynamic=True) cannot trace isfinite on a float.
-    if not (is_number and 0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature, "cwd_loss")
 
 
 def _rows(x):
@@ -111,8 +99,9 @@ def cwd_loss(s, t, *, temperature=1.0, backend=None):
     Per (image, class): the softmax over the H*W positions of t/T against the
     log-softmax of s/T, KL summed over everything and scaled by T^2/(B*C).
     No gradient flows to t. Stable for logits of any finite magnitude (the
-    released code's softmax().log() gives -inf there). Returns a 0-dim tensor
-    in float32 (float64 for float64 input).
+    released code's softmax().log() gives -inf there). ``temperature`` in
+    [MIN_TEMPERATURE, MAX_TEMPERATURE] (cskd_kernels._validation). Returns a
+    0-dim tensor in float32 (float64 for float64 input).
     """
     _check_inputs(s, t, temperature)
     temperature = float(temperature)

@@ -22,13 +22,12 @@ is sized from it without reading the device table).
 """
 
 import functools
-import math
 import numbers
 
 import torch
 
 from cskd_kernels import reference
-from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device, check_temperature
 from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
 from cskd_kernels.grid import chunk_sizes
@@ -160,11 +159,7 @@ def _check_inputs(q, k, v, temperature):
         raise ValueError(f"q and k must have the same width d (dim 1): {shapes}")
     if q.shape[2:] != k.shape[2:] or q.shape[2:] != v.shape[2:]:
         raise ValueError(f"q, k and v must have the same spatial size (H, W): {shapes}")
-    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    # A chained comparison, not math.isfinite: dynamo (dynamic=True) cannot trace isfinite on a float.
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_temperature(temperature, "position_attention")
 
 
 def position_attention(q, k, v, *, temperature=1.0, grid=None, backend=None):
@@ -173,6 +168,7 @@ def position_attention(q, k, v, *, temperature=1.0, grid=None, backend=None):
     q, k: (B, d, H, W); v: (B, Cv, H, W) (d and Cv may differ). grid=(gh, gw)
     cuts the map as torch.chunk(x, gh, dim=2) then torch.chunk(cell, gw,
     dim=3) do (uneven cells; fewer cells when torch.chunk gives fewer).
+    ``temperature`` in [MIN_TEMPERATURE, MAX_TEMPERATURE] (cskd_kernels._validation).
     Returns (B, Cv, H, W); gradients flow to q, k and v.
     """
     _check_inputs(q, k, v, temperature)
