@@ -211,6 +211,10 @@ def test_triton_batch_beyond_its_kernels_is_refused_before_any_kernel_runs():
         ({"lambda_cam": float("nan")}, "lambda_cam"),
         ({"lambda_pam": float("inf")}, "lambda_pam"),
         ({"temperature": 0.0}, "temperature"),
+        # The range every op takes (cskd_kernels._validation.check_temperature), refused at construction.
+        ({"temperature": 1e-30}, r"CSKDLoss: temperature must be a number in \[0.01, 100\], got 1e-30"),
+        ({"temperature": 1e6}, r"CSKDLoss: temperature must be a number in \[0.01, 100\]"),
+        ({"temperature": float("inf")}, r"CSKDLoss: temperature must be a number in"),
         ({"grid": (0, 5)}, "grid"),
         ({"grid": (5,)}, "grid"),
         ({"projection": "random"}, "projection"),

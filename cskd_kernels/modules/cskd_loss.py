@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cskd_kernels import reference
-from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device
+from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device, check_temperature
 from cskd_kernels.batch_gather import broadcast_from_first_rank, gather_batch, group_size
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.backend import resolve_backend
@@ -135,11 +135,10 @@ class CSKDLoss(nn.Module):
                 raise ValueError(f"{name}={channels!r} must be an int >= reduction ({reduction})")
         if not (isinstance(reduction, int) and reduction >= 1):
             raise ValueError(f"reduction={reduction!r} must be a positive int")
-        for name, value in (("temperature", temperature), ("lambda_cam", lambda_cam), ("lambda_pam", lambda_pam)):
+        temperature = check_temperature(temperature, "CSKDLoss")  # the range every op takes
+        for name, value in (("lambda_cam", lambda_cam), ("lambda_pam", lambda_pam)):
             if not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} must be finite")
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} must be > 0")
         if grid is not None and (len(grid) != 2 or any(not isinstance(g, int) or g < 1 for g in grid)):
             raise ValueError(f"grid={grid!r} must be None or two positive ints (rows, columns)")
         if projection not in PROJECTIONS:
