@@ -280,6 +280,16 @@ def load_scheduler_state(scheduler, state, path):
     scheduler.load_state_dict(state)
 
 
+def load_scaler_state(scaler, state, path):
+    """An fp16 run's GradScaler state: a positive, finite scale and the growth settings."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} has no gradient-scaler state (an fp16 run saves one): it cannot be resumed")
+    check_like(state, scaler.state_dict(), path, "scaler", required=("scale", "_growth_tracker"))
+    if not (is_real(state["scale"]) and 0 < state["scale"] < float("inf")):
+        raise CheckpointError(f"{path}: the gradient scaler's scale {state['scale']!r} is not a positive number")
+    scaler.load_state_dict(state)
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

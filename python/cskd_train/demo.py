@@ -19,7 +19,6 @@ shared 2-core development machine: 100 teacher iterations took 25 s with one
 thread, 305 s with two).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,9 @@ import torch.nn as nn
 import cskd_kernels
 import cskd_kernels.released as released
 from cskd_train import train
+from cskd_train.cli import OneLineParser
 from cskd_train.datasets import NUM_CLASSES
+from cskd_train.precision import PRECISIONS
 
 
 TIMING_SHAPES = {
@@ -47,7 +48,7 @@ GAMMA = 0.1
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="cskd-demo", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="cskd-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--teacher-model", default="deeplabv3_resnet18")
     p.add_argument("--student-model", default="deeplabv3_mobilenetv2")
@@ -64,6 +65,9 @@ def parse_args(argv):
     p.add_argument("--timing-shapes", nargs="+", choices=sorted(TIMING_SHAPES), default=["demo", "cityscapes"],
                    help="feature-map shapes at which the CSKD loss is timed")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="of the three trainings: auto (CUDA when available), cpu, cuda[:N]")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="of the three trainings (the loss timings stay float32)")
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
@@ -76,6 +80,7 @@ def common_flags(args):
         "--crop-size", str(args.image_size), str(args.image_size), "--synthetic-size", str(args.image_size),
         "--synthetic-images", str(args.train_images), "--synthetic-val-images", str(args.val_images),
         "--val-batch-size", "16", "--lr", str(args.lr), "--log-every", "10", "--no-plot",
+        "--device", args.device, "--precision", args.precision,
         # Scenes are already crop-sized: scaling them down would mostly train on padding.
         "--no-scale-aug",
         *(["--no-progress"] if args.no_progress else []),

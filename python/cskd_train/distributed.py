@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(RuntimeError):
+    """A --device this machine does not have (one-line message)."""
+
+
 @dataclass
 class Context:
     rank: int = 0
@@ -43,7 +47,7 @@ def setup(device_arg, timeout_seconds=300.0):
     device = torch.device(device_arg)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device_arg} was asked for but CUDA is not available")
+            raise DeviceError(f"--device {device_arg} was asked for but CUDA is not available")
         device = torch.device("cuda", local_rank if world_size > 1 else (device.index or 0))
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

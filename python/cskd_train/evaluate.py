@@ -4,7 +4,6 @@
 per-class IoU and a final line "mIoU: X".
 """
 
-import argparse
 import sys
 
 import torch
@@ -12,10 +11,12 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cskd_train import distributed
+from cskd_train.cli import OneLineParser
 from cskd_train.checkpoint import CheckpointError
 from cskd_train.convert import load_network_file
 from cskd_train.datasets import DATASET_NAMES, IGNORE_INDEX, NUM_CLASSES, SYNTHETIC_CLASSES, DatasetError, build_dataset
 from cskd_train.models import MODEL_NAMES, build_model
+from cskd_train.precision import PRECISIONS, PrecisionError, autocast, check_precision, resolve_device
 from cskd_train.predictions import FORMATS, PredictionError, PredictionWriter, check_prediction_dir
 from cskd_train.transforms import NORMALIZATIONS, EvalTransform, Transformed
 
@@ -65,9 +66,11 @@ def iou_from_confusion(confusion):
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes, context, *, mode="whole", crop_size=None, on_predictions=None):
+def evaluate(model, loader, num_classes, context, *, mode="whole", crop_size=None, on_predictions=None,
+             precision="fp32"):
     """Returns (miou, per-class IoU list); the confusion matrix is summed over ranks.
 
+    ``precision`` (fp32, bf16, fp16): the forwards under autocast of that dtype, as in training.
     ``on_predictions`` (optional) receives each batch's predicted train ids (B, H, W), in loader order.
     """
     was_training = model.training
@@ -76,10 +79,11 @@ def evaluate(model, loader, num_classes, context, *, mode="whole", crop_size=Non
     metric = metric.to(context.device)
     for images, labels in loader:
         images, labels = images.to(context.device), labels.to(context.device)
-        if mode == "slide":
-            logits = predict_sliding(model, images, crop_size)
-        else:
-            logits = predict_whole(model, images)
+        with autocast(precision, context.device):
+            if mode == "slide":
+                logits = predict_sliding(model, images, crop_size)
+            else:
+                logits = predict_whole(model, images)
         predictions = logits.argmax(1)
         metric.update(predictions, labels)
         if on_predictions is not None:
@@ -123,7 +127,7 @@ def format_report(miou, iou, names):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="cskd-eval", description="Evaluate a segmentation checkpoint (mIoU).")
+    parser = OneLineParser(prog="cskd-eval", description="Evaluate a segmentation checkpoint (mIoU).")
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="synthetic")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--split", default="val")
@@ -134,7 +138,9 @@ def parse_args(argv):
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default="imagenet")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else the CPU), cpu, cuda[:N]")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16 / fp16: the forwards under torch.autocast of that dtype")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     parser.add_argument("--synthetic-size", type=int, default=64)
     parser.add_argument("--synthetic-images", type=int, default=None)
@@ -147,7 +153,7 @@ def parse_args(argv):
 
 
 def run(args):
-    context = distributed.setup(args.device)
+    context = distributed.setup(resolve_device(args.device))
     try:
         dataset = build_dataset(
             args.dataset, args.split, root=args.data_root, seed=args.seed,
@@ -163,7 +169,7 @@ def run(args):
             writer = PredictionWriter(args.save_predictions, args.prediction_format, args.dataset, dataset,
                                       loader.dataset.indices)
         miou, iou = evaluate(model, loader, num_classes, context, mode=args.mode, crop_size=args.crop_size,
-                             on_predictions=writer)
+                             on_predictions=writer, precision=args.precision)
         if context.is_main:
             print(format_report(miou, iou, class_names(args.dataset, num_classes)))
         return 0
@@ -176,8 +182,9 @@ def main(argv=None):
     try:
         if args.save_predictions:
             check_prediction_dir(args.save_predictions)  # before any work
+        check_precision(args.precision, resolve_device(args.device))
         return run(args)
-    except (CheckpointError, DatasetError, PredictionError) as error:
+    except (CheckpointError, DatasetError, PredictionError, PrecisionError, distributed.DeviceError) as error:
         print(f"cskd-eval: error: {error}", file=sys.stderr)
         return 2
 

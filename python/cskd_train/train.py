@@ -8,9 +8,7 @@ best validation mIoU), metrics.jsonl (one JSON object per logged step and per
 validation), config.json and curves.png.
 """
 
-import argparse
 import contextlib
-import dataclasses
 import errno
 import json
 import math
@@ -18,17 +16,20 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cskd_train import distributed
+from cskd_train.cli import OneLineParser
 from cskd_train.checkpoint import (
     FORMAT,
     CheckpointError,
     check_resume_entries,
     load_optimizer_state,
+    load_scaler_state,
     load_scheduler_state,
     load_state_dict_checked,
     load_training_checkpoint,
@@ -42,6 +43,7 @@ from cskd_train.datasets import DATASET_NAMES, NUM_CLASSES, DatasetError, build_
 from cskd_train.evaluate import eval_loader, evaluate
 from cskd_train.models import MODEL_NAMES, build_model, feature_channels
 from cskd_train.objective import DISTILL_MODES, MIN_SAMPLES, Objective, ObjectiveConfig
+from cskd_train.precision import PRECISIONS, PrecisionError, autocast, check_precision, grad_scaler, resolve_device
 from cskd_train.output_dir import OutputDirError, claim_output_dir, reason, remove_run_files, warn
 from cskd_train.transforms import NORMALIZATIONS, SeededSampler, TrainTransform, Transformed
 
@@ -76,7 +78,7 @@ class StopRequested(Exception):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="cskd-train", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="cskd-train", description=__doc__.split("\n\n")[0])
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASET_NAMES, default="synthetic")
     data.add_argument("--data-root", default=None, help="dataset directory (not needed for synthetic)")
@@ -133,7 +135,10 @@ def build_parser():
                      help="stop after this many non-finite losses in a row")
 
     run = p.add_argument_group("run")
-    run.add_argument("--device", default="cpu")
+    run.add_argument("--device", default="auto",
+                     help="auto (CUDA when available: the local rank's GPU under torchrun; else the CPU), cpu, cuda[:N]")
+    run.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                     help="bf16 / fp16: the forwards under torch.autocast of that dtype (fp16 with a gradient scaler)")
     run.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
                      help="under torchrun: stop with an error naming the rank that stopped answering after this "
                           "long without a reply")
@@ -405,9 +410,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.PolynomialLR(
             self.optimizer, total_iters=args.max_iterations, power=args.power
         )
+        self.scaler = grad_scaler(args.precision, context.device)
         self.iteration = 0
         self.best_miou = -1.0
         self.nonfinite_total = 0
+        self.scaler_skips_total = 0  # fp16 steps the gradient scaler skipped (overflow), not counted as non-finite
         self.last_good = None  # (path, iteration) of the newest checkpoint known finite and complete
         if resume is not None:
             self.restore(resume, args.resume)
@@ -436,6 +443,12 @@ class Trainer:
         """Load a checkpoint into the built objects, every entry checked first: a hand-edited or damaged
         file is refused here, in one line, before the output directory is touched."""
         check_resume_entries(checkpoint, path, self.args.max_iterations)
+        precision = checkpoint.get("precision", "fp32")  # checkpoints from before --precision are fp32
+        if precision != self.args.precision:
+            raise CheckpointError(f"{path} was trained with --precision {precision}: resume it with --precision "
+                                  f"{precision}, not {self.args.precision}")
+        if self.scaler is not None:
+            load_scaler_state(self.scaler, checkpoint.get("scaler"), path)
         load_state_dict_checked(self.student, checkpoint["model"], path)
         load_state_dict_checked(self.objective, checkpoint["loss_module"], path)
         load_optimizer_state(self.optimizer, checkpoint["optimizer"], path)
@@ -450,6 +463,7 @@ class Trainer:
         self.iteration = checkpoint["iteration"]
         self.best_miou = float(checkpoint.get("best_miou", -1.0))
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+        self.scaler_skips_total = int(checkpoint.get("scaler_skips_total", 0))
         if self.scheduler.total_iters != self.args.max_iterations:
             self.follow_new_schedule_length()
 
@@ -504,6 +518,9 @@ class Trainer:
             "rng": rng_state(),
             "best_miou": self.best_miou,
             "nonfinite_total": self.nonfinite_total,
+            "precision": self.args.precision,
+            **({"scaler": self.scaler.state_dict(), "scaler_skips_total": self.scaler_skips_total}
+               if self.scaler is not None else {}),
             "config": json.dumps(vars(self.args)),
         }
 
@@ -591,12 +608,15 @@ class Trainer:
             # A new step for the compiled loss's CUDA graphs: the last step's outputs may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
         teacher_out = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_out = self.teacher(images)
-        parts = self.ddp(images, labels, teacher_out)
-        nonfinite = distributed.any_across_ranks(not bool(torch.isfinite(parts["loss"])), self.context)
+        with autocast(self.args.precision, self.context.device):
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_out = self.teacher(images)
+            parts = self.ddp(images, labels, teacher_out)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            return self.scaled_step(parts)
+        nonfinite = distributed.any_across_ranks(not bool(torch.isfinite(parts["loss"])), self.context)
         if nonfinite:
             # Every rank skips together (a lone backward would hang DDP's gradient all-reduce).
             self.scheduler.step()
@@ -609,13 +629,32 @@ class Trainer:
                              + [value.detach().double() for value in parts.values()]).tolist()
         return dict(zip(parts, values[1:])), self.finite_on_all_ranks(values[0] == 1.0)
 
+    def scaled_step(self, parts):
+        """fp16: backward of the scaled loss and GradScaler's step, which skips a step whose gradients are not
+        finite (a non-finite loss included) and lowers the scale. Returns step()'s pair; a skipped step's parts
+        carry "scaler_skipped" = 1.0 (DDP's all-reduced gradients make every rank skip together)."""
+        scale = self.scaler.get_scale()
+        self.scaler.scale(parts["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with warnings.catch_warnings():
+            # The schedule advances on a step the scaler skipped too (as on a skipped non-finite step): torch
+            # warns that the optimiser did not step first, which is the point here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        values = torch.stack([self.finite_state_tensor().double()]
+                             + [value.detach().double() for value in parts.values()]).tolist()
+        row = dict(zip(parts, values[1:]))
+        row["scaler_skipped"] = 1.0 if self.scaler.get_scale() < scale else 0.0
+        return row, self.finite_on_all_ranks(values[0] == 1.0)
+
     def finite_on_all_ranks(self, finite):
         return not distributed.any_across_ranks(not finite, self.context)
 
     def validate(self):
         distributed.broadcast_buffers(self.student, self.context)
         miou, iou = evaluate(self.student, self.val_loader, self.num_classes, self.context,
-                             mode=self.args.val_mode, crop_size=self.args.crop_size)
+                             mode=self.args.val_mode, crop_size=self.args.crop_size, precision=self.args.precision)
         self.record({"iteration": self.iteration, "miou": miou, "iou": iou})
         if miou > self.best_miou:
             self.best_miou = miou
@@ -679,6 +718,10 @@ class Trainer:
                             f"{consecutive_nonfinite} non-finite losses in a row at iteration {self.iteration}: "
                             f"stopping; {self.last_good_note()}"
                         )
+                elif parts.pop("scaler_skipped", 0.0):
+                    self.scaler_skips_total += 1
+                    self.record({"iteration": self.iteration, "scaler_skipped": True,
+                                 "scaler_skips_total": self.scaler_skips_total, "scale": self.scaler.get_scale()})
                 else:
                     consecutive_nonfinite = 0
                     if self.iteration % args.log_every == 0 or self.iteration == args.max_iterations:
@@ -762,10 +805,16 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        context = distributed.setup(args.device, args.ddp_timeout)
-    except RuntimeError as error:
+        args.resolved_device = resolve_device(args.device)  # recorded in config.json
+        check_precision(args.precision, args.resolved_device)
+        context = distributed.setup(args.resolved_device, args.ddp_timeout)
+    except (RuntimeError, PrecisionError) as error:
         print(f"cskd-train: error: {error}", file=sys.stderr)
         return 2
+    if context.is_main:  # once, on stdout (stderr carries errors and warnings)
+        each = " (each process its local rank's)" if context.distributed else ""
+        print(f"cskd-train: device {context.device}{each} (--device {args.device}), precision {args.precision}",
+              flush=True)
     try:
         with output_dir_claimed(args, context):
             trainer = Trainer(args, context)

@@ -1,0 +1,16 @@
+"""Command-line parsing shared by cskd-train, cskd-eval and cskd-demo."""
+
+import argparse
+import sys
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with defaults in --help and bad flags reported in one line (no usage block), exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
