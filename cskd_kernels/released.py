@@ -136,3 +136,86 @@ def cskd_loss(feat_s, feat_t, gamma_cam, gamma_pam, *, temperature=2.0, lambda_c
     ]
     pam = sum(losses) / len(losses)
     return lambda_cam * cam + lambda_pam * pam
+
+
+# --------------------------------------------------------------------------
+# The released CriterionSA's seven modes (losses/sa.py) and CriterionKD
+# --------------------------------------------------------------------------
+
+RELEASED_MODES = ("CAM_MSE", "CAM_CKA", "PAM_CKA", "gridPAM_MSE", "gridPAM_CKA",
+                  "separately_CAMgridPAM_MSE", "separately_CAMgridPAM_CKA")
+
+
+def _grid_pams(x, gamma, grid, reduction, temperature):
+    """The released cell loop: torch.chunk rows, then columns, a fresh PAM_Module per cell."""
+    parts = []
+    for row in torch.chunk(x, grid[0], dim=2):
+        for cell in torch.chunk(row, grid[1], dim=3):
+            parts.append(position_attention_module(cell, gamma, reduction=reduction, temperature=temperature))
+    return parts
+
+
+def criterion_sa(feat_s, feat_t, gamma_cam, gamma_pam, feature_transform, *, temperature=1.0, grid=(5, 5),
+                 reduction=8):
+    """The released ``CriterionSA.forward(feat_S, feat_T, feature_transform)``, every mode, as released.
+
+    ``temperature`` is its ``temperaturesa`` (the CAM's and PAM's); the
+    released code hard-codes the 5 x 5 grid (``grid``). Every call builds the
+    student adapter ``nn.Conv2d(CS, CT, 1, bias=False)`` first, in every mode
+    (the CKA modes draw it and never use it), then, in the *_MSE modes, maps
+    the student through it and takes ``nn.MSELoss()`` (mean) of the CAMs and,
+    cell by cell, of the PAMs (whose fresh projections then have the
+    teacher's width); the per-cell MSEs (or CKA losses) are summed and divided
+    by the number of cells. CAM-only and PAM-only modes return one loss, the
+    separately_* modes (loss_CAM, loss_PAM). The teacher features are used
+    as given (the released script computes them under no_grad).
+    """
+    if feature_transform not in RELEASED_MODES:
+        raise ValueError(f"feature_transform={feature_transform!r} is not one of {RELEASED_MODES}")
+    channels_s, channels_t = feat_s.shape[1], feat_t.shape[1]
+    conv = torch.nn.Conv2d(channels_s, channels_t, kernel_size=1, bias=False).to(device=feat_s.device,
+                                                                                 dtype=feat_s.dtype)
+    mse = torch.nn.MSELoss(reduction="mean")
+
+    def cam(x):
+        return channel_attention(x, gamma_cam, temperature)
+
+    def grid_pams(x):
+        return _grid_pams(x, gamma_pam, grid, reduction, temperature)
+
+    if feature_transform == "CAM_MSE":
+        feat_s = conv(feat_s)
+        return mse(cam(feat_s), cam(feat_t))
+    if feature_transform == "CAM_CKA":
+        return cka_loss(cam(feat_s), cam(feat_t))
+    if feature_transform == "PAM_CKA":
+        return cka_loss(position_attention_module(feat_s, gamma_pam, reduction=reduction, temperature=temperature),
+                        position_attention_module(feat_t, gamma_pam, reduction=reduction, temperature=temperature))
+    mse_mode = feature_transform.endswith("_MSE")
+    if mse_mode:
+        feat_s = conv(feat_s)
+    parts_s, parts_t = grid_pams(feat_s), grid_pams(feat_t)
+    n = len(parts_s)
+    loss_pam = 0
+    for i in range(0, n):
+        loss_pam += mse(parts_s[i], parts_t[i]) if mse_mode else cka_loss(parts_s[i], parts_t[i])
+    loss_pam = loss_pam / n
+    if feature_transform.startswith("gridPAM"):
+        return loss_pam
+    loss_cam = mse(cam(feat_s), cam(feat_t)) if mse_mode else cka_loss(cam(feat_s), cam(feat_t))
+    return loss_cam, loss_pam
+
+
+def kd_loss(pred, soft, temperature=1.0):
+    """The released CriterionKD (CIRKD's losses/kd.py): Hinton KD on logits, pixel by pixel.
+
+    softmax over the classes of each pixel's logits / T; KL(teacher || student)
+    summed over classes and pixels, divided by the B*H*W pixels
+    (``reduction="batchmean"`` of the (B*H*W, C) rows), times T^2.
+    """
+    b, c, h, w = soft.size()
+    scale_pred = pred.permute(0, 2, 3, 1).contiguous().view(-1, c)
+    scale_soft = soft.permute(0, 2, 3, 1).contiguous().view(-1, c)
+    p_s = torch.nn.functional.log_softmax(scale_pred / temperature, dim=1)
+    p_t = torch.nn.functional.softmax(scale_soft / temperature, dim=1)
+    return torch.nn.functional.kl_div(p_s, p_t, reduction="batchmean") * (temperature**2)

@@ -29,6 +29,23 @@ The CKA's samples are the batch: at least MIN_SAMPLES of them (over 2 samples
 linear CKA is always 1, so the loss would be a constant with zero gradients).
 Under DDP with few images per process, ``global_batch=True`` computes it over
 the batch of all processes (cskd_kernels/batch_gather.py).
+
+similarity="mse" is the released code's other comparison (its modes CAM_MSE,
+gridPAM_MSE, separately_CAMgridPAM_MSE): the student is first mapped to the
+teacher's width by a bias-free 1x1 convolution (the adapter), then
+
+    cam = mean((CAM(adapter(s)) - CAM(t))^2)
+    pam = mean over cells of mean((PAM(cell of adapter(s)) - PAM(cell of t))^2)
+
+The same fused ops give the maps (no HW x HW map, all cells in one call):
+CAM(x) = g Y + x and PAM(x) = g O + x, so the loss is a weighted sum of squares
+of g (O_s - O_t) + (x_s - x_t), one elementwise pass (_AttentionMSE), with
+each position weighted 1 / (B C |cell| cells): the mean within each cell,
+then over cells, for cells of unequal sizes too.
+
+A branch whose lambda is 0 is not computed (nothing drawn for it either): its
+part of the output is a zero tensor, 0 times the branch's parameters, so that
+they still get a (zero) gradient as DDP expects of every parameter.
 """
 import math
 from typing import NamedTuple
@@ -50,6 +67,8 @@ from cskd_kernels.ops.cross_gram import centered_cross_grams, combine_grams
 from cskd_kernels.ops.position_attention import position_attention
 
 PROJECTIONS = ("resample", "fixed", "learned")
+SIMILARITIES = ("cka", "mse")
+ADAPTERS = ("resample", "fixed", "learned")
 # Samples (images) the CKA needs: over 2, linear CKA is 1 whatever the features (over 1 it is undefined).
 MIN_SAMPLES = 3
 
@@ -75,6 +94,137 @@ def draw_projections(channels, reduction, cells=1, *, generator=None, device=Non
     # One draw for all six (three launches on a GPU instead of two dozen), cut in that order.
     flat = torch.rand(sum(sizes), generator=generator, device=device, dtype=dtype).mul_(2.0 * bound).sub_(bound)
     return tuple(part.view(shape) for part, shape in zip(flat.split(sizes), shapes))
+
+
+def draw_adapter(student_channels, teacher_channels, *, generator=None, device=None):
+    """A fresh student adapter weight (teacher_channels, student_channels), float32.
+
+    The released code's ``nn.Conv2d(CS, CT, kernel_size=1, bias=False)`` with
+    PyTorch's default initialisation, by the same call: kaiming_uniform_(a=sqrt(5)),
+    uniform in +-sqrt(3) * sqrt(2 / (1 + 5)) / sqrt(CS), which is 1/sqrt(CS)
+    (one unit in the last place below it in floating point). Drawn in float32 as
+    the layer is, so on the CPU with the same seed it is the released layer's weight.
+    """
+    weight = torch.empty(teacher_channels, student_channels, 1, 1, device=device)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    return weight.view(teacher_channels, student_channels)
+
+
+class StudentAdapter(nn.Module):
+    """The 1x1 bias-free map student -> teacher width of similarity="mse": resampled each call, a buffer, or a parameter."""
+
+    def __init__(self, student_channels, teacher_channels, mode):
+        super().__init__()
+        self.student_channels, self.teacher_channels, self.mode = student_channels, teacher_channels, mode
+        if mode == "resample":
+            return
+        weight = draw_adapter(student_channels, teacher_channels)
+        if mode == "learned":
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+
+    def weights(self, generator, like):
+        """The (CT, CS) weight of this call, in like's dtype."""
+        if self.mode == "resample":
+            weight = draw_adapter(self.student_channels, self.teacher_channels, generator=generator,
+                                  device=like.device)
+        else:
+            weight = self.weight
+        return weight.to(like.dtype)
+
+    @staticmethod
+    def apply_to(x, weight):
+        """(B, CT, H, W) = weight (CT, CS) applied at every position of x (B, CS, H, W): one batched product."""
+        b, _, h, w = x.shape
+        return torch.matmul(weight, x.reshape(b, x.shape[1], h * w)).view(b, weight.shape[0], h, w)
+
+
+def mse_position_weights(height, width, grid, batch, channels, *, device=None, dtype=torch.float32):
+    """Weight of each position in the PAM's MSE: the mean within each cell, then over cells.
+
+    grid=None: the plain mean, 1 / (B C H W) (a float). Otherwise an (H, W)
+    tensor holding 1 / (B C |cell| cells) at the positions of each torch.chunk
+    cell, exactly the released ``sum(mse(cell_s, cell_t)) / n`` for uneven cells.
+    """
+    if grid is None:
+        return 1.0 / (batch * channels * height * width)
+    layout = CellLayout(height, width, grid)
+    rows = torch.tensor(layout.rows, dtype=torch.float64)
+    cols = torch.tensor(layout.cols, dtype=torch.float64)
+    per_row = torch.repeat_interleave(1.0 / rows, rows.long())
+    per_col = torch.repeat_interleave(1.0 / cols, cols.long())
+    weights = torch.outer(per_row, per_col) / (batch * channels * layout.num_cells)
+    return weights.to(device=device, dtype=dtype)
+
+
+# Elements of one chunk of _AttentionMSE's elementwise pass, per device type: on the CPU a few
+# cache-sized chunks with reused scratch buffers (fresh map-sized temporaries cost page faults and
+# memory passes); elsewhere the whole map at once (a GPU pays per launch, not per temporary).
+MSE_CHUNK_ELEMENTS = {"cpu": 2**17}
+
+
+class _AttentionMSE(torch.autograd.Function):
+    """sum(weight * (g o_s + x_s - g o_t - x_t)^2): the MSE of two attention outputs g O + x, one elementwise pass.
+
+    ``o_s`` may be None (x_s is then the whole student map, g Y + x, from the
+    CAM op, which takes gamma's student gradient itself). ``weight``: a float
+    or an (H, W) tensor (mse_position_weights). Computed in float32 at least,
+    the sums of the chunks added in float64. The forward computes every
+    gradient but the output's scale: the backward holds one map, 2 weight d.
+    """
+
+    @staticmethod
+    def forward(ctx, gamma, x_s, o_s, x_t, o_t, weight):
+        acc = accumulation_dtype(x_s.dtype, x_t.dtype)
+        g = gamma.detach().to(acc).reshape(())
+        b, c, h, w = x_t.shape
+        rows, positions = b * c, h * w
+        if isinstance(weight, torch.Tensor):
+            weight2 = (2.0 * weight).to(acc).reshape(1, positions)
+        else:
+            weight2 = 2.0 * weight
+        x_s, x_t, o_t = (t.reshape(rows, positions) for t in (x_s, x_t, o_t))
+        o_s = None if o_s is None else o_s.reshape(rows, positions)
+        r = torch.empty((rows, positions), dtype=acc, device=x_t.device)  # 2 weight d, kept for the backward
+        step = max(1, MSE_CHUNK_ELEMENTS.get(x_t.device.type, rows * positions) // positions)
+        d = torch.empty((min(step, rows), positions), dtype=acc, device=x_t.device)
+        e = torch.empty_like(d) if o_s is not None else None
+        loss_parts, gamma_parts = [], []
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            dc, rc, o_tc = d[: r1 - r0], r[r0:r1], o_t[r0:r1].to(acc)
+            torch.sub(x_s[r0:r1].to(acc), x_t[r0:r1].to(acc), out=dc)
+            if o_s is None:
+                dc.addcmul_(o_tc, g, value=-1.0)
+            else:
+                ec = e[: r1 - r0]
+                torch.sub(o_s[r0:r1].to(acc), o_tc, out=ec)
+                dc.addcmul_(ec, g)
+            torch.mul(dc, weight2, out=rc)
+            loss_parts.append(dc.mul_(rc).sum())
+            # d(loss)/d(gamma) = sum(2 weight d (o_s - o_t)), or -sum(2 weight d o_t) without o_s
+            gamma_parts.append(torch.mul(o_tc, rc, out=dc).sum().neg() if o_s is None else ec.mul_(rc).sum())
+        del d, e
+        total_loss = torch.stack(loss_parts).sum(dtype=torch.float64)
+        total_gamma = torch.stack(gamma_parts).sum(dtype=torch.float64)
+        ctx.save_for_backward(r)
+        ctx.g, ctx.grad_gamma, ctx.shape = g, total_gamma.to(acc), (b, c, h, w)
+        ctx.dtypes = (gamma.dtype, x_s.dtype, None if o_s is None else o_s.dtype, o_t.dtype)
+        return (0.5 * total_loss).to(acc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (r,) = ctx.saved_tensors
+        shape = ctx.shape
+        need_gamma, need_x_s, need_o_s, _, need_o_t, _ = ctx.needs_input_grad
+        gamma_dtype, x_s_dtype, o_s_dtype, o_t_dtype = ctx.dtypes
+        grad_gamma = (ctx.grad_gamma * grad_out).reshape(1).to(gamma_dtype) if need_gamma else None
+        grad_x_s = (r * grad_out).to(x_s_dtype).view(shape) if need_x_s else None
+        grad_o_s = (r * (ctx.g * grad_out)).to(o_s_dtype).view(shape) if need_o_s else None
+        grad_o_t = (r * (-ctx.g * grad_out)).to(o_t_dtype).view(shape) if need_o_t else None
+        return grad_gamma, grad_x_s, grad_o_s, None, grad_o_t, None
 
 
 class PositionProjection(nn.Module):
@@ -124,12 +274,34 @@ class CSKDLoss(nn.Module):
     memory; resampled projections are broadcast from the first rank so all
     ranks use the same ones. Without an initialised process group it is the
     ordinary loss.
+
+    ``similarity="mse"`` compares the maps by their mean squared error, as the
+    released *_MSE modes do, after a bias-free 1x1 ``adapter`` from the
+    student's width to the teacher's: "resample" (default; a fresh layer with
+    PyTorch's default Conv2d initialisation on every call, as released),
+    "fixed" (drawn once, a buffer) or "learned" (a parameter). The PAM
+    projections of both sides then have the teacher's width. The MSE needs no
+    minimum batch and takes no ``global_batch`` (a mean over elements: DDP's
+    gradient averaging already gives the whole batch's). ``adapter`` applies
+    only to "mse". A lambda of 0 skips its branch (see the module docstring).
     """
 
     def __init__(self, student_channels, teacher_channels, *, temperature=2.0, lambda_cam=0.3, lambda_pam=0.8,
                  grid=(5, 5), projection="resample", reduction=8, backend=None, generator=None,
-                 global_batch=False, process_group=None):
+                 global_batch=False, process_group=None, similarity="cka", adapter=None):
         super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
+        if similarity == "cka" and adapter is not None:
+            raise ValueError(f"adapter={adapter!r} applies only to similarity='mse' (the CKA compares maps of "
+                             f"different widths as they are); leave adapter unset with similarity='cka'")
+        if similarity == "mse":
+            adapter = "resample" if adapter is None else adapter
+            if adapter not in ADAPTERS:
+                raise ValueError(f"adapter={adapter!r} is not one of {ADAPTERS}")
+            if global_batch:
+                raise ValueError("global_batch=True applies only to similarity='cka': the MSE is a mean over "
+                                 "elements, which DDP's gradient averaging already takes over the whole batch")
         for name, channels in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
             if not isinstance(channels, int) or channels < reduction:
                 raise ValueError(f"{name}={channels!r} must be an int >= reduction ({reduction})")
@@ -148,9 +320,13 @@ class CSKDLoss(nn.Module):
         self.grid = None if grid is None else tuple(grid)
         self.backend, self.generator = backend, generator
         self.global_batch, self.process_group = bool(global_batch), process_group
+        self.similarity, self.adapter_mode = similarity, adapter
         self.gamma_cam = nn.Parameter(torch.zeros(1))
         self.gamma_pam = nn.Parameter(torch.zeros(1))
-        self.student_projection = PositionProjection(student_channels, reduction, projection)
+        # With the MSE the student's maps are adapted to the teacher's width before the PAM.
+        self.adapter = StudentAdapter(student_channels, teacher_channels, adapter) if similarity == "mse" else None
+        self.student_projection = PositionProjection(
+            teacher_channels if similarity == "mse" else student_channels, reduction, projection)
         self.teacher_projection = PositionProjection(teacher_channels, reduction, projection)
 
     def forward(self, feat_s, feat_t):
@@ -158,24 +334,92 @@ class CSKDLoss(nn.Module):
         feat_t = feat_t.detach()
         if self.global_batch:
             feat_s, feat_t = gather_batch(feat_s, self.process_group), gather_batch(feat_t, self.process_group)
-        self._check_samples(feat_s, feat_t)
-        cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
-        # Drawn student first, then teacher (the order the reference composition uses).
-        weights_s = self.student_projection.weights(cells, self.generator, feat_s)
-        weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
-        if self.global_batch and self.student_projection.mode == "resample":
-            # Every rank computes the same loss over the whole batch: it needs the same projections.
-            broadcast_from_first_rank(weights_s + weights_t, self.process_group)
-        # The teacher first: its transients (attention outputs) come and go while nothing else is held.
-        cam_t = self._teacher_channel_gram(feat_t)
-        pam_t = combine_grams(self._position_grams(feat_t, weights_t), (self.gamma_pam, 1.0))
-        cam_s = self._student_channel_gram(feat_s)
-        pam_s = combine_grams(self._position_grams(feat_s, weights_s), (self.gamma_pam, 1.0))
         # The loss comes out in float32 at least (16-bit features under autocast included), like cka_loss.
         loss_dtype = accumulation_dtype(feat_s.dtype, feat_t.dtype)
-        cam = _cka_loss_from_grams(cam_s, cam_t, loss_dtype)[0]
-        pam = _cka_loss_from_grams(pam_s, pam_t, loss_dtype).mean()
+        do_cam, do_pam = self.lambda_cam != 0, self.lambda_pam != 0
+        if self.similarity == "mse":
+            cam, pam = self._mse_parts(feat_s, feat_t, do_cam, do_pam)
+        else:
+            self._check_samples(feat_s, feat_t)
+            cam, pam = self._cka_parts(feat_s, feat_t, do_cam, do_pam, loss_dtype)
+        cam = cam.to(loss_dtype) if do_cam else self._skipped(self._cam_parameters(do_pam), loss_dtype, feat_s)
+        pam = pam.to(loss_dtype) if do_pam else self._skipped(self._pam_parameters(do_cam), loss_dtype, feat_s)
         return CSKDOutput(self.lambda_cam * cam + self.lambda_pam * pam, cam, pam)
+
+    def _cam_parameters(self, adapter_used):
+        adapter = [] if adapter_used or self.adapter is None else list(self.adapter.parameters())
+        return [self.gamma_cam, *adapter]
+
+    def _pam_parameters(self, adapter_used):
+        adapter = [] if adapter_used or self.adapter is None else list(self.adapter.parameters())
+        return [self.gamma_pam, *self.student_projection.parameters(), *self.teacher_projection.parameters(),
+                *adapter]
+
+    @staticmethod
+    def _skipped(parameters, dtype, like):
+        """The part of a branch that is not computed: zero, 0 * its parameters (each gets a zero gradient)."""
+        zero = torch.zeros((), dtype=dtype, device=like.device)
+        for parameter in parameters:
+            if parameter.requires_grad:
+                zero = zero + parameter.sum().to(dtype) * 0.0
+        return zero
+
+    def _cka_parts(self, feat_s, feat_t, do_cam, do_pam, loss_dtype):
+        cam = pam = None
+        if do_pam:
+            cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
+            # Drawn student first, then teacher (the order the reference composition uses).
+            weights_s = self.student_projection.weights(cells, self.generator, feat_s)
+            weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
+            if self.global_batch and self.student_projection.mode == "resample":
+                # Every rank computes the same loss over the whole batch: it needs the same projections.
+                broadcast_from_first_rank(weights_s + weights_t, self.process_group)
+        # The teacher first: its transients (attention outputs) come and go while nothing else is held.
+        if do_cam:
+            cam_t = self._teacher_channel_gram(feat_t)
+        if do_pam:
+            pam_t = combine_grams(self._position_grams(feat_t, weights_t), (self.gamma_pam, 1.0))
+        if do_cam:
+            cam_s = self._student_channel_gram(feat_s)
+            cam = _cka_loss_from_grams(cam_s, cam_t, loss_dtype)[0]
+        if do_pam:
+            pam_s = combine_grams(self._position_grams(feat_s, weights_s), (self.gamma_pam, 1.0))
+            pam = _cka_loss_from_grams(pam_s, pam_t, loss_dtype).mean()
+        return cam, pam
+
+    def _mse_parts(self, feat_s, feat_t, do_cam, do_pam):
+        """The released *_MSE modes on the fused ops: adapter, then the CAM and (cell-wise) PAM MSEs."""
+        cam = pam = None
+        if not (do_cam or do_pam):
+            return cam, pam
+        # Drawn in the released order: the adapter, then the student's projections, then the teacher's.
+        adapted = StudentAdapter.apply_to(feat_s, self.adapter.weights(self.generator, feat_s))
+        if do_pam:
+            cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
+            weights_s = self.student_projection.weights(cells, self.generator, adapted)
+            weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
+            need_graph = torch.is_grad_enabled() and any(w.requires_grad for w in weights_t)
+            with torch.set_grad_enabled(need_graph):
+                o_t = self._position_attention(feat_t, weights_t)
+            o_s = self._position_attention(adapted, weights_s)
+            batch, channels, height, width = feat_t.shape
+            weight = mse_position_weights(height, width, self.grid, batch, channels, device=feat_t.device,
+                                          dtype=accumulation_dtype(feat_s.dtype, feat_t.dtype))
+            pam = _AttentionMSE.apply(self.gamma_pam, adapted, o_s, feat_t, o_t, weight)
+            del o_s, o_t
+        if do_cam:
+            with torch.no_grad():  # the teacher's Y = CAM with gamma 1, minus x: a constant
+                y_t = self._channel_attention(feat_t, torch.ones(1, dtype=feat_t.dtype, device=feat_t.device))
+                y_t = y_t.sub_(feat_t)
+            cam_s = self._channel_attention(adapted, self.gamma_cam)
+            cam = _AttentionMSE.apply(self.gamma_cam, cam_s, None, feat_t, y_t, 1.0 / feat_t.numel())
+        return cam, pam
+
+    def _position_attention(self, x, weights):
+        """The cell-wise position attention O of x (PAM(x) = g O + x per cell), all cells in one call."""
+        wq, bq, wk, bk, wv, bv = weights
+        q, k, v = cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), grid=self.grid, backend=self.backend)
+        return position_attention(q, k, v, temperature=self.temperature, grid=self.grid, backend=self.backend)
 
     def _channel_attention(self, x, gamma):
         return channel_attention(x, gamma, temperature=self.temperature, backend=self.backend)
