@@ -9,6 +9,7 @@ The plain PyTorch definitions of every op live in cskd_kernels.reference.
 
 from cskd_kernels._validation import MAX_TEMPERATURE, MIN_TEMPERATURE, check_temperature
 from cskd_kernels.backend import BACKENDS, BackendError, resolve_backend
+from cskd_kernels.capture import CaptureError, FeatureCapture, capture_features
 from cskd_kernels.modules.channel_attention import ChannelAttention
 from cskd_kernels.modules.cskd_loss import CSKDLoss, CSKDOutput
 from cskd_kernels.modules.cwd import CWDLoss
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "CaptureError",
+    "FeatureCapture",
     "CSKDLoss",
     "CSKDOutput",
     "CWDLoss",
@@ -30,6 +33,7 @@ __all__ = [
     "MAX_TEMPERATURE",
     "MIN_TEMPERATURE",
     "PositionAttention",
+    "capture_features",
     "channel_attention",
     "check_temperature",
     "cka_loss",
