@@ -26,6 +26,7 @@ from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device, check_temperature
 from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels, resolve_backend
+from cskd_kernels.resize import check_resize, match_spatial_size
 
 # The kernel is a PyTorch op (cskd_kernels._library: a custom op, and a
 # triton_op on the Triton backend) with a registered autograd formula, so
@@ -72,7 +73,7 @@ def _backward(ctx, grad_loss, _grad_ds):
 cwd_loss_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(s, t, temperature):
+def _check_inputs(s, t, temperature, resize):
     check_float_tensor("s", s)
     check_float_tensor("t", t)
     for name, x in (("s", s), ("t", t)):
@@ -81,10 +82,12 @@ def _check_inputs(s, t, temperature):
                 f"cwd_loss expects 4-D logits (B, C, H, W); got {name} of shape {tuple(x.shape)} "
                 f"(s {tuple(s.shape)}, t {tuple(t.shape)})"
             )
-    if s.shape != t.shape:
-        raise ValueError(f"cwd_loss needs s and t of one shape, got s {tuple(s.shape)} and t {tuple(t.shape)}")
+    if s.shape[:2] != t.shape[:2]:
+        raise ValueError(f"cwd_loss needs s and t of one batch and class count, got s {tuple(s.shape)} and "
+                         f"t {tuple(t.shape)}")
     check_same_device(s=s, t=t)
     check_temperature(temperature, "cwd_loss")
+    check_resize(resize, "cwd_loss")
 
 
 def _rows(x):
@@ -93,17 +96,20 @@ def _rows(x):
     return x.reshape(b * c, h * w).contiguous()
 
 
-def cwd_loss(s, t, *, temperature=1.0, backend=None):
+def cwd_loss(s, t, *, temperature=1.0, backend=None, resize=None):
     """Channel-wise distillation loss of student logits s against teacher logits t, both (B, C, H, W).
 
     Per (image, class): the softmax over the H*W positions of t/T against the
     log-softmax of s/T, KL summed over everything and scaled by T^2/(B*C).
     No gradient flows to t. Stable for logits of any finite magnitude (the
     released code's softmax().log() gives -inf there). ``temperature`` in
-    [MIN_TEMPERATURE, MAX_TEMPERATURE] (cskd_kernels._validation). Returns a
-    0-dim tensor in float32 (float64 for float64 input).
+    [MIN_TEMPERATURE, MAX_TEMPERATURE] (cskd_kernels._validation). Logits of
+    different spatial sizes need ``resize`` ("student" or "teacher": that
+    side is resized to the other's size, bilinear; cskd_kernels/resize.py).
+    Returns a 0-dim tensor in float32 (float64 for float64 input).
     """
-    _check_inputs(s, t, temperature)
+    _check_inputs(s, t, temperature, resize)
+    s, t = match_spatial_size(s, t, resize, "cwd_loss")
     temperature = float(temperature)
     name = resolve_backend(backend, s, t)
     acc = accumulation_dtype(s.dtype, t.dtype)
