@@ -3,7 +3,8 @@
 ``--distill cskd`` is the released objective:
 CE + 0.4 aux CE + 3 CWD(T=2) + CSKDLoss(T=2, lambda_cam=0.3, lambda_pam=0.8, grid 5x5);
 ``cwd`` drops the CSKD term, ``none`` both distillation terms. The loss math
-lives in cskd_kernels only; this module wires it to the networks' outputs.
+lives in cskd_kernels only; this module wires it to the networks' outputs
+(and states the released Hinton KD term, plain PyTorch: kd_loss).
 """
 
 from dataclasses import dataclass
@@ -34,12 +35,32 @@ class ObjectiveConfig:
     projection: str = "resample"
     reduction: int = 8
     global_batch: bool = False  # the CKAs over the batch of all processes (CSKDLoss(global_batch=True))
+    similarity: str = "cka"  # CSKDLoss(similarity=...): "cka" or the released *_MSE modes' "mse"
+    adapter: Optional[str] = None  # CSKDLoss(adapter=...), "mse" only: resample (None), fixed, learned
+    kd_weight: float = 0.0  # the released CriterionKD on the logits (kd_loss), any teacher-based mode
+    kd_temperature: float = 1.0
 
 
 def segmentation_ce(logits, labels):
     """Cross-entropy with the logits upsampled to the label size (as the released criterion does)."""
     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=True)
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+
+def kd_loss(student_logits, teacher_logits, temperature=1.0):
+    """The released CriterionKD (train_sa.py's --lambda-kd term; CIRKD's losses/kd.py): Hinton KD per pixel.
+
+    With p = softmax over the C classes of a pixel's logits / T:
+    T^2 / (B*H*W) * sum over pixels of KL(p_teacher || p_student)
+    (kl_div with reduction="batchmean" over the B*H*W rows, times T^2), on the
+    logits as the networks return them. No gradient to the teacher.
+    """
+    classes = teacher_logits.shape[1]
+    s = student_logits.permute(0, 2, 3, 1).reshape(-1, classes)
+    t = teacher_logits.detach().permute(0, 2, 3, 1).reshape(-1, classes)
+    log_p_s = F.log_softmax(s / temperature, dim=1)
+    p_t = F.softmax(t / temperature, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * (temperature**2)
 
 
 def compile_loss_module(module, device):
@@ -54,6 +75,8 @@ class Objective(nn.Module):
         super().__init__()
         if config.distill not in DISTILL_MODES:
             raise ValueError(f"unknown distill mode {config.distill!r}; choose one of {DISTILL_MODES}")
+        if config.kd_weight and config.distill == "none":
+            raise ValueError("the KD term (kd_weight) needs a teacher: distill 'cwd' or 'cskd', not 'none'")
         self.config = config
         self.cskd = None
         if config.distill == "cskd":
@@ -67,6 +90,8 @@ class Objective(nn.Module):
                 projection=config.projection,
                 reduction=config.reduction,
                 global_batch=config.global_batch,
+                similarity=config.similarity,
+                adapter=config.adapter,
             )
 
     def compile_cskd(self, device):
@@ -95,6 +120,9 @@ class Objective(nn.Module):
         if cfg.distill in ("cwd", "cskd"):
             parts["cwd"] = cskd_kernels.cwd_loss(student.logits, teacher.logits.detach(), temperature=cfg.cwd_temperature)
             total = total + cfg.cwd_weight * parts["cwd"]
+        if cfg.kd_weight:
+            parts["kd"] = kd_loss(student.logits, teacher.logits, cfg.kd_temperature)
+            total = total + cfg.kd_weight * parts["kd"]
         if cfg.distill == "cskd":
             out = self.cskd(student.features, teacher.features.detach())
             parts["cam"], parts["pam"], parts["cskd"] = out.cam, out.pam, out.loss

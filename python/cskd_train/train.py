@@ -8,6 +8,7 @@ best validation mIoU), metrics.jsonl (one JSON object per logged step and per
 validation), config.json and curves.png.
 """
 
+import argparse
 import contextlib
 import errno
 import json
@@ -117,6 +118,16 @@ def build_parser():
     loss.add_argument("--grid", type=int, nargs=2, metavar=("GH", "GW"), default=(5, 5))
     loss.add_argument("--global-pam", action="store_true", help="one PAM over the whole map instead of a grid")
     loss.add_argument("--projection", choices=("resample", "fixed", "learned"), default="resample")
+    loss.add_argument("--similarity", choices=("cka", "mse"), default="cka",
+                      help="how the CSKD term compares the attention maps: the CKA, or the released *_MSE modes' "
+                           "mean squared error after a bias-free 1x1 conv from the student's width to the teacher's")
+    loss.add_argument("--adapter", choices=("resample", "fixed", "learned"), default=argparse.SUPPRESS,
+                      help="--similarity mse only: that 1x1 conv drawn afresh every step as released (default: "
+                           "resample), drawn once (fixed) or trained with the student (learned)")
+    loss.add_argument("--lambda-kd", type=float, default=0.0,
+                      help="weight of the released Hinton KD term on the logits (needs a teacher): T^2 / (B*H*W) "
+                           "* sum over pixels of KL(softmax(teacher/T) || softmax(student/T)), T = --kd-temperature")
+    loss.add_argument("--kd-temperature", type=float, default=1.0, help="T of the --lambda-kd term (as released)")
     loss.add_argument("--cka-global-batch", action="store_true",
                       help="under torchrun, the CSKD loss's CKAs over the batch of all processes (exact: as one "
                            "process with the whole batch; each process gathers every feature map)")
@@ -175,12 +186,36 @@ def parse_args(argv=None):
         raise TrainingError(f"--ddp-timeout must be > 0 seconds, got {args.ddp_timeout}")
     if args.checkpoint_every is None:
         args.checkpoint_every = args.val_every
+    check_loss_variant(args)
     check_cka_samples(args, int(os.environ.get("WORLD_SIZE", "1")))
     return args
 
 
+def check_loss_variant(args):
+    """--similarity, --adapter and --lambda-kd: refused where they do not apply; args.adapter set (None with cka)."""
+    adapter = getattr(args, "adapter", None)
+    if args.similarity == "mse" and args.distill != "cskd":
+        raise TrainingError(f"--similarity is an option of the CSKD loss: it needs --distill cskd, got --distill {args.distill}")
+    if adapter is not None and args.similarity != "mse":
+        raise TrainingError(f"--adapter {adapter} applies only to --similarity mse (the CKA compares the maps "
+                            "at their own widths, with no adapter)")
+    args.adapter = (adapter or "resample") if args.similarity == "mse" else None
+    if args.similarity == "mse" and args.cka_global_batch:
+        raise TrainingError("--cka-global-batch applies only to --similarity cka: the MSE is a mean over elements, "
+                            "which DDP's gradient averaging already takes over the whole batch")
+    if not math.isfinite(args.lambda_kd):
+        raise TrainingError(f"--lambda-kd must be finite, got {args.lambda_kd}")
+    if args.lambda_kd and args.distill == "none":
+        raise TrainingError("--lambda-kd needs a teacher: use --distill cwd or cskd (with --teacher-model and "
+                            "--teacher-checkpoint)")
+    if not (math.isfinite(args.kd_temperature) and args.kd_temperature > 0):
+        raise TrainingError(f"--kd-temperature must be > 0, got {args.kd_temperature}")
+
+
 def check_cka_samples(args, world_size):
     """The CSKD term's CKAs need MIN_SAMPLES images: refused at start-up, not at the first step."""
+    if args.distill == "cskd" and args.similarity == "mse":
+        return  # no CKA: any batch
     if args.distill != "cskd":
         if args.cka_global_batch:
             raise TrainingError("--cka-global-batch is an option of the CSKD loss: it needs --distill cskd")
@@ -212,6 +247,10 @@ def objective_config(args):
         grid=None if args.global_pam else tuple(args.grid),
         projection=args.projection,
         global_batch=args.cka_global_batch,
+        similarity=args.similarity,
+        adapter=args.adapter,
+        kd_weight=args.lambda_kd,
+        kd_temperature=args.kd_temperature,
     )
 
 
