@@ -79,6 +79,8 @@ class Objective(nn.Module):
             raise ValueError("the KD term (kd_weight) needs a teacher: distill 'cwd' or 'cskd', not 'none'")
         self.config = config
         self.cskd = None
+        # cskd-train's StepTiming (cskd_train/throughput.py), which times the CSKD call when set.
+        self.cskd_timing = None
         if config.distill == "cskd":
             self.cskd = cskd_kernels.CSKDLoss(
                 student_channels,
@@ -124,7 +126,8 @@ class Objective(nn.Module):
             parts["kd"] = kd_loss(student.logits, teacher.logits, cfg.kd_temperature)
             total = total + cfg.kd_weight * parts["kd"]
         if cfg.distill == "cskd":
-            out = self.cskd(student.features, teacher.features.detach())
+            feat_s, feat_t = student.features, teacher.features.detach()
+            out = self.cskd(feat_s, feat_t) if self.cskd_timing is None else self.cskd_timing(self.cskd, feat_s, feat_t)
             parts["cam"], parts["pam"], parts["cskd"] = out.cam, out.pam, out.loss
             total = total + cfg.cskd_weight * out.loss
         parts["loss"] = total

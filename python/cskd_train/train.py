@@ -45,6 +45,7 @@ from cskd_train.evaluate import eval_loader, evaluate
 from cskd_train.models import MODEL_NAMES, build_model, feature_channels
 from cskd_train.objective import DISTILL_MODES, MIN_SAMPLES, Objective, ObjectiveConfig
 from cskd_train.precision import PRECISIONS, PrecisionError, autocast, check_precision, grad_scaler, resolve_device
+from cskd_train.throughput import StepTiming, with_totals
 from cskd_train.output_dir import OutputDirError, claim_output_dir, reason, remove_run_files, warn
 from cskd_train.transforms import NORMALIZATIONS, SeededSampler, TrainTransform, Transformed
 
@@ -443,6 +444,9 @@ class Trainer:
         self.step_module = StudentStep(student, objective).to(context.device)
         self.student = student
         self.objective = objective
+        # images/s and the CSKD loss's share of the step, in each logged row (cskd_train/throughput.py)
+        self.timing = StepTiming(context.device, args.batch_size)
+        objective.cskd_timing = self.timing
         self.optimizer = torch.optim.SGD(
             self.step_module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
         )
@@ -732,10 +736,13 @@ class Trainer:
         self.student.train()
         with SignalFlag() as signals:
             while self.iteration < stop_at:
+                fetched = time.perf_counter()
                 images, labels = next(batches)
                 images, labels = images.to(context.device, non_blocking=True), labels.to(context.device)
                 started = time.perf_counter()
+                self.timing.begin_step()
                 parts, state_finite = self.step(images, labels)
+                self.timing.end_step(time.perf_counter() - fetched)
                 seconds = time.perf_counter() - started
                 self.iteration += 1
                 distributed.report_progress(self.iteration, context)
@@ -764,7 +771,8 @@ class Trainer:
                 else:
                     consecutive_nonfinite = 0
                     if self.iteration % args.log_every == 0 or self.iteration == args.max_iterations:
-                        row = distributed.mean_across_ranks(parts, context)
+                        row = with_totals(distributed.mean_across_ranks({**parts, **self.timing.read()}, context),
+                                          context.world_size)
                         row.update(iteration=self.iteration, lr=self.scheduler.get_last_lr()[0], seconds=seconds)
                         self.record(row)
                     if progress is not None:
