@@ -184,8 +184,8 @@ def test_the_graph_holds_no_teacher_map_unless_teacher_projections_learn(project
 @pytest.mark.parametrize(
     "kwargs,shapes,pattern",
     [
-        ({}, ((2, 16, 8, 8), (3, 16, 8, 8)), r"\(2, 16, 8, 8\).*\(3, 16, 8, 8\).*batch or spatial"),
-        ({}, ((2, 16, 8, 8), (2, 16, 8, 9)), r"batch or spatial"),
+        ({}, ((2, 16, 8, 8), (3, 16, 8, 8)), r"\(2, 16, 8, 8\).*\(3, 16, 8, 8\).*batch size"),
+        ({}, ((2, 16, 8, 8), (2, 16, 8, 9)), r"differ in spatial size; pass resize="),
         ({}, ((2, 8, 8, 8), (2, 16, 8, 8)), r"feat_s \(2, 8, 8, 8\) has 8 channels.*16"),
         ({}, ((2, 16, 8, 8), (2, 32, 8, 8)), r"feat_t \(2, 32, 8, 8\) has 32 channels.*16"),
         ({}, ((2, 16, 4, 8), (2, 16, 4, 8)), r"grid \(5, 5\) is larger than the feature map \(4, 8\)"),

@@ -72,3 +72,47 @@ def test_batch_or_class_mismatch_is_refused_even_with_resize(s_shape, t_shape):
 def test_bad_resize_value():
     with pytest.raises(ValueError, match=r"resize='both' is not one of"):
         CWDLoss(resize="both")
+
+
+# ---- CSKDLoss --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resize", ["student", "teacher"])
+def test_cskd_loss_resizes_one_side(resize):
+    from cskd_kernels import CSKDLoss
+
+    loss = CSKDLoss(8, 16, grid=(2, 2), projection="fixed", resize=resize).double()
+    plain = CSKDLoss(8, 16, grid=(2, 2), projection="fixed").double()
+    plain.load_state_dict(loss.state_dict())
+    with torch.no_grad():
+        for module in (loss, plain):
+            module.gamma_cam.fill_(0.3)
+            module.gamma_pam.fill_(0.6)
+    feat_s = torch.randn(3, 8, 5, 6, dtype=torch.float64, requires_grad=True)  # stride 16
+    feat_t = torch.randn(3, 16, 10, 12, dtype=torch.float64)                  # stride 8
+    s_expected = feat_s.detach().clone().requires_grad_(True)
+    if resize == "student":
+        expected = plain(bilinear(s_expected, feat_t), feat_t)
+    else:
+        expected = plain(s_expected, bilinear(feat_t, s_expected))
+    out = loss(feat_s, feat_t)
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want)
+    out.loss.backward()
+    expected.loss.backward()
+    torch.testing.assert_close(feat_s.grad, s_expected.grad)
+    with CountResizes() as forward:
+        again = loss(feat_s, feat_t)
+    with CountResizes() as backward:
+        again.loss.backward()
+    assert sum(forward.calls.values()) == 1 and sum(backward.calls.values()) == (resize == "student")
+
+
+def test_cskd_loss_mismatch_without_resize_names_both_shapes():
+    from cskd_kernels import CSKDLoss
+
+    with pytest.raises(ValueError, match=r"CSKDLoss: feat_s \(3, 8, 5, 6\) and feat_t \(3, 16, 10, 12\) differ in "
+                                         r"spatial size; pass resize="):
+        CSKDLoss(8, 16, grid=(2, 2))(torch.randn(3, 8, 5, 6), torch.randn(3, 16, 10, 12))
+    with pytest.raises(ValueError, match=r"differ in batch size"):
+        CSKDLoss(8, 16, grid=(2, 2), resize="student")(torch.randn(3, 8, 5, 6), torch.randn(4, 16, 10, 12))

@@ -56,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cskd_kernels import reference
 from cskd_kernels._validation import accumulation_dtype, check_float_tensor, check_same_device, check_temperature
+from cskd_kernels.resize import check_resize, match_spatial_size
 from cskd_kernels.batch_gather import broadcast_from_first_rank, gather_batch, group_size
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.backend import resolve_backend
@@ -288,8 +289,9 @@ class CSKDLoss(nn.Module):
 
     def __init__(self, student_channels, teacher_channels, *, temperature=2.0, lambda_cam=0.3, lambda_pam=0.8,
                  grid=(5, 5), projection="resample", reduction=8, backend=None, generator=None,
-                 global_batch=False, process_group=None, similarity="cka", adapter=None):
+                 global_batch=False, process_group=None, similarity="cka", adapter=None, resize=None):
         super().__init__()
+        self.resize = check_resize(resize, "CSKDLoss")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity={similarity!r} is not one of {SIMILARITIES}")
         if similarity == "cka" and adapter is not None:
@@ -332,6 +334,7 @@ class CSKDLoss(nn.Module):
     def forward(self, feat_s, feat_t):
         self._check(feat_s, feat_t)
         feat_t = feat_t.detach()
+        feat_s, feat_t = match_spatial_size(feat_s, feat_t, self.resize, "CSKDLoss", names=("feat_s", "feat_t"))
         if self.global_batch:
             feat_s, feat_t = gather_batch(feat_s, self.process_group), gather_batch(feat_t, self.process_group)
         # The loss comes out in float32 at least (16-bit features under autocast included), like cka_loss.
@@ -487,10 +490,13 @@ class CSKDLoss(nn.Module):
         check_same_device(feat_s=feat_s, feat_t=feat_t)
         if feat_s.dim() != 4 or feat_t.dim() != 4:
             raise ValueError(f"feat_s {tuple(feat_s.shape)} and feat_t {tuple(feat_t.shape)} must be 4-D (B, C, H, W)")
-        if feat_s.shape[0] != feat_t.shape[0] or feat_s.shape[2:] != feat_t.shape[2:]:
-            raise ValueError(f"feat_s {tuple(feat_s.shape)} and feat_t {tuple(feat_t.shape)} differ in batch or spatial size")
+        if feat_s.shape[0] != feat_t.shape[0]:
+            raise ValueError(f"feat_s {tuple(feat_s.shape)} and feat_t {tuple(feat_t.shape)} differ in batch size")
+        if feat_s.shape[2:] != feat_t.shape[2:] and self.resize is None:
+            match_spatial_size(feat_s, feat_t, None, "CSKDLoss", names=("feat_s", "feat_t"))  # raises, naming both
         for name, t, expected in (("feat_s", feat_s, self.student_channels), ("feat_t", feat_t, self.teacher_channels)):
             if t.shape[1] != expected:
                 raise ValueError(f"{name} {tuple(t.shape)} has {t.shape[1]} channels, the loss was built for {expected}")
-        if self.grid is not None and (self.grid[0] > feat_s.shape[2] or self.grid[1] > feat_s.shape[3]):
-            raise ValueError(f"grid {self.grid} is larger than the feature map {tuple(feat_s.shape[2:])}")
+        size = tuple((feat_t if self.resize == "student" else feat_s).shape[2:])  # the size the loss runs at
+        if self.grid is not None and (self.grid[0] > size[0] or self.grid[1] > size[1]):
+            raise ValueError(f"grid {self.grid} is larger than the feature map {size}")
