@@ -6,11 +6,13 @@ It is meant for a GPU at 512x1024; these runs keep it working between GPU sessio
 import json
 
 import pytest
+import torch
 
 from benchmarks import step_fraction
 from conftest import requires_cuda
 
-TINY = ["--batch", "2", "--height", "64", "--width", "64", "--warmup", "0", "--repeats", "1"]
+# Batch 3: the CSKD loss's CKAs need at least 3 images (CSKDLoss refuses fewer).
+TINY = ["--batch", "3", "--height", "64", "--width", "64", "--warmup", "0", "--repeats", "1"]
 
 
 def _run(tmp_path, *args):
@@ -19,11 +21,30 @@ def _run(tmp_path, *args):
     return json.loads(out.read_text())
 
 
-def test_cpu_run_writes_every_timing(tmp_path):
-    result = _run(tmp_path, "--device", "cpu")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_run_writes_every_timing(tmp_path, precision):
+    result = _run(tmp_path, "--device", "cpu", "--precision", precision, "--warmup", "1")
+    assert result["precision"] == precision
     assert set(result["ms"]) == {"loss_fused", "loss_released", "step_cwd", "step_cskd"}
     assert all(ms > 0 for ms in result["ms"].values())
     assert result["loss_share_of_step"] == result["ms"]["loss_fused"] / result["ms"]["step_cskd"]
+    assert 0 < result["loss_share_in_step"] < 1  # the loss timed inside the step, as cskd-train logs it
+
+
+def test_bf16_runs_the_step_and_the_loss_under_autocast(tmp_path, monkeypatch):
+    """--precision bf16: the CSKD loss gets bfloat16 features in the step and alone, as in cskd-train."""
+    import cskd_kernels
+
+    seen = []
+    original = cskd_kernels.CSKDLoss.forward
+
+    def spy(self, feat_s, feat_t):
+        seen.append((feat_s.dtype, feat_t.dtype, torch.is_autocast_enabled("cpu")))
+        return original(self, feat_s, feat_t)
+
+    monkeypatch.setattr(cskd_kernels.CSKDLoss, "forward", spy)
+    _run(tmp_path, "--device", "cpu", "--precision", "bf16")
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, True)}
 
 
 @pytest.mark.compile

@@ -32,7 +32,7 @@ import cskd_kernels.released as released
 from cskd_train import train
 from cskd_train.cli import OneLineParser
 from cskd_train.datasets import NUM_CLASSES
-from cskd_train.precision import PRECISIONS
+from cskd_train.precision import PRECISIONS, autocast
 
 
 TIMING_SHAPES = {
@@ -114,11 +114,12 @@ def median_seconds(steps, warmup, repeats):
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
-def loss_step(loss_fn, feat_s, feat_t):
-    """One forward + backward of loss_fn(feat_s, feat_t) (a CSKDOutput or a tensor), as a callable."""
-
+def loss_step(loss_fn, feat_s, feat_t, precision="fp32"):
+    """One forward + backward of loss_fn(feat_s, feat_t) (a CSKDOutput or a tensor), as a callable; the forward
+    under cskd_train.precision.autocast(precision) (bf16: give it the bfloat16 features autocast makes)."""
     def step():
-        out = loss_fn(feat_s.clone().requires_grad_(True), feat_t)
+        with autocast(precision, feat_s.device):
+            out = loss_fn(feat_s.clone().requires_grad_(True), feat_t)
         (out.loss if hasattr(out, "loss") else out).backward()
 
     return step
@@ -186,13 +187,14 @@ def step_without_cskd_seconds(args, num_classes, warmup=2, repeats=10):
     return median_seconds({"step": step}, warmup, repeats)["step"]
 
 
-def training_step(student, teacher, objective, optimizer, images, labels):
-    """One whole training step as a callable: teacher forward (no grad), student forward, loss, backward, SGD."""
-
+def training_step(student, teacher, objective, optimizer, images, labels, precision="fp32"):
+    """One whole training step as a callable: teacher forward (no grad), student forward, loss, backward, SGD;
+    the forwards and the loss under cskd_train.precision.autocast(precision), as cskd-train --precision runs them."""
     def step():
-        with torch.no_grad():
-            teacher_out = teacher(images)
-        loss = objective(student(images), labels, teacher_out)["loss"]
+        with autocast(precision, images.device):
+            with torch.no_grad():
+                teacher_out = teacher(images)
+            loss = objective(student(images), labels, teacher_out)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
