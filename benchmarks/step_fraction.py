@@ -162,20 +162,33 @@ def main(argv=None):
         parser.error(str(error))
 
     ms, shares, graphs_error = {}, {}, None
+
+    def measured(name):
+        """Print a timing as it comes and write what is measured so far (a run stopped by a timeout keeps it)."""
+        print(f"measured {name}: {ms[name]:.2f} ms", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps({"partial": True, "batch": args.batch, "image": [args.height, args.width],
+                                            "precision": args.precision, "matmul_precision": args.matmul_precision,
+                                            "ms": ms, **shares}, indent=2))
+
     for kind in ("fused", "released"):
         ms[f"loss_{kind}"] = median_ms(loss_alone(kind, args, device), args.warmup, args.repeats, device)
+        measured(f"loss_{kind}")
     for distill in ("cwd", "cskd"):
         ms[f"step_{distill}"], share = step_ms_and_share(distill, args, device)
         if share is not None:
             shares["loss_share_in_step"] = share
+        measured(f"step_{distill}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.graphs:  # last, and a failure to compile costs only these two numbers
         try:
             ms["loss_fused_graphs"] = median_ms(loss_alone("fused_graphs", args, device), args.warmup, args.repeats,
                                                 device)
+            measured("loss_fused_graphs")
             ms["step_cskd_graphs"], shares["loss_share_in_step_graphs"] = step_ms_and_share(
                 "cskd", args, device, graphs=True)
+            measured("step_cskd_graphs")
         except Exception as error:  # noqa: BLE001 - reported in the results, the eager numbers stand
             graphs_error = f"{type(error).__name__}: {error}"
     result = {

@@ -8,7 +8,7 @@ import torch
 from cskd_kernels import CSKDLoss, reference
 from cskd_kernels.grid import CellLayout, chunk_sizes
 from cskd_kernels.modules.cskd_loss import draw_projections
-from conftest import fused_backends
+from conftest import fused_backends, requires_cuda, requires_extension
 
 
 def _backends():
@@ -107,6 +107,45 @@ def test_float32_fused_close_to_float64_reference():
     expected.loss.backward()
     torch.testing.assert_close(out.loss.double(), expected.loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(feat_s.grad.double(), feat_s64.grad, rtol=1e-3, atol=1e-4 * feat_s64.grad.abs().max().item())
+
+
+# Loss and feat_s gradient against float64: float32 (tf32x3 products on a GPU), and bfloat16 features under autocast.
+DEVICE_TOLERANCE = {"fp32": {"loss_atol": 1e-5, "grad_rtol_of_max": 1e-3},
+                    "bf16": {"loss_atol": 1e-2, "grad_rtol_of_max": 5e-2}}
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=requires_extension, id="cpu"),
+                                    pytest.param("cuda", marks=requires_cuda, id="cuda")])
+@pytest.mark.parametrize("grid", [(5, 5), None], ids=["grid5x5", "global"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_loss_close_to_float64_reference(device, grid, precision):
+    """The loss as cskd-train runs it (auto backend: Triton on CUDA; under autocast for bf16), grid and global,
+    against the float64 reference on the same (rounded) features; benchmarks/gpu_check.sh's quick plan runs it."""
+    b, cs, ct, h, w = 4, 32, 64, 16, 20
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    feat_s, feat_t = torch.randn(b, cs, h, w).to(dtype), torch.randn(b, ct, h, w).to(dtype)
+    loss = CSKDLoss(cs, ct, grid=grid, projection="fixed").to(device)
+    with torch.no_grad():
+        loss.gamma_cam.fill_(0.3)
+        loss.gamma_pam.fill_(0.4)
+    student = feat_s.to(device, copy=True).requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = loss(student, feat_t.to(device))
+    out.loss.backward()
+    reference_loss = CSKDLoss(cs, ct, grid=grid, projection="fixed", backend="reference").double()
+    reference_loss.load_state_dict(loss.state_dict())
+    student64 = feat_s.double().requires_grad_(True)
+    expected = reference_loss(student64, feat_t.double())
+    expected.loss.backward()
+    tolerance = DEVICE_TOLERANCE[precision]
+    for name, got, want in zip(out._fields, out, expected):
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got.cpu().double(), want, rtol=0, atol=tolerance["loss_atol"],
+                                   msg=lambda m: f"{name}: {m}")
+    assert student.grad.dtype == dtype
+    scale = student64.grad.abs().max()
+    error = (student.grad.cpu().double() - student64.grad).abs().max()
+    assert error <= tolerance["grad_rtol_of_max"] * scale, f"feat_s gradient off by {error} (largest {scale})"
 
 
 def test_teacher_features_get_no_gradient():

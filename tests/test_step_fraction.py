@@ -70,3 +70,20 @@ def test_a_compile_failure_keeps_the_eager_numbers(tmp_path, monkeypatch):
     assert result["graphs_error"] == "RuntimeError: inductor says no"
     assert {"loss_fused", "loss_released", "step_cwd", "step_cskd"} <= set(result["ms"])
     assert "loss_share_of_step_graphs" not in result
+
+
+def test_a_run_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch):
+    """Each timing is written to --out as it comes (gpu_check.sh's time budgets may stop a run)."""
+    def stop(distill, args, device, graphs=False):
+        if distill == "cskd":
+            raise KeyboardInterrupt  # as a timeout's signal would stop it
+        return original(distill, args, device, graphs)
+
+    original = step_fraction.step_ms_and_share
+    monkeypatch.setattr(step_fraction, "step_ms_and_share", stop)
+    out = tmp_path / "fraction.json"
+    with pytest.raises(KeyboardInterrupt):
+        step_fraction.main([*TINY, "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["partial"] is True
+    assert set(result["ms"]) == {"loss_fused", "loss_released", "step_cwd"}
