@@ -50,7 +50,7 @@ setup(
         # The training application (python/cskd_train): cskd-train, cskd-eval, cskd-demo.
         "train": ["timm>=1.0", "torchvision", "torchmetrics>=1.0", "tqdm", "matplotlib", "Pillow"],
         # examples/ (tests/test_examples.py): CSKD with the libraries users train with.
-        "examples": ["torchvision", "segmentation-models-pytorch>=0.3", "lightning>=2.1"],
+        "examples": ["torchvision", "segmentation-models-pytorch>=0.3", "lightning>=2.1", "torchdistill>=1.0"],
     },
     entry_points={
         "console_scripts": [

@@ -63,3 +63,11 @@ def test_lightning_ddp_synchronises_the_loss_parameters():
     assert sorted(rank for rank, _, _ in gammas) == ["0", "1"], result.stdout[-2000:]
     (_, cam0, pam0), (_, cam1, pam1) = gammas
     assert (cam0, pam0) == (cam1, pam1) and float(cam0) != 0.0  # moved, and the same on both ranks
+
+
+def test_torchdistill_yaml_hooks_and_registered_loss():
+    pytest.importorskip("torchdistill")
+    losses, cskd_term = load("torchdistill_cskd").main(["--steps", "2", "--batch", "3", "--size", "96"])
+    assert_distilled(losses, 2)
+    # The gammas live in the criterion; added to torchdistill's optimiser, they moved from 0.
+    assert cskd_term.cskd.gamma_cam.item() != 0 and cskd_term.cskd.gamma_pam.item() != 0
