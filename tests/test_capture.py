@@ -148,3 +148,15 @@ def test_ddp_model_names_as_written(tmp_path):
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_the_benchmarked_capture_point_is_the_returned_feature_map():
+    """benchmarks/capture_overhead.py compares the two ways of getting the same map."""
+    import train_support  # noqa: F401  (cskd_train on the path)
+    from benchmarks.capture_overhead import FEATURES
+    from cskd_train.models import build_model
+
+    model = build_model("deeplabv3_resnet18", 5)
+    with capture_features(model, FEATURES) as feats:
+        out = model(torch.randn(2, 3, 40, 40))
+        assert feats.output is out.features
