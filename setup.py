@@ -54,9 +54,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "cskd-train=cskd_train.train:main",
-            "cskd-eval=cskd_train.evaluate:main",
-            "cskd-demo=cskd_train.demo:main",
+            # Through cskd_train.commands: without the train extra, one line says what to install.
+            "cskd-train=cskd_train.commands:train",
+            "cskd-eval=cskd_train.commands:evaluate",
+            "cskd-demo=cskd_train.commands:demo",
         ]
     },
     ext_modules=ext_modules,

@@ -44,6 +44,10 @@ def default_backend():
     return name
 
 
+# A bad CSKD_BACKEND is refused when the package is imported, not at the first call of an op.
+default_backend()
+
+
 def triton_interpreting():
     """True when Triton kernels run on the CPU through its interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
