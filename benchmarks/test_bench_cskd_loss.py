@@ -13,6 +13,12 @@ which replays the whole loss as CUDA graphs (the eager loss is bound by the
 host's launches on a GPU; this measures what graphs recover). Global mode
 (grid=None) runs only on the fused backends: the released formulation and
 the reference need an 8192 x 8192 map per image. The floor is FLOPs (counted below) / float32 matmul rate.
+
+The MSE variants (``-k mse``): the released CriterionSA modes CAM_MSE,
+gridPAM_MSE and separately_CAMgridPAM_MSE (cskd_kernels.released.criterion_sa,
+a fresh adapter Conv2d and per-cell PAM_Modules every call, nn.MSELoss)
+against CSKDLoss(similarity="mse", adapter="resample") with the same lambdas
+(1 / 0, 0 / 1, 0.3 / 0.8) on the reference ops and the fused kernels.
 """
 
 import pytest
@@ -70,6 +76,43 @@ def _workload(provider, grid, device):
     return Workload(forward=forward, grad_inputs=(feat_s, loss.gamma_cam, loss.gamma_pam))
 
 
+# The released MSE modes: (lambda_cam, lambda_pam), the mode's name in the released code.
+MSE_MODES = {"cam_mse": (1.0, 0.0, "CAM_MSE"), "grid5x5_pam_mse": (0.0, 1.0, "gridPAM_MSE"),
+             "grid5x5_mse": (0.3, 0.8, "separately_CAMgridPAM_MSE")}
+
+
+def _mse_workload(provider, variant, device):
+    lambda_cam, lambda_pam, mode = MSE_MODES[variant]
+    feat_s, feat_t = _features(device)
+    if provider == "released":
+        gammas = torch.full((2,), 0.1, device=device, requires_grad=True)
+
+        def forward():
+            parts = released.criterion_sa(feat_s, feat_t, gammas[:1], gammas[1:], mode, temperature=2.0)
+            if isinstance(parts, tuple):
+                return lambda_cam * parts[0] + lambda_pam * parts[1]
+            return parts
+        return Workload(forward=forward, grad_inputs=(feat_s, gammas))
+    loss = CSKDLoss(CS, CT, grid=(5, 5), similarity="mse", lambda_cam=lambda_cam, lambda_pam=lambda_pam,
+                    backend=provider).to(device)
+    with torch.no_grad():
+        loss.gamma_cam.fill_(0.1)
+        loss.gamma_pam.fill_(0.1)
+    return Workload(forward=lambda: loss(feat_s, feat_t).loss, grad_inputs=(feat_s, loss.gamma_cam, loss.gamma_pam))
+
+
+def build_cam_mse(provider, x, device):
+    return _mse_workload(provider, "cam_mse", device)
+
+
+def build_grid_pam_mse(provider, x, device):
+    return _mse_workload(provider, "grid5x5_pam_mse", device)
+
+
+def build_grid_mse(provider, x, device):
+    return _mse_workload(provider, "grid5x5_mse", device)
+
+
 def build_grid(provider, x, device):
     return _workload(provider, (5, 5), device)
 
@@ -84,24 +127,28 @@ def _attention_flops(cells, positions, d, cv, with_backward):
     return B * cells * per_cell
 
 
-def flops_for(grid):
+def flops_for(grid, cs=CS, cam=True, pam=True, adapter=False):
+    """``cs``: the student width the attention runs at (CT after the MSE variants' adapter, which ``adapter`` adds)."""
     n = H * W
     cells, positions = (25, (H // 5 + 1) * (W // 5 + 1)) if grid else (1, n)
 
     def flops(x, mode):
         # Channel attention: forward E and A X; backward of the student three products, the teacher one.
-        cam_forward = 4 * n * (CS**2 + CT**2) * B
-        cam_backward = 2 * n * (3 * CS**2 + CT**2) * B
+        cam_forward = 4 * n * (cs**2 + CT**2) * B * cam
+        cam_backward = 2 * n * (3 * cs**2 + CT**2) * B * cam
         # 1x1 projections C -> C/8, C/8, C; the student's input gradient costs the same again.
-        projection_forward = 2 * n * B * 1.25 * (CS**2 + CT**2)
-        projection_backward = 2 * n * B * 1.25 * CS**2
-        attention_forward = _attention_flops(cells, positions, CS // 8, CS, False) + _attention_flops(
-            cells, positions, CT // 8, CT, False)
-        attention_full = _attention_flops(cells, positions, CS // 8, CS, True) + _attention_flops(
-            cells, positions, CT // 8, CT, False)
-        forward = cam_forward + projection_forward + attention_forward
+        projection_forward = 2 * n * B * 1.25 * (cs**2 + CT**2) * pam
+        projection_backward = 2 * n * B * 1.25 * cs**2 * pam
+        attention_forward = (_attention_flops(cells, positions, cs // 8, cs, False) + _attention_flops(
+            cells, positions, CT // 8, CT, False)) * pam
+        attention_full = (_attention_flops(cells, positions, cs // 8, cs, True) + _attention_flops(
+            cells, positions, CT // 8, CT, False)) * pam
+        # The adapter CS -> CT: its product, and the same again for the input gradient.
+        adapter_forward = 2 * n * B * CS * CT * adapter
+        forward = cam_forward + projection_forward + attention_forward + adapter_forward
         return {"forward": forward,
-                "full": cam_forward + cam_backward + projection_forward + projection_backward + attention_full}[mode]
+                "full": forward + cam_backward + projection_backward + attention_full - attention_forward
+                + adapter_forward}[mode]
 
     return flops
 
@@ -113,6 +160,16 @@ CASES = declare_cases(
 ) + declare_cases(
     op="cskd_loss", case="released_config_global", providers=("cpu", "triton", "triton-graphs"),
     modes=("full",), xs=(H * W,), x_name="N", build=build_global, flops=flops_for(None),
+) + declare_cases(
+    op="cskd_loss", case="released_config_grid5x5_mse", providers=("released", "reference", "cpu", "triton"),
+    modes=("full",), xs=(H * W,), x_name="N", build=build_grid_mse, flops=flops_for((5, 5), CT, adapter=True),
+) + declare_cases(
+    op="cskd_loss", case="released_config_cam_mse", providers=("released", "reference", "cpu", "triton"),
+    modes=("full",), xs=(H * W,), x_name="N", build=build_cam_mse, flops=flops_for((5, 5), CT, pam=False, adapter=True),
+) + declare_cases(
+    op="cskd_loss", case="released_config_grid5x5_pam_mse", providers=("released", "reference", "cpu", "triton"),
+    modes=("full",), xs=(H * W,), x_name="N", build=build_grid_pam_mse,
+    flops=flops_for((5, 5), CT, cam=False, adapter=True),
 )
 
 

@@ -159,6 +159,23 @@ def mse_position_weights(height, width, grid, batch, channels, *, device=None, d
     return weights.to(device=device, dtype=dtype)
 
 
+def _adapted_channel_attention(x, weight, gamma, temperature):
+    """CAM(W x) = g A X + X with X = W x, as ((g A + I) W) x: no C_t x N product but the last.
+
+    E = X X^T = W (x x^T) W^T, so the Gram runs at the student's width C_s, and
+    g A X + X = (g A W + W) x is one (C_t x C_s) by (C_s x N) product per image,
+    the adapter's own cost: about a third of the products of adapting and then
+    taking CAM at C_t (forward and backward; autograd through batched products).
+    """
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    gram = torch.bmm(flat, flat.transpose(1, 2))
+    energy = torch.matmul(torch.matmul(weight, gram), weight.t())
+    attention = torch.softmax((energy.amax(dim=-1, keepdim=True).detach() - energy) / temperature, dim=-1)
+    mix = torch.addcmul(weight, gamma.to(x.dtype), torch.matmul(attention, weight))  # g A W + W
+    return torch.bmm(mix, flat).view(b, weight.shape[0], h, w)
+
+
 # Elements of one chunk of _AttentionMSE's elementwise pass, per device type: on the CPU a few
 # cache-sized chunks with reused scratch buffers (fresh map-sized temporaries cost page faults and
 # memory passes); elsewhere the whole map at once (a GPU pays per launch, not per temporary).
@@ -341,7 +358,9 @@ class CSKDLoss(nn.Module):
         loss_dtype = accumulation_dtype(feat_s.dtype, feat_t.dtype)
         do_cam, do_pam = self.lambda_cam != 0, self.lambda_pam != 0
         if self.similarity == "mse":
-            cam, pam = self._mse_parts(feat_s, feat_t, do_cam, do_pam)
+            # Its products in the features' own dtype (the kernels ignore autocast; so does this path).
+            with torch.autocast(feat_s.device.type, enabled=False):
+                cam, pam = self._mse_parts(feat_s, feat_t, do_cam, do_pam)
         else:
             self._check_samples(feat_s, feat_t)
             cam, pam = self._cka_parts(feat_s, feat_t, do_cam, do_pam, loss_dtype)
@@ -396,7 +415,12 @@ class CSKDLoss(nn.Module):
         if not (do_cam or do_pam):
             return cam, pam
         # Drawn in the released order: the adapter, then the student's projections, then the teacher's.
-        adapted = StudentAdapter.apply_to(feat_s, self.adapter.weights(self.generator, feat_s))
+        adapter = self.adapter.weights(self.generator, feat_s)
+        # The fused backends take the student's CAM through the adapter's factors (below) in 32 and 64
+        # bits when that is cheaper; then the CAM alone needs no adapted map.
+        factored = (do_cam and resolve_backend(self.backend, feat_s) != "reference"
+                    and feat_s.dtype in (torch.float32, torch.float64) and adapter.shape[1] <= adapter.shape[0])
+        adapted = StudentAdapter.apply_to(feat_s, adapter) if do_pam or not factored else None
         if do_pam:
             cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
             weights_s = self.student_projection.weights(cells, self.generator, adapted)
@@ -414,7 +438,10 @@ class CSKDLoss(nn.Module):
             with torch.no_grad():  # the teacher's Y = CAM with gamma 1, minus x: a constant
                 y_t = self._channel_attention(feat_t, torch.ones(1, dtype=feat_t.dtype, device=feat_t.device))
                 y_t = y_t.sub_(feat_t)
-            cam_s = self._channel_attention(adapted, self.gamma_cam)
+            if factored:
+                cam_s = _adapted_channel_attention(feat_s, adapter, self.gamma_cam, self.temperature)
+            else:
+                cam_s = self._channel_attention(adapted, self.gamma_cam)
             cam = _AttentionMSE.apply(self.gamma_cam, cam_s, None, feat_t, y_t, 1.0 / feat_t.numel())
         return cam, pam
 
