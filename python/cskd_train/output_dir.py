@@ -12,6 +12,7 @@ again if the run leaves them empty (a refused run writes nothing).
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -171,11 +172,15 @@ def refuse_used_directory(directory, resume, overwrite):
         )
 
 
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard's event files
+
+
 def remove_run_files(directory):
     """--overwrite: the old run's files go before the new run writes, so none of them mixes with it."""
     for name in OVERWRITTEN_FILES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
+    shutil.rmtree(os.path.join(directory, TENSORBOARD_DIR), ignore_errors=True)
 
 
 def remove_stale_temporaries(directory, now=None):

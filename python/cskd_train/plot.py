@@ -15,7 +15,7 @@ def read_metrics(path):
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def plot_curves(metrics_path, png_path):
+def plot_curves(metrics_path, png_path, title=None):
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "miou" in r]
@@ -31,6 +31,8 @@ def plot_curves(metrics_path, png_path):
         miou_axes.plot([r["iteration"] for r in val], [r["miou"] for r in val], marker="o")
     miou_axes.set_xlabel("iteration")
     miou_axes.set_ylabel("validation mIoU")
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     plt.close(figure)

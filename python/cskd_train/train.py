@@ -46,7 +46,7 @@ from cskd_train.models import MODEL_NAMES, build_model, feature_channels
 from cskd_train.objective import DISTILL_MODES, MIN_SAMPLES, Objective, ObjectiveConfig
 from cskd_train.precision import PRECISIONS, PrecisionError, autocast, check_precision, grad_scaler, resolve_device
 from cskd_train.throughput import StepTiming, with_totals
-from cskd_train.output_dir import OutputDirError, claim_output_dir, reason, remove_run_files, warn
+from cskd_train.output_dir import TENSORBOARD_DIR, OutputDirError, claim_output_dir, reason, remove_run_files, warn
 from cskd_train.transforms import NORMALIZATIONS, SeededSampler, TrainTransform, Transformed
 
 
@@ -169,6 +169,9 @@ def build_parser():
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     run.add_argument("--no-plot", action="store_true", help="no curves.png at the end")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write metrics.jsonl's scalars as TensorBoard event files (OUTPUT/tensorboard/; "
+                          "needs the tensorboard package)")
     return p
 
 
@@ -183,6 +186,11 @@ def parse_args(argv=None):
     for name in ("max_iterations", "batch_size", "log_every", "val_every", "max_nonfinite"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     if not args.ddp_timeout > 0:
         raise TrainingError(f"--ddp-timeout must be > 0 seconds, got {args.ddp_timeout}")
     if args.checkpoint_every is None:
@@ -446,6 +454,8 @@ class Trainer:
         self.objective = objective
         # images/s and the CSKD loss's share of the step, in each logged row (cskd_train/throughput.py)
         self.timing = StepTiming(context.device, args.batch_size)
+        self.tensorboard = None  # a SummaryWriter once the run writes, with --tensorboard (rank 0)
+        self.progress = None
         objective.cskd_timing = self.timing
         self.optimizer = torch.optim.SGD(
             self.step_module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
@@ -604,6 +614,10 @@ class Trainer:
     def record(self, row):
         with self.writing(self.log.path):
             self.log.write(row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, row["iteration"])
 
     # ---- finiteness of what a checkpoint saves ---------------------------------------------------
 
@@ -702,6 +716,7 @@ class Trainer:
         if miou > self.best_miou:
             self.best_miou = miou
             self.save(self.best_path)
+        self.report(f"iteration {self.iteration}: validation mIoU {miou:.4f} (best {self.best_miou:.4f})")
         return miou
 
     # ---- the loop ----------------------------------------------------------
@@ -711,6 +726,8 @@ class Trainer:
             return self.run_loop()
         finally:
             self.log.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def start_writing(self):
         """The first writes of the run, after everything was read and checked."""
@@ -723,13 +740,20 @@ class Trainer:
                 write_atomic(config_path, lambda handle: handle.write(config))
             with self.writing(self.log.path):
                 self.log.open()
+            if self.args.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step: on resume, TensorBoard hides the old events past the checkpoint's iteration,
+                # as metrics.jsonl drops its rows past it.
+                self.tensorboard = SummaryWriter(os.path.join(self.output_dir, TENSORBOARD_DIR),
+                                                 purge_step=self.iteration + 1 if self.resumed else None)
 
     def run_loop(self):
         args, context = self.args, self.context
         self.start_writing()
         batches_per_epoch = self.sampler.num_samples // args.batch_size
         batches = train_batches(self.train_loader, self.sampler, self.iteration, batches_per_epoch)
-        progress = self.progress_bar()
+        progress = self.progress = self.progress_bar()
         consecutive_nonfinite = 0
         stop_at = args.max_iterations if args.stop_after is None else min(
             args.max_iterations, self.start_iteration + args.stop_after)
@@ -739,6 +763,7 @@ class Trainer:
                 fetched = time.perf_counter()
                 images, labels = next(batches)
                 images, labels = images.to(context.device, non_blocking=True), labels.to(context.device)
+                lr = self.optimizer.param_groups[0]["lr"]  # the step's learning rate (the scheduler moves it after)
                 started = time.perf_counter()
                 self.timing.begin_step()
                 parts, state_finite = self.step(images, labels)
@@ -773,7 +798,7 @@ class Trainer:
                     if self.iteration % args.log_every == 0 or self.iteration == args.max_iterations:
                         row = with_totals(distributed.mean_across_ranks({**parts, **self.timing.read()}, context),
                                           context.world_size)
-                        row.update(iteration=self.iteration, lr=self.scheduler.get_last_lr()[0], seconds=seconds)
+                        row.update(iteration=self.iteration, lr=lr, seconds=seconds)
                         self.record(row)
                     if progress is not None:
                         progress.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
@@ -797,7 +822,9 @@ class Trainer:
         if context.is_main and self.iteration == args.max_iterations and not args.no_plot:
             from cskd_train.plot import plot_curves
 
-            plot_curves(self.log.path, os.path.join(self.output_dir, "curves.png"))
+            title = (f"{os.path.basename(os.path.abspath(self.output_dir))}: {args.model}, --distill {args.distill}, "
+                     f"iteration {self.iteration}")
+            plot_curves(self.log.path, os.path.join(self.output_dir, "curves.png"), title=title)
         return self.best_miou
 
     def progress_bar(self):
@@ -807,6 +834,14 @@ class Trainer:
 
         return tqdm(total=self.args.max_iterations, initial=self.iteration, desc="train", unit="it",
                     dynamic_ncols=True)
+
+    def report(self, text):
+        """A progress line on stdout (rank 0), above the progress bar when there is one."""
+        if self.context.is_main:
+            if getattr(self, "progress", None) is not None:
+                self.progress.write(f"cskd-train: {text}", file=sys.stdout)
+            else:
+                print(f"cskd-train: {text}", flush=True)
 
     def message(self, text):
         if self.context.is_main:
