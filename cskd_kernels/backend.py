@@ -53,8 +53,22 @@ def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _torch_mismatch():
+    """The message for an extension built against another torch minor version than the one installed, or None."""
+    try:
+        from cskd_kernels._build_info import TORCH_VERSION as built
+    except ImportError:  # no record of a build
+        return None
+    if built.split(".")[:2] == torch.__version__.split(".")[:2]:
+        return None
+    return f"it was built against torch {built}, but torch {torch.__version__} is installed"
+
+
 @functools.lru_cache(maxsize=None)
 def _load_extension():
+    mismatch = _torch_mismatch()
+    if mismatch is not None:
+        return None, ImportError(mismatch)
     try:
         return importlib.import_module("cskd_kernels._C"), None
     except ImportError as error:  # not built (CSKD_SKIP_EXTENSION=1) or broken
