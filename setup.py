@@ -79,6 +79,7 @@ setup(
             "cskd-train=cskd_train.commands:train",
             "cskd-eval=cskd_train.commands:evaluate",
             "cskd-demo=cskd_train.commands:demo",
+            "cskd-ablate=cskd_train.commands:ablate",
         ]
     },
     ext_modules=ext_modules,

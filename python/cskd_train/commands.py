@@ -30,3 +30,7 @@ def evaluate():
 
 def demo():
     return _run("cskd-demo", "cskd_train.demo")
+
+
+def ablate():
+    return _run("cskd-ablate", "cskd_train.ablation")
