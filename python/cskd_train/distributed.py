@@ -39,7 +39,7 @@ def setup(device_arg, timeout_seconds=300.0):
 
     ``timeout_seconds`` bounds every collective: a rank that stops answering
     (frozen, not dead) makes the others fail after it rather than after
-    gloo's default of 30 minutes (see stalled_ranks for the message).
+    gloo's default of 30 minutes (see stalled_ranks_message).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -63,11 +63,7 @@ def teardown(context):
 
 def any_across_ranks(flag, context):
     """True on every rank if flag is True on any rank (a stop or skip decision all ranks must share)."""
-    if not context.distributed:
-        return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0], device=context.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(max_across_ranks(1 if flag else 0, context))
 
 
 def max_across_ranks(value, context):
