@@ -1,4 +1,4 @@
-"""The whole CSKD loss, forward + backward, at the released configuration.
+"""The whole CSKD loss, forward + backward, at every shape the released scripts train with.
 
 Student DeepLabV3-R18 features (8, 128, 64, 128) requiring grad, teacher R101
 features (8, 256, 64, 128), temperature 2, lambdas 0.3 / 0.8, projection
@@ -14,6 +14,13 @@ host's launches on a GPU; this measures what graphs recover). Global mode
 (grid=None) runs only on the fused backends: the released formulation and
 the reference need an 8192 x 8192 map per image. The floor is FLOPs (counted below) / float32 matmul rate.
 
+The other released shapes (SHAPES; the cases are named after them), CKA, grid
+5x5: the demo (48x48 scenes: 6x6 features, 128 / 128 channels, a 5x5 grid that
+torch.chunk cuts into 3x3 cells of 2x2), CamVid (360x360 crops: 45x45), Pascal
+VOC (512x512 crops: 64x64), and the PSPNet-R101 teacher (512 channels) with an
+R18 student at Cityscapes' 64x128; global mode at CamVid too, where the released
+formulation's 2025 x 2025 map per image fits.
+
 The MSE variants (``-k mse``): the released CriterionSA modes CAM_MSE,
 gridPAM_MSE and separately_CAMgridPAM_MSE (cskd_kernels.released.criterion_sa,
 a fresh adapter Conv2d and per-cell PAM_Modules every call, nn.MSELoss)
@@ -21,20 +28,42 @@ against CSKDLoss(similarity="mse", adapter="resample") with the same lambdas
 (1 / 0, 0 / 1, 0.3 / 0.8) on the reference ops and the fused kernels.
 """
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
 from benchmarks.harness import Workload, declare_cases
 from cskd_train.objective import compile_loss_module
 from cskd_kernels import CSKDLoss, reference, released
+from cskd_kernels.grid import chunk_sizes
 from cskd_kernels.modules.cskd_loss import draw_projections
 
 B, CS, CT, H, W = 8, 128, 256, 64, 128
 
 
-def _features(device):
-    feat_s = torch.randn(B, CS, H, W, device=device, requires_grad=True)
-    feat_t = torch.randn(B, CT, H, W, device=device)
+class Shape(NamedTuple):
+    """The loss's inputs: batch, student and teacher channels, feature map height and width."""
+    b: int
+    cs: int
+    ct: int
+    h: int
+    w: int
+
+
+CITYSCAPES = Shape(B, CS, CT, H, W)
+# Each released training shape at the loss: the features of a crop at output stride 8.
+SHAPES = {
+    "demo_6x6": Shape(8, 128, 128, 6, 6),
+    "camvid_45x45": Shape(8, 128, 256, 45, 45),
+    "voc_64x64": Shape(8, 128, 256, 64, 64),
+    "cityscapes_r101psp_512": Shape(8, 128, 512, 64, 128),
+}
+
+
+def _features(device, shape=CITYSCAPES):
+    feat_s = torch.randn(shape.b, shape.cs, shape.h, shape.w, device=device, requires_grad=True)
+    feat_t = torch.randn(shape.b, shape.ct, shape.h, shape.w, device=device)
     return feat_s, feat_t
 
 
@@ -45,15 +74,15 @@ def _compiled_reference(grid):
     return torch.compile(loss, dynamic=False)
 
 
-def _workload(provider, grid, device):
-    feat_s, feat_t = _features(device)
+def _workload(provider, grid, device, shape=CITYSCAPES):
+    feat_s, feat_t = _features(device, shape)
     if provider == "compile":
         gammas = torch.full((2,), 0.1, device=device, requires_grad=True)
-        compiled, cells = _compiled_reference(grid), 25 if grid else 1
+        compiled, cells = _compiled_reference(grid), _cell_positions(shape, grid)[0]
         def forward():
             # "resample": fresh projections every call, per side and per cell, drawn outside the graph.
-            weights_s = draw_projections(CS, 8, cells, device=device)
-            weights_t = draw_projections(CT, 8, cells, device=device)
+            weights_s = draw_projections(shape.cs, 8, cells, device=device)
+            weights_t = draw_projections(shape.ct, 8, cells, device=device)
             return compiled(feat_s, feat_t, gammas[:1], gammas[1:], weights_s, weights_t)
         return Workload(forward=forward, grad_inputs=(feat_s, gammas))
     if provider == "released":
@@ -61,7 +90,7 @@ def _workload(provider, grid, device):
         def forward():
             return released.cskd_loss(feat_s, feat_t, gammas[:1], gammas[1:], grid=grid)
         return Workload(forward=forward, grad_inputs=(feat_s, gammas))
-    loss = CSKDLoss(CS, CT, grid=grid, backend=provider.removesuffix("-graphs")).to(device)
+    loss = CSKDLoss(shape.cs, shape.ct, grid=grid, backend=provider.removesuffix("-graphs")).to(device)
     with torch.no_grad():
         loss.gamma_cam.fill_(0.1)
         loss.gamma_pam.fill_(0.1)
@@ -121,36 +150,66 @@ def build_global(provider, x, device):
     return _workload(provider, None, device)
 
 
-def _attention_flops(cells, positions, d, cv, with_backward):
-    # Forward 2 N^2 (d + Cv); forward + backward with recomputation 2 N^2 (4d + 3Cv), per image and cell.
-    per_cell = 2 * positions**2 * ((4 * d + 3 * cv) if with_backward else (d + cv))
-    return B * cells * per_cell
+def _builder(shape, grid):
+    """The build function of one shape's case (the memory worker rebuilds the case from its id)."""
+    def build(provider, x, device):
+        return _workload(provider, grid, device, shape)
+    return build
 
 
-def flops_for(grid, cs=CS, cam=True, pam=True, adapter=False):
-    """``cs``: the student width the attention runs at (CT after the MSE variants' adapter, which ``adapter`` adds)."""
-    n = H * W
-    cells, positions = (25, (H // 5 + 1) * (W // 5 + 1)) if grid else (1, n)
+def _cell_positions(shape, grid):
+    """(cells, [positions of each cell]): the cells torch.chunk cuts, as the loss and the released code do."""
+    if grid is None:
+        return 1, [shape.h * shape.w]
+    positions = [rows * cols for rows in chunk_sizes(shape.h, grid[0]) for cols in chunk_sizes(shape.w, grid[1])]
+    return len(positions), positions
+
+
+def _attention_flops(shape, grid, d, cv, with_backward):
+    # Forward 2 n^2 (d + Cv); forward + backward with recomputation 2 n^2 (4d + 3Cv), per image and cell of n
+    # positions: the true chunk sizes (the shorter last row and column of cells do less).
+    squares = sum(n**2 for n in _cell_positions(shape, grid)[1])
+    return shape.b * squares * 2 * ((4 * d + 3 * cv) if with_backward else (d + cv))
+
+
+def flops_for(grid, cs=None, cam=True, pam=True, adapter=False, shape=CITYSCAPES):
+    """FLOPs of the loss at ``shape`` (default Cityscapes), as the harness's function of (x, mode).
+
+    ``cs``: the student width the attention runs at (default the shape's; the
+    teacher's after the MSE variants' adapter, which ``adapter`` adds).
+    """
+    b, ct, n = shape.b, shape.ct, shape.h * shape.w
+    cs = shape.cs if cs is None else cs
 
     def flops(x, mode):
         # Channel attention: forward E and A X; backward of the student three products, the teacher one.
-        cam_forward = 4 * n * (cs**2 + CT**2) * B * cam
-        cam_backward = 2 * n * (3 * cs**2 + CT**2) * B * cam
+        cam_forward = 4 * n * (cs**2 + ct**2) * b * cam
+        cam_backward = 2 * n * (3 * cs**2 + ct**2) * b * cam
         # 1x1 projections C -> C/8, C/8, C; the student's input gradient costs the same again.
-        projection_forward = 2 * n * B * 1.25 * (cs**2 + CT**2) * pam
-        projection_backward = 2 * n * B * 1.25 * cs**2 * pam
-        attention_forward = (_attention_flops(cells, positions, cs // 8, cs, False) + _attention_flops(
-            cells, positions, CT // 8, CT, False)) * pam
-        attention_full = (_attention_flops(cells, positions, cs // 8, cs, True) + _attention_flops(
-            cells, positions, CT // 8, CT, False)) * pam
+        projection_forward = 2 * n * b * 1.25 * (cs**2 + ct**2) * pam
+        projection_backward = 2 * n * b * 1.25 * cs**2 * pam
+        attention_forward = (_attention_flops(shape, grid, cs // 8, cs, False)
+                             + _attention_flops(shape, grid, ct // 8, ct, False)) * pam
+        attention_full = (_attention_flops(shape, grid, cs // 8, cs, True)
+                          + _attention_flops(shape, grid, ct // 8, ct, False)) * pam
         # The adapter CS -> CT: its product, and the same again for the input gradient.
-        adapter_forward = 2 * n * B * CS * CT * adapter
+        adapter_forward = 2 * n * b * shape.cs * ct * adapter
         forward = cam_forward + projection_forward + attention_forward + adapter_forward
         return {"forward": forward,
                 "full": forward + cam_backward + projection_backward + attention_full - attention_forward
                 + adapter_forward}[mode]
 
     return flops
+
+
+def _shape_cases(name, grid, providers):
+    """One released shape's CKA case, named after the shape and the grid (e.g. camvid_45x45_grid5x5)."""
+    shape = SHAPES[name]
+    return declare_cases(
+        op="cskd_loss", case=f"{name}_grid{grid[0]}x{grid[1]}" if grid else f"{name}_global", providers=providers,
+        modes=("full",), xs=(shape.h * shape.w,), x_name="N", build=_builder(shape, grid),
+        flops=flops_for(grid, shape=shape),
+    )
 
 
 CASES = declare_cases(
@@ -170,7 +229,8 @@ CASES = declare_cases(
     op="cskd_loss", case="released_config_grid5x5_pam_mse", providers=("released", "reference", "cpu", "triton"),
     modes=("full",), xs=(H * W,), x_name="N", build=build_grid_pam_mse,
     flops=flops_for((5, 5), CT, cam=False, adapter=True),
-)
+) + [case for name in SHAPES for case in _shape_cases(name, (5, 5), ("released", "reference", "cpu", "triton"))
+     ] + _shape_cases("camvid_45x45", None, ("released", "cpu", "triton"))
 
 
 @pytest.mark.parametrize("case", CASES)
