@@ -160,16 +160,21 @@ def test_released_mode(backend, dtype, mode, adapter, monkeypatch):
 
 @pytest.mark.parametrize("backend,dtype", [p for p in _backends() if p.id != "reference"])
 @pytest.mark.parametrize("grid", [(5, 5), None], ids=["grid5x5", "global"])
-def test_learned_projections_match_the_reference_backend(backend, dtype, grid):
-    """Learned projections and adapter: the fused backends against the reference ops, loss and every gradient."""
-    feat_s = torch.randn(B, CS, H, W, dtype=dtype, requires_grad=True)
-    feat_t = torch.randn(B, CT, H, W, dtype=dtype)
-    fused = CSKDLoss(CS, CT, grid=grid, similarity="mse", adapter="learned", projection="learned",
+@pytest.mark.parametrize("cs,ct", [(CS, CT), (CT, CS)], ids=["widening", "narrowing"])
+def test_learned_projections_match_the_reference_backend(backend, dtype, grid, cs, ct):
+    """Learned projections and adapter: the fused backends against the reference ops, loss and every gradient.
+
+    A widening adapter takes the fused path's folded branches (the student's attention at its own width),
+    a narrowing one the adapted map's.
+    """
+    feat_s = torch.randn(B, cs, H, W, dtype=dtype, requires_grad=True)
+    feat_t = torch.randn(B, ct, H, W, dtype=dtype)
+    fused = CSKDLoss(cs, ct, grid=grid, similarity="mse", adapter="learned", projection="learned",
                      backend=backend).to(dtype)
     with torch.no_grad():
         fused.gamma_cam.fill_(0.4)
         fused.gamma_pam.fill_(0.6)
-    reference = CSKDLoss(CS, CT, grid=grid, similarity="mse", adapter="learned", projection="learned",
+    reference = CSKDLoss(cs, ct, grid=grid, similarity="mse", adapter="learned", projection="learned",
                          backend="reference").double()
     reference.load_state_dict(fused.state_dict())
     feat_s64 = feat_s.detach().double().requires_grad_(True)
@@ -182,6 +187,24 @@ def test_learned_projections_match_the_reference_backend(backend, dtype, grid):
     for (name, p), (_, q) in zip(fused.named_parameters(), reference.named_parameters()):
         assert q.grad is not None and q.grad.abs().max().item() > 0, name  # teacher projections too (via gamma)
         _assert_close(p.grad, q.grad, dtype, f"{name}.grad", q.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", [p.values[0] for p in fused_backends()])
+@pytest.mark.parametrize("cs,ct,student_width", [(CS, CT, CS), (CT, CS, CS), (CS, CS, CS)],
+                         ids=["widening", "narrowing", "square"])
+def test_student_attention_runs_at_the_narrower_width(backend, cs, ct, student_width, monkeypatch):
+    """The fused PAM MSE applies the student's attention to the map before a widening adapter (its values
+    at C_s channels, the teacher's at C_t): the value products cost C_s / C_t of the adapted map's."""
+    widths = []
+    original = cskd_module.position_attention
+
+    def recording(q, k, v, **kwargs):
+        widths.append(v.shape[1])
+        return original(q, k, v, **kwargs)
+    monkeypatch.setattr(cskd_module, "position_attention", recording)
+    loss = CSKDLoss(cs, ct, lambda_cam=0.0, similarity="mse", backend=backend)
+    loss(torch.randn(B, cs, H, W, requires_grad=True), torch.randn(B, ct, H, W)).loss.backward()
+    assert widths == [ct, student_width]  # the teacher's, then the student's
 
 
 def test_adapter_draw_is_the_released_conv2d_default_init():

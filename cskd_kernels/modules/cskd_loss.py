@@ -41,7 +41,11 @@ The same fused ops give the maps (no HW x HW map, all cells in one call):
 CAM(x) = g Y + x and PAM(x) = g O + x, so the loss is a weighted sum of squares
 of g (O_s - O_t) + (x_s - x_t), one elementwise pass (_AttentionMSE), with
 each position weighted 1 / (B C |cell| cells): the mean within each cell,
-then over cells, for cells of unequal sizes too.
+then over cells, for cells of unequal sizes too. With a widening adapter
+(C_s < C_t) the fused backends take the student's branches through the
+adapter's factors: its CAM's Gram at C_s (_adapted_channel_attention), its
+attention applied to the student map itself, O = (Wv W) (x A^T) + b_v
+(_adapted_position_attention): the value products at C_s channels.
 
 A branch whose lambda is 0 is not computed (nothing drawn for it either): its
 part of the output is a zero tensor, 0 times the branch's parameters, so that
@@ -416,11 +420,14 @@ class CSKDLoss(nn.Module):
             return cam, pam
         # Drawn in the released order: the adapter, then the student's projections, then the teacher's.
         adapter = self.adapter.weights(self.generator, feat_s)
-        # The fused backends take the student's CAM through the adapter's factors (below) in 32 and 64
-        # bits when that is cheaper; then the CAM alone needs no adapted map.
-        factored = (do_cam and resolve_backend(self.backend, feat_s) != "reference"
-                    and feat_s.dtype in (torch.float32, torch.float64) and adapter.shape[1] <= adapter.shape[0])
-        adapted = StudentAdapter.apply_to(feat_s, adapter) if do_pam or not factored else None
+        # The fused backends take the student's branches through the adapter's factors (below) in 32 and
+        # 64 bits when that is cheaper: the CAM when the adapter does not narrow, the PAM when it widens.
+        folds = (resolve_backend(self.backend, feat_s) != "reference"
+                 and feat_s.dtype in (torch.float32, torch.float64))
+        student_channels, teacher_channels = adapter.shape[1], adapter.shape[0]
+        factored_cam = do_cam and folds and student_channels <= teacher_channels
+        factored_pam = do_pam and folds and student_channels < teacher_channels
+        adapted = StudentAdapter.apply_to(feat_s, adapter) if do_pam or not factored_cam else None
         if do_pam:
             cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
             weights_s = self.student_projection.weights(cells, self.generator, adapted)
@@ -428,7 +435,10 @@ class CSKDLoss(nn.Module):
             need_graph = torch.is_grad_enabled() and any(w.requires_grad for w in weights_t)
             with torch.set_grad_enabled(need_graph):
                 o_t = self._position_attention(feat_t, weights_t)
-            o_s = self._position_attention(adapted, weights_s)
+            if factored_pam:
+                o_s = self._adapted_position_attention(feat_s, adapter, weights_s)
+            else:
+                o_s = self._position_attention(adapted, weights_s)
             batch, channels, height, width = feat_t.shape
             weight = mse_position_weights(height, width, self.grid, batch, channels, device=feat_t.device,
                                           dtype=accumulation_dtype(feat_s.dtype, feat_t.dtype))
@@ -438,7 +448,7 @@ class CSKDLoss(nn.Module):
             with torch.no_grad():  # the teacher's Y = CAM with gamma 1, minus x: a constant
                 y_t = self._channel_attention(feat_t, torch.ones(1, dtype=feat_t.dtype, device=feat_t.device))
                 y_t = y_t.sub_(feat_t)
-            if factored:
+            if factored_cam:
                 cam_s = _adapted_channel_attention(feat_s, adapter, self.gamma_cam, self.temperature)
             else:
                 cam_s = self._channel_attention(adapted, self.gamma_cam)
@@ -450,6 +460,23 @@ class CSKDLoss(nn.Module):
         wq, bq, wk, bk, wv, bv = weights
         q, k, v = cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), grid=self.grid, backend=self.backend)
         return position_attention(q, k, v, temperature=self.temperature, grid=self.grid, backend=self.backend)
+
+    def _adapted_position_attention(self, x, adapter, weights):
+        """O of the adapted map W x (W = adapter), its attention at the student's width: M Z + b_v per cell.
+
+        The projections of W x are those of x by the folded weights (Wq W, Wk W,
+        Wv W), and the attention's rows sum to 1, so with Z = x A^T (the
+        attention applied to x itself) O = (Wv W) Z + b_v. The attention's
+        value products, the largest, then run at C_s channels instead of C_t,
+        and no C_t x C_t value projection is taken (fewer products whenever
+        C_s < C_t: at 128 -> 256 about a third of the student's PAM work).
+        """
+        wq, bq, wk, bk, wv, bv = weights
+        q, k = cell_projection(x, ((wq @ adapter, bq), (wk @ adapter, bk)), grid=self.grid, backend=self.backend)
+        z = position_attention(q, k, x, temperature=self.temperature, grid=self.grid, backend=self.backend)
+        del q, k
+        (o,) = cell_projection(z, ((wv @ adapter, bv),), grid=self.grid, backend=self.backend)
+        return o
 
     def _channel_attention(self, x, gamma):
         return channel_attention(x, gamma, temperature=self.temperature, backend=self.backend)
