@@ -1,8 +1,13 @@
 """Where the time of one CSKDLoss forward + backward goes (torch.profiler's table of the top ops).
 
     python -m benchmarks.profile_loss [--device cuda] [--grid 5x5 | --grid none] [--rows 15]
+                                      [--shape cityscapes | demo | camvid | voc | r101psp | B,CS,CT,H,W]
+                                      [--threads N] [--steps N]
 
-Released configuration: B=8, student 128 / teacher 256 channels, 64x128 features, gammas 0.1.
+Default: the released Cityscapes configuration, B=8, student 128 / teacher 256
+channels, 64x128 features, gammas 0.1; --shape names the other shapes the
+released scripts train with (benchmarks/test_bench_cskd_loss.py) or gives one.
+--steps profiles several steps (the table's call counts are then per this many steps).
 """
 
 import argparse
@@ -17,16 +22,37 @@ def parse_grid(text):
     return None if text == "none" else tuple(int(part) for part in text.split("x"))
 
 
+# The loss's inputs (B, CS, CT, H, W) at each released training shape, as the benchmark names them.
+SHAPES = {"cityscapes": (8, 128, 256, 64, 128), "demo": (8, 128, 128, 6, 6), "camvid": (8, 128, 256, 45, 45),
+          "voc": (8, 128, 256, 64, 64), "r101psp": (8, 128, 512, 64, 128)}
+
+
+def parse_shape(text):
+    if text in SHAPES:
+        return SHAPES[text]
+    parts = text.split(",")
+    if len(parts) != 5 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: one of {', '.join(SHAPES)} or five positive ints B,CS,CT,H,W")
+    return tuple(int(part) for part in parts)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--grid", type=parse_grid, default=(5, 5), help="RxC, or none for global")
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--shape", type=parse_shape, default=SHAPES["cityscapes"],
+                        help=f"{', '.join(SHAPES)}, or B,CS,CT,H,W")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as set)")
+    parser.add_argument("--steps", type=int, default=1, help="steps profiled (default 1)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    feat_s = torch.randn(8, 128, 64, 128, device=device)
-    feat_t = torch.randn(8, 256, 64, 128, device=device)
-    loss = cskd_kernels.CSKDLoss(128, 256, grid=args.grid).to(device)
+    b, cs, ct, h, w = args.shape
+    feat_s = torch.randn(b, cs, h, w, device=device)
+    feat_t = torch.randn(b, ct, h, w, device=device)
+    loss = cskd_kernels.CSKDLoss(cs, ct, grid=args.grid).to(device)
     with torch.no_grad():
         loss.gamma_cam.fill_(0.1)
         loss.gamma_pam.fill_(0.1)
@@ -38,11 +64,13 @@ def main(argv=None):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        step()
+        for _ in range(args.steps):
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"CSKDLoss forward + backward, grid {args.grid}, {device}:")
+    print(f"CSKDLoss forward + backward, shape (B, CS, CT, H, W) {args.shape}, grid {args.grid}, {device}, "
+          f"{torch.get_num_threads()} thread(s), {args.steps} step(s):")
     print(prof.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=60))
 
 

@@ -6,16 +6,22 @@
 // x (B, C, H, W) contiguous; weight (cells | 1, R, C) with R = the outputs'
 // channels stacked, bias (cells | 1, R); cells the (cells, 4) int32 table
 // (row0, height, col0, width) of torch.chunk's cells; outs / grads the
-// contiguous (B, R_j, H, W) maps (from the output pool, output_pool.h). One task per (image, cell): its pixels are
-// gathered once into a thread-local tile (C x positions, in L2), one product
-// makes all R outputs, and they are scattered straight into the maps. The maps
-// are read and written once, with no padded copy of the whole map, and every
-// output pixel is written by exactly one task. The products run on
+// contiguous (B, R_j, H, W) maps (from the output pool, output_pool.h). One task per (cell, group of
+// images): the group's pixels of the cell are gathered once into a thread-local
+// tile (C x images * positions, in L2), one product makes all R outputs, and
+// they are scattered straight into the maps. The maps are read and written
+// once, with no padded copy of the whole map, and every output pixel is
+// written by exactly one task. Small cells take several images per task
+// (group_images): the product packs the cell's R x C weights once per task and
+// its micro tiles are 32 columns wide, so a task of one small cell (4 positions
+// at the demo's 6x6 maps, 81 at CamVid's 45x45) spends its time packing and on
+// padded columns rather than on arithmetic. The products run on
 // cskd::blas::gemm (our AVX-512 kernel where MKL would run AVX2).
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -37,31 +43,50 @@ int64_t largest_positions(const std::vector<Cell>& cells) {
   return largest;
 }
 
-// task(image, cell index) for every (image, cell) pair, one OpenMP task each.
-template <typename Task>
-void for_each_cell_task(int64_t images, int64_t num_cells, const Task& task) {
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t t = 0; t < images * num_cells; ++t) task(t / num_cells, t % num_cells);
+// Columns a task's product should have at least: above the micro tile's 32
+// and enough to spread the packing of the cell's weights (R x C, packed once
+// per task) over a few hundred columns. A cell of at least this many positions
+// (Cityscapes' 13 x 26) runs one image per task, as before.
+constexpr int64_t kTaskColumns = 256;
+
+// Images per task: enough that a task's columns (images x the largest cell's positions) reach
+// kTaskColumns, spread evenly over the groups (8 images in 2 groups of 4, not 5 + 3).
+int64_t group_images(int64_t images, int64_t largest) {
+  const int64_t wanted = std::clamp<int64_t>((kTaskColumns + largest - 1) / std::max<int64_t>(largest, 1), 1, images);
+  const int64_t groups = (images + wanted - 1) / wanted;
+  return (images + groups - 1) / groups;
 }
 
-// tile (channels x positions, row-major) <- map[:, cell] of one image (channels, H, W).
+// task(first image, images, cell index) for every cell and group of `group` images, one OpenMP task each.
+template <typename Task>
+void for_each_cell_task(int64_t images, int64_t group, int64_t num_cells, const Task& task) {
+  const int64_t groups = (images + group - 1) / group;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < groups * num_cells; ++t) {
+    const int64_t first = (t / num_cells) * group;
+    task(first, std::min(group, images - first), t % num_cells);
+  }
+}
+
+// tile (channels x ld, row-major; the cell's positions at its first n columns) <- map[:, cell] of one
+// image (channels, H, W).
 template <typename scalar_t>
-void gather(const scalar_t* map, int64_t channels, int64_t hw, int64_t w, const Cell& cell, scalar_t* tile) {
-  const int64_t n = cell.positions();
+void gather(const scalar_t* map, int64_t channels, int64_t hw, int64_t w, const Cell& cell, scalar_t* tile,
+            int64_t ld) {
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* src = map + c * hw + cell.row0 * w + cell.col0;
-    scalar_t* dst = tile + c * n;
+    scalar_t* dst = tile + c * ld;
     for (int64_t i = 0; i < cell.height; ++i) std::copy_n(src + i * w, cell.width, dst + i * cell.width);
   }
 }
 
-// map[:, cell] of one image <- tile (+ bias per channel, if given).
+// map[:, cell] of one image <- tile (channels x ld, the cell's positions at its first n columns)
+// (+ bias per channel, if given).
 template <typename scalar_t>
-void scatter(const scalar_t* tile, const scalar_t* bias, int64_t channels, int64_t hw, int64_t w, const Cell& cell,
-             scalar_t* map) {
-  const int64_t n = cell.positions();
+void scatter(const scalar_t* tile, int64_t ld, const scalar_t* bias, int64_t channels, int64_t hw, int64_t w,
+             const Cell& cell, scalar_t* map) {
   for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* src = tile + c * n;
+    const scalar_t* src = tile + c * ld;
     scalar_t* dst = map + c * hw + cell.row0 * w + cell.col0;
     const scalar_t add = bias ? bias[c] : scalar_t(0);
     for (int64_t i = 0; i < cell.height; ++i) {
@@ -118,18 +143,19 @@ void forward_typed(const torch::Tensor& x, const torch::Tensor& weight, const to
   const scalar_t* bp = bias.data_ptr<scalar_t>();
   std::vector<scalar_t*> out_ptrs;
   for (auto& o : outs) out_ptrs.push_back(o.data_ptr<scalar_t>());
-  const int64_t largest = largest_positions(cells);
-  for_each_cell_task(b, num_cells, [&](int64_t image, int64_t k) {
+  const int64_t largest = largest_positions(cells), group = group_images(b, largest);
+  for_each_cell_task(b, group, num_cells, [&](int64_t first, int64_t images, int64_t k) {
     const Cell& cell = cells[k];
-    const int64_t n = cell.positions();
-    scalar_t* tile = workspace<scalar_t>((c + rows) * largest);
-    scalar_t* y = tile + c * largest;
-    gather(xp + image * c * hw, c, hw, w, cell, tile);
+    const int64_t n = cell.positions(), ld = images * n;  // image i's positions at columns [i n, (i + 1) n)
+    scalar_t* tile = workspace<scalar_t>((c + rows) * group * largest);
+    scalar_t* y = tile + c * ld;
+    for (int64_t i = 0; i < images; ++i) gather(xp + (first + i) * c * hw, c, hw, w, cell, tile + i * n, ld);
     const int64_t wk = shared ? 0 : k;
-    gemm<scalar_t>(false, false, rows, n, c, wp + wk * rows * c, c, tile, n, y, n);
+    gemm<scalar_t>(false, false, rows, ld, c, wp + wk * rows * c, c, tile, ld, y, ld);
     for (size_t j = 0; j < outs.size(); ++j) {
       const int64_t r0 = starts[j], r = starts[j + 1] - r0;
-      scatter(y + r0 * n, bp + wk * rows + r0, r, hw, w, cell, out_ptrs[j] + image * r * hw);
+      for (int64_t i = 0; i < images; ++i)
+        scatter(y + r0 * ld + i * n, ld, bp + wk * rows + r0, r, hw, w, cell, out_ptrs[j] + (first + i) * r * hw);
     }
   });
 }
@@ -145,19 +171,21 @@ void backward_typed(const std::vector<torch::Tensor>& grads, const torch::Tensor
   std::vector<const scalar_t*> grad_ptrs;
   for (const auto& g : grads) grad_ptrs.push_back(g.data_ptr<scalar_t>());
   scalar_t* dxp = grad_x.data_ptr<scalar_t>();
-  const int64_t largest = largest_positions(cells);
-  for_each_cell_task(b, num_cells, [&](int64_t image, int64_t k) {
+  const int64_t largest = largest_positions(cells), group = group_images(b, largest);
+  for_each_cell_task(b, group, num_cells, [&](int64_t first, int64_t images, int64_t k) {
     const Cell& cell = cells[k];
-    const int64_t n = cell.positions();
-    scalar_t* g = workspace<scalar_t>((c + rows) * largest);
-    scalar_t* dx = g + rows * largest;
+    const int64_t n = cell.positions(), ld = images * n;  // image i's positions at columns [i n, (i + 1) n)
+    scalar_t* g = workspace<scalar_t>((c + rows) * group * largest);
+    scalar_t* dx = g + rows * ld;
     for (size_t j = 0; j < grads.size(); ++j) {
       const int64_t r0 = starts[j], r = starts[j + 1] - r0;
-      gather(grad_ptrs[j] + image * r * hw, r, hw, w, cell, g + r0 * n);
+      for (int64_t i = 0; i < images; ++i)
+        gather(grad_ptrs[j] + (first + i) * r * hw, r, hw, w, cell, g + r0 * ld + i * n, ld);
     }
-    // dx (C x n) = W^T (C x R) g (R x n); W stored R x C, so op(A) = W^T reads it transposed.
-    gemm<scalar_t>(true, false, c, n, rows, wp + (shared ? 0 : k) * rows * c, c, g, n, dx, n);
-    scatter<scalar_t>(dx, nullptr, c, hw, w, cell, dxp + image * c * hw);
+    // dx (C x ld) = W^T (C x R) g (R x ld); W stored R x C, so op(A) = W^T reads it transposed.
+    gemm<scalar_t>(true, false, c, ld, rows, wp + (shared ? 0 : k) * rows * c, c, g, ld, dx, ld);
+    for (int64_t i = 0; i < images; ++i)
+      scatter<scalar_t>(dx + i * n, ld, nullptr, c, hw, w, cell, dxp + (first + i) * c * hw);
   });
 }
 

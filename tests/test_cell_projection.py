@@ -74,6 +74,15 @@ def test_matches_per_cell_convolution_values_and_gradients(shape, grid, shared, 
                                    msg=lambda m: f"leaf {i}: {m}")
 
 
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
+def test_cpu_tasks_of_several_images(shared, dtype):
+    """CamVid-like 9 x 9 cells (and a 9 x 8 last column): the C++ kernels take several images per task,
+    here groups of 3 and 2 images, cells of two sizes in one group's tile."""
+    test_matches_per_cell_convolution_values_and_gradients((5, 3, 45, 44), (5, 5), shared, "qkv", "cpu", "cpu", dtype)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 25 * (5 + 6) * 18 * 8, 2**30], ids=["one-image", "three-images", "whole-batch"])
 def test_chunks_of_images_give_the_same_values_and_gradients(monkeypatch, chunk_bytes):
     """The image chunks (one image on the CPU at the released size, the whole batch on a GPU) change nothing."""
