@@ -172,32 +172,48 @@ def _attention_flops(shape, grid, d, cv, with_backward):
     return shape.b * squares * 2 * ((4 * d + 3 * cv) if with_backward else (d + cv))
 
 
-def flops_for(grid, cs=None, cam=True, pam=True, adapter=False, shape=CITYSCAPES):
-    """FLOPs of the loss at ``shape`` (default Cityscapes), as the harness's function of (x, mode).
-
-    ``cs``: the student width the attention runs at (default the shape's; the
-    teacher's after the MSE variants' adapter, which ``adapter`` adds).
-    """
-    b, ct, n = shape.b, shape.ct, shape.h * shape.w
-    cs = shape.cs if cs is None else cs
+def flops_for(grid, shape=CITYSCAPES):
+    """FLOPs of the loss at ``shape`` (default Cityscapes), as the harness's function of (x, mode)."""
+    b, cs, ct, n = shape.b, shape.cs, shape.ct, shape.h * shape.w
 
     def flops(x, mode):
         # Channel attention: forward E and A X; backward of the student three products, the teacher one.
-        cam_forward = 4 * n * (cs**2 + ct**2) * b * cam
-        cam_backward = 2 * n * (3 * cs**2 + ct**2) * b * cam
+        cam_forward = 4 * n * (cs**2 + ct**2) * b
+        cam_backward = 2 * n * (3 * cs**2 + ct**2) * b
         # 1x1 projections C -> C/8, C/8, C; the student's input gradient costs the same again.
-        projection_forward = 2 * n * b * 1.25 * (cs**2 + ct**2) * pam
-        projection_backward = 2 * n * b * 1.25 * cs**2 * pam
+        projection_forward = 2 * n * b * 1.25 * (cs**2 + ct**2)
+        projection_backward = 2 * n * b * 1.25 * cs**2
         attention_forward = (_attention_flops(shape, grid, cs // 8, cs, False)
-                             + _attention_flops(shape, grid, ct // 8, ct, False)) * pam
+                             + _attention_flops(shape, grid, ct // 8, ct, False))
         attention_full = (_attention_flops(shape, grid, cs // 8, cs, True)
-                          + _attention_flops(shape, grid, ct // 8, ct, False)) * pam
-        # The adapter CS -> CT: its product, and the same again for the input gradient.
-        adapter_forward = 2 * n * b * shape.cs * ct * adapter
-        forward = cam_forward + projection_forward + attention_forward + adapter_forward
+                          + _attention_flops(shape, grid, ct // 8, ct, False))
+        forward = cam_forward + projection_forward + attention_forward
         return {"forward": forward,
-                "full": forward + cam_backward + projection_backward + attention_full - attention_forward
-                + adapter_forward}[mode]
+                "full": forward + cam_backward + projection_backward + attention_full - attention_forward}[mode]
+
+    return flops
+
+
+def mse_flops_for(cam, pam, shape=CITYSCAPES, grid=(5, 5)):
+    """FLOPs of the MSE variants as the fused path computes them (C_s < C_t: the student's branches folded).
+
+    Adapter W (C_t x C_s). CAM: the student's Gram at C_s, (g A W + W) x at
+    C_s -> C_t and their backward; the teacher's CAM at C_t. PAM: the student's
+    q, k of x by the folded weights, its attention at C_s (values x itself),
+    then (Wv W) Z, each with its input gradient; W x (the MSE's x_s) and its
+    gradient; the teacher's projections and attention at C_t, forward only.
+    """
+    b, cs, ct, n = shape.b, shape.cs, shape.ct, shape.h * shape.w
+    d = ct // 8
+
+    def flops(x, mode):
+        cam_forward = 2 * n * b * (cs**2 + ct * cs + 2 * ct**2) * cam
+        cam_backward = 2 * n * b * (2 * ct * cs + 2 * cs**2) * cam
+        pam_student_forward = 2 * n * b * (2 * d * cs + ct * cs + ct * cs) + _attention_flops(shape, grid, d, cs, False)
+        pam_student_full = 2 * (2 * n * b * (2 * d * cs + 2 * ct * cs)) + _attention_flops(shape, grid, d, cs, True)
+        pam_teacher = 2 * n * b * 1.25 * ct**2 + _attention_flops(shape, grid, d, ct, False)
+        forward = cam_forward + (pam_student_forward + pam_teacher) * pam
+        return {"forward": forward, "full": cam_forward + cam_backward + (pam_student_full + pam_teacher) * pam}[mode]
 
     return flops
 
@@ -221,14 +237,14 @@ CASES = declare_cases(
     modes=("full",), xs=(H * W,), x_name="N", build=build_global, flops=flops_for(None),
 ) + declare_cases(
     op="cskd_loss", case="released_config_grid5x5_mse", providers=("released", "reference", "cpu", "triton"),
-    modes=("full",), xs=(H * W,), x_name="N", build=build_grid_mse, flops=flops_for((5, 5), CT, adapter=True),
+    modes=("full",), xs=(H * W,), x_name="N", build=build_grid_mse, flops=mse_flops_for(cam=True, pam=True),
 ) + declare_cases(
     op="cskd_loss", case="released_config_cam_mse", providers=("released", "reference", "cpu", "triton"),
-    modes=("full",), xs=(H * W,), x_name="N", build=build_cam_mse, flops=flops_for((5, 5), CT, pam=False, adapter=True),
+    modes=("full",), xs=(H * W,), x_name="N", build=build_cam_mse, flops=mse_flops_for(cam=True, pam=False),
 ) + declare_cases(
     op="cskd_loss", case="released_config_grid5x5_pam_mse", providers=("released", "reference", "cpu", "triton"),
     modes=("full",), xs=(H * W,), x_name="N", build=build_grid_pam_mse,
-    flops=flops_for((5, 5), CT, cam=False, adapter=True),
+    flops=mse_flops_for(cam=False, pam=True),
 ) + [case for name in SHAPES for case in _shape_cases(name, (5, 5), ("released", "reference", "cpu", "triton"))
      ] + _shape_cases("camvid_45x45", None, ("released", "cpu", "triton"))
 

@@ -262,3 +262,28 @@ def test_triton_batch_beyond_its_kernels_is_refused_before_any_kernel_runs():
 def test_bad_constructor_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         CSKDLoss(16, 16, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", *(p.values[0] for p in fused_backends())])
+@pytest.mark.parametrize("similarity,grid", [("cka", (5, 5)), ("cka", None), ("mse", (5, 5))])
+def test_one_backend_resolution_and_one_input_check_per_call(backend, similarity, grid, monkeypatch):
+    """CSKDLoss checks its maps and resolves the backend once at its boundary (#24): the ops inside take them
+    as given, so a forward + backward makes one resolve_backend call and checks each map once."""
+    import sys
+
+    counts = {"resolve_backend": 0, "check_float_tensor": 0}
+    for module in [m for name, m in sys.modules.items() if name.startswith("cskd_kernels")]:
+        for name in counts:
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+
+            def counting(*args, _name=name, _original=original, **kwargs):
+                counts[_name] += 1
+                return _original(*args, **kwargs)
+            monkeypatch.setattr(module, name, counting)
+    loss = CSKDLoss(8, 16, grid=grid, similarity=similarity, backend=backend)
+    feat_s = torch.randn(3, 8, 9, 11, requires_grad=True)
+    loss(feat_s, torch.randn(3, 16, 9, 11)).loss.backward()
+    assert counts == {"resolve_backend": 1, "check_float_tensor": 2}
+    assert feat_s.grad.abs().max().item() > 0

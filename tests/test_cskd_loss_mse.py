@@ -196,12 +196,12 @@ def test_student_attention_runs_at_the_narrower_width(backend, cs, ct, student_w
     """The fused PAM MSE applies the student's attention to the map before a widening adapter (its values
     at C_s channels, the teacher's at C_t): the value products cost C_s / C_t of the adapted map's."""
     widths = []
-    original = cskd_module.position_attention
+    original = cskd_module.run_position_attention
 
-    def recording(q, k, v, **kwargs):
+    def recording(q, k, v, *args):
         widths.append(v.shape[1])
-        return original(q, k, v, **kwargs)
-    monkeypatch.setattr(cskd_module, "position_attention", recording)
+        return original(q, k, v, *args)
+    monkeypatch.setattr(cskd_module, "run_position_attention", recording)
     loss = CSKDLoss(cs, ct, lambda_cam=0.0, similarity="mse", backend=backend)
     loss(torch.randn(B, cs, H, W, requires_grad=True), torch.randn(B, ct, H, W)).loss.backward()
     assert widths == [ct, student_width]  # the teacher's, then the student's
@@ -293,8 +293,8 @@ def test_a_zero_weight_branch_is_not_computed(similarity, adapter, projection, l
             return original(*args, **kwargs)
         monkeypatch.setattr(cskd_module, name, wrapper)
 
-    channel_ops = ("channel_attention", "channel_gram")
-    position_ops = ("cell_projection", "position_attention", "draw_projections")
+    channel_ops = ("run_channel_attention", "channel_gram")
+    position_ops = ("run_cell_projection", "run_position_attention", "draw_projections")
     for name in channel_ops + position_ops + ("draw_adapter",):
         counting(name)
     loss = CSKDLoss(CS, CT, lambda_cam=lambda_cam, lambda_pam=lambda_pam, similarity=similarity, adapter=adapter,
@@ -314,7 +314,7 @@ def test_a_zero_weight_branch_is_not_computed(similarity, adapter, projection, l
             assert all(p.grad is not None and p.grad.abs().max().item() == 0.0
                        for p in loss.student_projection.parameters())
     else:
-        assert calls.get("position_attention") == 2, calls
+        assert calls.get("run_position_attention") == 2, calls
     assert calls.get("draw_adapter", 0) == 0  # learned: drawn at construction only
     if lambda_cam == lambda_pam == 0:
         assert out.loss.item() == 0.0 and not calls

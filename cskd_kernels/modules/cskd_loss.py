@@ -64,12 +64,12 @@ from cskd_kernels.resize import check_resize, match_spatial_size
 from cskd_kernels.batch_gather import broadcast_from_first_rank, gather_batch, group_size
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.backend import resolve_backend
-from cskd_kernels.ops.cell_projection import cell_projection
+from cskd_kernels.ops.cell_projection import run_cell_projection
 from cskd_kernels.ops.channel_gram import channel_gram
-from cskd_kernels.ops.channel_attention import channel_attention
+from cskd_kernels.ops.channel_attention import run_channel_attention
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES
-from cskd_kernels.ops.cross_gram import centered_cross_grams, combine_grams
-from cskd_kernels.ops.position_attention import position_attention
+from cskd_kernels.ops.cross_gram import combine_grams, run_centered_cross_grams
+from cskd_kernels.ops.position_attention import run_position_attention
 
 PROJECTIONS = ("resample", "fixed", "learned")
 SIMILARITIES = ("cka", "mse")
@@ -360,14 +360,17 @@ class CSKDLoss(nn.Module):
             feat_s, feat_t = gather_batch(feat_s, self.process_group), gather_batch(feat_t, self.process_group)
         # The loss comes out in float32 at least (16-bit features under autocast included), like cka_loss.
         loss_dtype = accumulation_dtype(feat_s.dtype, feat_t.dtype)
+        # Checked (above) and resolved once per call, here: the ops below take both as given, so a
+        # step pays one resolution and one set of checks, not one per op (host time, which a GPU waits on).
+        backend = resolve_backend(self.backend, feat_s, feat_t)
         do_cam, do_pam = self.lambda_cam != 0, self.lambda_pam != 0
         if self.similarity == "mse":
             # Its products in the features' own dtype (the kernels ignore autocast; so does this path).
             with torch.autocast(feat_s.device.type, enabled=False):
-                cam, pam = self._mse_parts(feat_s, feat_t, do_cam, do_pam)
+                cam, pam = self._mse_parts(feat_s, feat_t, do_cam, do_pam, backend)
         else:
-            self._check_samples(feat_s, feat_t)
-            cam, pam = self._cka_parts(feat_s, feat_t, do_cam, do_pam, loss_dtype)
+            self._check_samples(feat_s, backend)
+            cam, pam = self._cka_parts(feat_s, feat_t, do_cam, do_pam, loss_dtype, backend)
         cam = cam.to(loss_dtype) if do_cam else self._skipped(self._cam_parameters(do_pam), loss_dtype, feat_s)
         pam = pam.to(loss_dtype) if do_pam else self._skipped(self._pam_parameters(do_cam), loss_dtype, feat_s)
         return CSKDOutput(self.lambda_cam * cam + self.lambda_pam * pam, cam, pam)
@@ -390,7 +393,7 @@ class CSKDLoss(nn.Module):
                 zero = zero + parameter.sum().to(dtype) * 0.0
         return zero
 
-    def _cka_parts(self, feat_s, feat_t, do_cam, do_pam, loss_dtype):
+    def _cka_parts(self, feat_s, feat_t, do_cam, do_pam, loss_dtype, backend):
         cam = pam = None
         if do_pam:
             cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
@@ -402,18 +405,18 @@ class CSKDLoss(nn.Module):
                 broadcast_from_first_rank(weights_s + weights_t, self.process_group)
         # The teacher first: its transients (attention outputs) come and go while nothing else is held.
         if do_cam:
-            cam_t = self._teacher_channel_gram(feat_t)
+            cam_t = self._teacher_channel_gram(feat_t, backend)
         if do_pam:
-            pam_t = combine_grams(self._position_grams(feat_t, weights_t), (self.gamma_pam, 1.0))
+            pam_t = combine_grams(self._position_grams(feat_t, weights_t, backend), (self.gamma_pam, 1.0))
         if do_cam:
-            cam_s = self._student_channel_gram(feat_s)
+            cam_s = self._student_channel_gram(feat_s, backend)
             cam = _cka_loss_from_grams(cam_s, cam_t, loss_dtype)[0]
         if do_pam:
-            pam_s = combine_grams(self._position_grams(feat_s, weights_s), (self.gamma_pam, 1.0))
+            pam_s = combine_grams(self._position_grams(feat_s, weights_s, backend), (self.gamma_pam, 1.0))
             pam = _cka_loss_from_grams(pam_s, pam_t, loss_dtype).mean()
         return cam, pam
 
-    def _mse_parts(self, feat_s, feat_t, do_cam, do_pam):
+    def _mse_parts(self, feat_s, feat_t, do_cam, do_pam, backend):
         """The released *_MSE modes on the fused ops: adapter, then the CAM and (cell-wise) PAM MSEs."""
         cam = pam = None
         if not (do_cam or do_pam):
@@ -422,8 +425,7 @@ class CSKDLoss(nn.Module):
         adapter = self.adapter.weights(self.generator, feat_s)
         # The fused backends take the student's branches through the adapter's factors (below) in 32 and
         # 64 bits when that is cheaper: the CAM when the adapter does not narrow, the PAM when it widens.
-        folds = (resolve_backend(self.backend, feat_s) != "reference"
-                 and feat_s.dtype in (torch.float32, torch.float64))
+        folds = backend != "reference" and feat_s.dtype in (torch.float32, torch.float64)
         student_channels, teacher_channels = adapter.shape[1], adapter.shape[0]
         factored_cam = do_cam and folds and student_channels <= teacher_channels
         factored_pam = do_pam and folds and student_channels < teacher_channels
@@ -434,11 +436,11 @@ class CSKDLoss(nn.Module):
             weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
             need_graph = torch.is_grad_enabled() and any(w.requires_grad for w in weights_t)
             with torch.set_grad_enabled(need_graph):
-                o_t = self._position_attention(feat_t, weights_t)
+                o_t = self._position_attention(feat_t, weights_t, backend)
             if factored_pam:
-                o_s = self._adapted_position_attention(feat_s, adapter, weights_s)
+                o_s = self._adapted_position_attention(feat_s, adapter, weights_s, backend)
             else:
-                o_s = self._position_attention(adapted, weights_s)
+                o_s = self._position_attention(adapted, weights_s, backend)
             batch, channels, height, width = feat_t.shape
             weight = mse_position_weights(height, width, self.grid, batch, channels, device=feat_t.device,
                                           dtype=accumulation_dtype(feat_s.dtype, feat_t.dtype))
@@ -446,22 +448,22 @@ class CSKDLoss(nn.Module):
             del o_s, o_t
         if do_cam:
             with torch.no_grad():  # the teacher's Y = CAM with gamma 1, minus x: a constant
-                y_t = self._channel_attention(feat_t, torch.ones(1, dtype=feat_t.dtype, device=feat_t.device))
+                y_t = self._channel_attention(feat_t, torch.ones(1, dtype=feat_t.dtype, device=feat_t.device), backend)
                 y_t = y_t.sub_(feat_t)
             if factored_cam:
                 cam_s = _adapted_channel_attention(feat_s, adapter, self.gamma_cam, self.temperature)
             else:
-                cam_s = self._channel_attention(adapted, self.gamma_cam)
+                cam_s = self._channel_attention(adapted, self.gamma_cam, backend)
             cam = _AttentionMSE.apply(self.gamma_cam, cam_s, None, feat_t, y_t, 1.0 / feat_t.numel())
         return cam, pam
 
-    def _position_attention(self, x, weights):
+    def _position_attention(self, x, weights, backend):
         """The cell-wise position attention O of x (PAM(x) = g O + x per cell), all cells in one call."""
         wq, bq, wk, bk, wv, bv = weights
-        q, k, v = cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), grid=self.grid, backend=self.backend)
-        return position_attention(q, k, v, temperature=self.temperature, grid=self.grid, backend=self.backend)
+        q, k, v = run_cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), self.grid, backend)
+        return run_position_attention(q, k, v, self.temperature, self.grid, backend)
 
-    def _adapted_position_attention(self, x, adapter, weights):
+    def _adapted_position_attention(self, x, adapter, weights, backend):
         """O of the adapted map W x (W = adapter), its attention at the student's width: M Z + b_v per cell.
 
         The projections of W x are those of x by the folded weights (Wq W, Wk W,
@@ -472,37 +474,37 @@ class CSKDLoss(nn.Module):
         C_s < C_t: at 128 -> 256 about a third of the student's PAM work).
         """
         wq, bq, wk, bk, wv, bv = weights
-        q, k = cell_projection(x, ((wq @ adapter, bq), (wk @ adapter, bk)), grid=self.grid, backend=self.backend)
-        z = position_attention(q, k, x, temperature=self.temperature, grid=self.grid, backend=self.backend)
+        q, k = run_cell_projection(x, ((wq @ adapter, bq), (wk @ adapter, bk)), self.grid, backend)
+        z = run_position_attention(q, k, x, self.temperature, self.grid, backend)
         del q, k
-        (o,) = cell_projection(z, ((wv @ adapter, bv),), grid=self.grid, backend=self.backend)
+        (o,) = run_cell_projection(z, ((wv @ adapter, bv),), self.grid, backend)
         return o
 
-    def _channel_attention(self, x, gamma):
-        return channel_attention(x, gamma, temperature=self.temperature, backend=self.backend)
+    def _channel_attention(self, x, gamma, backend):
+        return run_channel_attention(x, gamma, self.temperature, backend)
 
-    def _student_channel_gram(self, x):
+    def _student_channel_gram(self, x, backend):
         """Centered Gram (1, B, B) of CAM(x), differentiable in x and gamma_cam; CAM(x) not held."""
-        backend = resolve_backend(self.backend, x)
         if backend == "reference":
             # The branch is recomputed in the backward rather than held through it.
-            return checkpoint(lambda x: centered_cross_grams(self._channel_attention(x, self.gamma_cam),
-                                                             backend=backend), x, use_reentrant=False)
+            def grams(x):
+                return run_centered_cross_grams((self._channel_attention(x, self.gamma_cam, backend),), None, backend)
+            return checkpoint(grams, x, use_reentrant=False)
         return channel_gram(x, self.gamma_cam, temperature=self.temperature, backend=backend)
 
-    def _teacher_channel_gram(self, x):
+    def _teacher_channel_gram(self, x, backend):
         """Centered Gram of CAM(x) = g Y + x as a function of g = gamma_cam, CAM(x) never stored.
 
         With gamma = 1 the kernel gives Z = Y + x, so CAM(x) = g Z + (1 - g) x
         and its Gram is sum_ij c_i c_j K_ij with c = (g, 1 - g), K from (Z, x).
         """
         with torch.no_grad():
-            z = self._channel_attention(x, torch.ones(1, dtype=x.dtype, device=x.device))
-            grams = centered_cross_grams(z, x, backend=self.backend)
+            z = self._channel_attention(x, torch.ones(1, dtype=x.dtype, device=x.device), backend)
+            grams = run_centered_cross_grams((z, x), None, backend)
             del z
         return combine_grams(grams, (self.gamma_cam, 1.0 - self.gamma_cam))
 
-    def _position_grams(self, x, weights):
+    def _position_grams(self, x, weights, backend):
         """Per-cell cross-Grams (cells, 2B, 2B) of (O, x), O the cell-wise position attention of x.
 
         PAM(x) = g O + x per cell, so its Gram is combine_grams(..., (g, 1)).
@@ -512,16 +514,15 @@ class CSKDLoss(nn.Module):
         need_graph = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
         with torch.set_grad_enabled(need_graph):
             wq, bq, wk, bk, wv, bv = weights
-            q, k, v = cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), grid=self.grid, backend=self.backend)
-            attention = position_attention(q, k, v, temperature=self.temperature, grid=self.grid,
-                                           backend=self.backend)
+            q, k, v = run_cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), self.grid, backend)
+            attention = run_position_attention(q, k, v, self.temperature, self.grid, backend)
             del q, k, v
-            return centered_cross_grams(attention, x, grid=self.grid, backend=self.backend)
+            return run_centered_cross_grams((attention, x), self.grid, backend)
 
-    def _check_samples(self, feat_s, feat_t):
+    def _check_samples(self, feat_s, backend):
         """MIN_SAMPLES to TRITON_MAX_SAMPLES (Triton) images in the batch the CKAs run over (after gathering)."""
         n = feat_s.shape[0]
-        if n > TRITON_MAX_SAMPLES and resolve_backend(self.backend, feat_s, feat_t) == "triton":
+        if n > TRITON_MAX_SAMPLES and backend == "triton":
             raise ValueError(f"batch {n}: the Triton kernels take at most {TRITON_MAX_SAMPLES} samples "
                              "(their Grams hold a sample per row of one register tile); use backend='reference'")
         if n >= MIN_SAMPLES:

@@ -203,11 +203,15 @@ def cell_projection(x, projections, grid=None, backend=None):
                 or bias.shape != weight.shape[:2]:
             raise ValueError(f"projection weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not fit "
                              f"x {tuple(x.shape)} with {layout.num_cells} cells")
+    return run_cell_projection(x, projections, grid, resolve_backend(backend, x))
+
+
+def run_cell_projection(x, projections, grid, backend):
+    """cell_projection on checked projections and a resolved backend name (for callers that checked once)."""
     weight = torch.cat([w.to(x.dtype) for w, _ in projections], dim=1)
     bias = torch.cat([b.to(x.dtype) for _, b in projections], dim=1)
     sizes = [w.shape[1] for w, _ in projections]
-    name = resolve_backend(backend, x)
-    fused = name if name == "cpu" or (name == "triton" and len(sizes) <= TRITON_MAX_OUTPUTS) else ""
+    fused = backend if backend == "cpu" or (backend == "triton" and len(sizes) <= TRITON_MAX_OUTPUTS) else ""
     if fused:
         x = x.contiguous()
     return CellProjectionFunction.apply(x, weight, bias, *(grid or (1, 1)), sizes, fused)

@@ -132,12 +132,16 @@ def channel_attention(x, gamma, *, temperature=1.0, backend=None):
     cskd_kernels._validation) divides the energies before the softmax.
     """
     temperature = _check_inputs(x, gamma, temperature)
-    name = resolve_backend(backend, x)
-    if name == "reference":
+    return run_channel_attention(x, gamma, temperature, resolve_backend(backend, x))
+
+
+def run_channel_attention(x, gamma, temperature, backend):
+    """channel_attention on checked inputs and a resolved backend name (for callers that checked once)."""
+    if backend == "reference":
         return reference.channel_attention(x, gamma, temperature=temperature)
     b, c, h, w = x.shape
     features = x.reshape(b, c, h * w).contiguous()
     # Kernels take gamma in the accumulation dtype; autograd casts its gradient back.
     gamma_acc = gamma.reshape(1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    out, _ = channel_attention_forward(features, gamma_acc, temperature, name)
+    out, _ = channel_attention_forward(features, gamma_acc, temperature, backend)
     return out.reshape(b, c, h, w)

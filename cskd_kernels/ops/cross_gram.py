@@ -221,16 +221,20 @@ def centered_cross_grams(*parts, grid=None, backend=None):
         if p.dim() != 4 or p.shape != parts[0].shape:
             raise ValueError(f"parts must be 4-D maps of one shape, got {[tuple(q.shape) for q in parts]}")
     check_same_device(**{f"parts[{i}]": p for i, p in enumerate(parts)})
-    name = resolve_backend(backend, *parts)
-    if name == "triton" and len(parts) * parts[0].shape[0] > TRITON_MAX_SAMPLES:
+    return run_centered_cross_grams(parts, grid, resolve_backend(backend, *parts))
+
+
+def run_centered_cross_grams(parts, grid, backend):
+    """centered_cross_grams on checked parts and a resolved backend name (for callers that checked once)."""
+    if backend == "triton" and len(parts) * parts[0].shape[0] > TRITON_MAX_SAMPLES:
         # More rows than a Triton Gram kernel holds (in place or stacked): the PyTorch path, same device.
-        name = "reference"
+        backend = "reference"
     grid = tuple(grid or (1, 1))
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
         # No graph to record (the teacher's transients). Also, torch.compile
         # mis-binds an autograd Function's arguments under no_grad.
-        return _cross_grams(parts, grid, name)[0]
-    return CrossGramFunction.apply(*grid, name, *parts)
+        return _cross_grams(parts, grid, backend)[0]
+    return CrossGramFunction.apply(*grid, backend, *parts)
 
 
 def combine_grams(grams, coefficients):

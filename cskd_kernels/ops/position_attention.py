@@ -173,12 +173,19 @@ def position_attention(q, k, v, *, temperature=1.0, grid=None, backend=None):
     """
     _check_inputs(q, k, v, temperature)
     grid = _check_grid(grid, q.shape[2], q.shape[3])
-    name = resolve_backend(backend, q, k, v)
-    if name == "reference":
+    return run_position_attention(q, k, v, temperature, grid, resolve_backend(backend, q, k, v))
+
+
+def run_position_attention(q, k, v, temperature, grid, backend):
+    """position_attention on checked inputs (grid a tuple or None) and a resolved backend name.
+
+    For callers that checked and resolved once at their own boundary (CSKDLoss): no check repeated per call.
+    """
+    if backend == "reference":
         return reference.position_attention(q, k, v, temperature=temperature, grid=grid)
     height, width = q.shape[2], q.shape[3]
     cells = cell_table(height, width, grid, q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     scale = 1.0 / float(temperature)
-    out, _ = position_attention_forward(q, k, v, cells, largest_cell(height, width, grid), scale, name)
+    out, _ = position_attention_forward(q, k, v, cells, largest_cell(height, width, grid), scale, backend)
     return out
