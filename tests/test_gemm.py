@@ -65,11 +65,15 @@ def test_strided_operands_are_read_with_their_leading_dimension():
     assert _relative_error(_C().gemm(a, b, False, False), expected) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("channels,depth", [(7, 5), (40, 300), (300, 37), (520, 64)])
+# (200, 300): on the BLAS path, row panels of 64 from the diagonal (and a last one of 8 rows).
+@pytest.mark.parametrize("channels,depth", [(7, 5), (40, 300), (300, 37), (520, 64), (200, 300)])
 def test_upper_triangle_of_a_symmetric_product(channels, depth):
     x = torch.randn(channels, depth)
     expected = (x.double() @ x.double().t()).triu()
     out = _C().gemm(x, x, False, True, None, True)
+    assert _relative_error(out, expected) < TOLERANCE[torch.float32]
+    # The same product from x stored transposed: op(A) = A^T.
+    out = _C().gemm(x.t().contiguous(), x.t().contiguous(), True, False, None, True)
     assert _relative_error(out, expected) < TOLERANCE[torch.float32]
 
 
