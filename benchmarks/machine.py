@@ -30,7 +30,18 @@ def cpu_name():
     except OSError:
         pass
     model = model or platform.processor() or platform.machine() or "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}{_isa_note()}, {torch.get_num_threads()} threads"
+
+
+def _isa_note():
+    """' (AVX2)' where the C++ kernels run below AVX-512: one model name covers CPU generations that differ
+    (an AVX-512 EPYC and an AVX2 one are both "AMD EPYC"), and their results must not merge into one file."""
+    try:
+        from cskd_kernels import _C
+    except ImportError:
+        return ""
+    isa = _C.kernel_isa()
+    return "" if isa == "avx512" else f" ({isa.upper()})"
 
 
 def device_name(device):
