@@ -101,14 +101,9 @@ CSKD_AVX512 void softmax_negated_row_avx512(float* e, int64_t cols, float inv_t)
 // The same row on AVX2 (8 lanes, a scalar tail with the same exp formula).
 CSKD_AVX2 void softmax_negated_row_avx2(float* e, int64_t cols, float inv_t) {
   const int64_t cols8 = cols & ~int64_t(7);
-  float low = std::numeric_limits<float>::infinity();
-  if (cols8) {
-    __m256 vlow = _mm256_loadu_ps(e);
-    for (int64_t j = 8; j < cols8; j += 8) vlow = _mm256_min_ps(vlow, _mm256_loadu_ps(e + j));
-    __m128 m = _mm_min_ps(_mm256_castps256_ps128(vlow), _mm256_extractf128_ps(vlow, 1));
-    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-    low = _mm_cvtss_f32(_mm_min_ss(m, _mm_shuffle_ps(m, m, 1)));
-  }
+  __m256 vlow = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < cols8; j += 8) vlow = _mm256_min_ps(vlow, _mm256_loadu_ps(e + j));
+  float low = cskd::simd::horizontal_min(vlow);
   for (int64_t j = cols8; j < cols; ++j) low = std::min(low, e[j]);
   const __m256 lowest = _mm256_set1_ps(low), vinv = _mm256_set1_ps(inv_t);
   __m256 vsum = _mm256_setzero_ps();
@@ -117,9 +112,7 @@ CSKD_AVX2 void softmax_negated_row_avx2(float* e, int64_t cols, float inv_t) {
     _mm256_storeu_ps(e + j, p);
     vsum = _mm256_add_ps(vsum, p);
   }
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  float total = _mm_cvtss_f32(_mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1)));
+  float total = cskd::simd::horizontal_sum(vsum);
   for (int64_t j = cols8; j < cols; ++j) total += (e[j] = std::exp((low - e[j]) * inv_t));
   const float inv_total = 1.0f / total;
   const __m256 vinv_total = _mm256_set1_ps(inv_total);

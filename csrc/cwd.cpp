@@ -94,20 +94,8 @@ scalar_t row_kl_scalar(const scalar_t* s, const scalar_t* t, int64_t n, scalar_t
 #ifdef CSKD_X86_SIMD
 
 using cskd::simd::exp256;
-
-CSKD_AVX2 inline float hsum256(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-CSKD_AVX2 inline float hmax256(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
+using cskd::simd::horizontal_max;
+using cskd::simd::horizontal_sum;
 
 // Lanes past the end of a row: loaded as -inf for maxima, masked out of sums.
 CSKD_AVX2 inline __m256i tail_mask(int64_t remaining) {
@@ -133,8 +121,8 @@ CSKD_AVX2 float row_kl_avx2(const float* s, const float* t, int64_t n, float inv
       vms = _mm256_max_ps(vms, load_or(s + j, end - j, neg_inf));
       vmt = _mm256_max_ps(vmt, load_or(t + j, end - j, neg_inf));
     }
-    const float ms = hmax256(vms) * inv_t;
-    const float mt = hmax256(vmt) * inv_t;
+    const float ms = horizontal_max(vms) * inv_t;
+    const float mt = horizontal_max(vmt) * inv_t;
     const __m256 vms_b = _mm256_set1_ps(ms), vmt_b = _mm256_set1_ps(mt);
     __m256 vzs = zero, vzt = zero;
     for (int64_t j = start; j < end; j += 8) {
@@ -144,8 +132,8 @@ CSKD_AVX2 float row_kl_avx2(const float* s, const float* t, int64_t n, float inv
       vzs = _mm256_add_ps(vzs, exp256(_mm256_fmsub_ps(xs, vinv_t, vms_b)));
       vzt = _mm256_add_ps(vzt, exp256(_mm256_fmsub_ps(xt, vinv_t, vmt_b)));
     }
-    stats_s.merge_block(ms, hsum256(vzs));
-    stats_t.merge_block(mt, hsum256(vzt));
+    stats_s.merge_block(ms, horizontal_sum(vzs));
+    stats_t.merge_block(mt, horizontal_sum(vzt));
   }
   const __m256 max_s = _mm256_set1_ps(stats_s.max), log_sum_s = _mm256_set1_ps(stats_s.log_sum());
   const __m256 max_t = _mm256_set1_ps(stats_t.max), log_sum_t = _mm256_set1_ps(stats_t.log_sum());
@@ -167,7 +155,7 @@ CSKD_AVX2 float row_kl_avx2(const float* s, const float* t, int64_t n, float inv
       }
     }
   }
-  return hsum256(vkl);
+  return horizontal_sum(vkl);
 }
 
 #endif  // CSKD_X86_SIMD

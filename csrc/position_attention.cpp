@@ -68,20 +68,8 @@ constexpr int64_t kBlock = 256;  // tile edge: a 256 x 256 float tile is 256 KiB
 
 using cskd::simd::exp256;
 using cskd::simd::exp512;
-
-CSKD_AVX2 inline float horizontal_sum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
-  return _mm_cvtss_f32(x);
-}
-
-CSKD_AVX2 inline float horizontal_max(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
-  return _mm_cvtss_f32(x);
-}
+using cskd::simd::horizontal_max;
+using cskd::simd::horizontal_sum;
 
 CSKD_AVX2 float online_softmax_row_avx2(float* s, int64_t n, float scale, float& m) {
   const int64_t n8 = n & ~int64_t(7);

@@ -1,6 +1,6 @@
 // Vectorised float exp, shared by the kernels whose inner loop is one
-// exponential per element (position attention's softmax rows, CWD's
-// log-sum-exp). glibc's expf has no SIMD variant without -ffast-math, and the
+// exponential per element (position and channel attention's softmax rows,
+// CWD's log-sum-exp), and the horizontal reductions around it. glibc's expf has no SIMD variant without -ffast-math, and the
 // extension is built for baseline x86-64, so the AVX2 and AVX-512 bodies are
 // compiled with target attributes and chosen at run time by the caller.
 //
@@ -65,6 +65,29 @@ CSKD_AVX512 inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mul_ps(in_range, p, _mm512_castsi512_ps(bits));
+}
+
+// The sum, maximum and minimum of 8 lanes: the row statistics around the exps (softmax rows' sums and
+// extremes, CWD's log-sum-exp).
+CSKD_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+
+CSKD_AVX2 inline float horizontal_max(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+
+CSKD_AVX2 inline float horizontal_min(__m256 v) {
+  __m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_min_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_min_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
 }
 
 }  // namespace cskd::simd

@@ -471,7 +471,7 @@ class CSKDLoss(nn.Module):
         attention applied to x itself) O = (Wv W) Z + b_v. The attention's
         value products, the largest, then run at C_s channels instead of C_t,
         and no C_t x C_t value projection is taken (fewer products whenever
-        C_s < C_t: at 128 -> 256 about a third of the student's PAM work).
+        C_s < C_t: at 128 -> 256 about 40% of the student's PAM work, 41 instead of 71 GFLOP).
         """
         wq, bq, wk, bk, wv, bv = weights
         q, k = run_cell_projection(x, ((wq @ adapter, bq), (wk @ adapter, bk)), self.grid, backend)
