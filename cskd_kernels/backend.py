@@ -94,6 +94,21 @@ def constant_under_compile(fn):
     return fn
 
 
+def empty_output(shape, like):
+    """An empty contiguous tensor of ``shape`` in like's dtype and device; on the CPU from the C++ output pool.
+
+    The pool (csrc/output_pool.h) serves large buffers as transparent huge
+    pages and keeps freed ones for reuse: a fresh 64 MiB map costs one page
+    fault per 2 MiB rather than per 4 KiB (measured on an AVX2 EPYC VM: about
+    10 ms of first touch instead of 40-50). Without the extension, on other
+    devices and while torch.compile traces, it is like.new_empty(shape).
+    """
+    ext = extension() if like.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    if ext is None:
+        return like.new_empty(shape)
+    return ext.empty_output(list(shape), like)
+
+
 @constant_under_compile
 def extension_built():
     """True when the C++ extension imports."""

@@ -132,6 +132,11 @@ at::Tensor cskd::empty_output(at::IntArrayRef sizes, const at::TensorOptions& op
 void cskd::empty_output_cache() { OutputPool::instance().empty_cache(); }
 
 void register_output_pool(pybind11::module& m) {
+  m.def(
+      "empty_output",
+      [](const std::vector<int64_t>& sizes, const at::Tensor& like) { return cskd::empty_output(sizes, like.options()); },
+      "An empty contiguous CPU tensor of `sizes` in like's dtype, from the pool when large (for the Python ops'\n"
+      "map-sized results: the pool's buffers are huge pages, a fault per 2 MiB instead of per 4 KiB).");
   m.def("empty_cache", &cskd::empty_output_cache,
         "Frees the output buffers the C++ kernels keep for reuse (as torch.cuda.empty_cache does).");
 }

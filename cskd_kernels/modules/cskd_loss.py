@@ -43,9 +43,10 @@ of g (O_s - O_t) + (x_s - x_t), one elementwise pass (_AttentionMSE), with
 each position weighted 1 / (B C |cell| cells): the mean within each cell,
 then over cells, for cells of unequal sizes too. With a widening adapter
 (C_s < C_t) the fused backends take the student's branches through the
-adapter's factors: its CAM's Gram at C_s (_adapted_channel_attention), its
+adapter's factors: its CAM's Gram at C_s (_adapted_channel_mix), its
 attention applied to the student map itself, O = (Wv W) (x A^T) + b_v
-(_adapted_position_attention): the value products at C_s channels.
+(_adapted_position_mse): the value products at C_s channels, and the adapted
+map W x never formed (modules/attention_mse.py).
 
 A branch whose lambda is 0 is not computed (nothing drawn for it either): its
 part of the output is a zero tensor, 0 times the branch's parameters, so that
@@ -63,6 +64,8 @@ from cskd_kernels._validation import accumulation_dtype, check_float_tensor, che
 from cskd_kernels.resize import check_resize, match_spatial_size
 from cskd_kernels.batch_gather import broadcast_from_first_rank, gather_batch, group_size
 from cskd_kernels.grid import CellLayout
+from cskd_kernels.modules.attention_mse import (  # noqa: F401 (MSE_CHUNK_ELEMENTS: the tests set it here)
+    MSE_CHUNK_ELEMENTS, _AdaptedPositionMSE, _AttentionMSE, _ProjectedMSE)
 from cskd_kernels.backend import resolve_backend
 from cskd_kernels.ops.cell_projection import run_cell_projection
 from cskd_kernels.ops.channel_gram import channel_gram
@@ -163,90 +166,20 @@ def mse_position_weights(height, width, grid, batch, channels, *, device=None, d
     return weights.to(device=device, dtype=dtype)
 
 
-def _adapted_channel_attention(x, weight, gamma, temperature):
-    """CAM(W x) = g A X + X with X = W x, as ((g A + I) W) x: no C_t x N product but the last.
+def _adapted_channel_mix(x, weight, gamma, temperature):
+    """(g A W + W) (B, C_t, C_s): CAM(W x) = g A X + X with X = W x is this matrix times x, per image.
 
     E = X X^T = W (x x^T) W^T, so the Gram runs at the student's width C_s, and
-    g A X + X = (g A W + W) x is one (C_t x C_s) by (C_s x N) product per image,
-    the adapter's own cost: about a third of the products of adapting and then
-    taking CAM at C_t (forward and backward; autograd through batched products).
+    g A X + X = (g A W + W) x is one (C_t x C_s) by (C_s x N) product per image
+    (taken by _ProjectedMSE), the adapter's own cost: about a third of the
+    products of adapting and then taking CAM at C_t (forward and backward).
     """
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
     gram = torch.bmm(flat, flat.transpose(1, 2))
     energy = torch.matmul(torch.matmul(weight, gram), weight.t())
     attention = torch.softmax((energy.amax(dim=-1, keepdim=True).detach() - energy) / temperature, dim=-1)
-    mix = torch.addcmul(weight, gamma.to(x.dtype), torch.matmul(attention, weight))  # g A W + W
-    return torch.bmm(mix, flat).view(b, weight.shape[0], h, w)
-
-
-# Elements of one chunk of _AttentionMSE's elementwise pass, per device type: on the CPU a few
-# cache-sized chunks with reused scratch buffers (fresh map-sized temporaries cost page faults and
-# memory passes); elsewhere the whole map at once (a GPU pays per launch, not per temporary).
-MSE_CHUNK_ELEMENTS = {"cpu": 2**17}
-
-
-class _AttentionMSE(torch.autograd.Function):
-    """sum(weight * (g o_s + x_s - g o_t - x_t)^2): the MSE of two attention outputs g O + x, one elementwise pass.
-
-    ``o_s`` may be None (x_s is then the whole student map, g Y + x, from the
-    CAM op, which takes gamma's student gradient itself). ``weight``: a float
-    or an (H, W) tensor (mse_position_weights). Computed in float32 at least,
-    the sums of the chunks added in float64. The forward computes every
-    gradient but the output's scale: the backward holds one map, 2 weight d.
-    """
-
-    @staticmethod
-    def forward(ctx, gamma, x_s, o_s, x_t, o_t, weight):
-        acc = accumulation_dtype(x_s.dtype, x_t.dtype)
-        g = gamma.detach().to(acc).reshape(())
-        b, c, h, w = x_t.shape
-        rows, positions = b * c, h * w
-        if isinstance(weight, torch.Tensor):
-            weight2 = (2.0 * weight).to(acc).reshape(1, positions)
-        else:
-            weight2 = 2.0 * weight
-        x_s, x_t, o_t = (t.reshape(rows, positions) for t in (x_s, x_t, o_t))
-        o_s = None if o_s is None else o_s.reshape(rows, positions)
-        r = torch.empty((rows, positions), dtype=acc, device=x_t.device)  # 2 weight d, kept for the backward
-        step = max(1, MSE_CHUNK_ELEMENTS.get(x_t.device.type, rows * positions) // positions)
-        d = torch.empty((min(step, rows), positions), dtype=acc, device=x_t.device)
-        e = torch.empty_like(d) if o_s is not None else None
-        loss_parts, gamma_parts = [], []
-        for r0 in range(0, rows, step):
-            r1 = min(r0 + step, rows)
-            dc, rc, o_tc = d[: r1 - r0], r[r0:r1], o_t[r0:r1].to(acc)
-            torch.sub(x_s[r0:r1].to(acc), x_t[r0:r1].to(acc), out=dc)
-            if o_s is None:
-                dc.addcmul_(o_tc, g, value=-1.0)
-            else:
-                ec = e[: r1 - r0]
-                torch.sub(o_s[r0:r1].to(acc), o_tc, out=ec)
-                dc.addcmul_(ec, g)
-            torch.mul(dc, weight2, out=rc)
-            loss_parts.append(dc.mul_(rc).sum())
-            # d(loss)/d(gamma) = sum(2 weight d (o_s - o_t)), or -sum(2 weight d o_t) without o_s
-            gamma_parts.append(torch.mul(o_tc, rc, out=dc).sum().neg() if o_s is None else ec.mul_(rc).sum())
-        del d, e
-        total_loss = torch.stack(loss_parts).sum(dtype=torch.float64)
-        total_gamma = torch.stack(gamma_parts).sum(dtype=torch.float64)
-        ctx.save_for_backward(r)
-        ctx.g, ctx.grad_gamma, ctx.shape = g, total_gamma.to(acc), (b, c, h, w)
-        ctx.dtypes = (gamma.dtype, x_s.dtype, None if o_s is None else o_s.dtype, o_t.dtype)
-        return (0.5 * total_loss).to(acc)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        (r,) = ctx.saved_tensors
-        shape = ctx.shape
-        need_gamma, need_x_s, need_o_s, _, need_o_t, _ = ctx.needs_input_grad
-        gamma_dtype, x_s_dtype, o_s_dtype, o_t_dtype = ctx.dtypes
-        grad_gamma = (ctx.grad_gamma * grad_out).reshape(1).to(gamma_dtype) if need_gamma else None
-        grad_x_s = (r * grad_out).to(x_s_dtype).view(shape) if need_x_s else None
-        grad_o_s = (r * (ctx.g * grad_out)).to(o_s_dtype).view(shape) if need_o_s else None
-        grad_o_t = (r * (-ctx.g * grad_out)).to(o_t_dtype).view(shape) if need_o_t else None
-        return grad_gamma, grad_x_s, grad_o_s, None, grad_o_t, None
+    return torch.addcmul(weight, gamma.to(x.dtype), torch.matmul(attention, weight))  # g A W + W
 
 
 class PositionProjection(nn.Module):
@@ -429,32 +362,37 @@ class CSKDLoss(nn.Module):
         student_channels, teacher_channels = adapter.shape[1], adapter.shape[0]
         factored_cam = do_cam and folds and student_channels <= teacher_channels
         factored_pam = do_pam and folds and student_channels < teacher_channels
-        adapted = StudentAdapter.apply_to(feat_s, adapter) if do_pam or not factored_cam else None
+        factored_pam = factored_pam and feat_s.dtype == feat_t.dtype
+        adapted = None
+        if (do_pam and not factored_pam) or (do_cam and not factored_cam):
+            adapted = StudentAdapter.apply_to(feat_s, adapter)
         if do_pam:
             cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
-            weights_s = self.student_projection.weights(cells, self.generator, adapted)
+            weights_s = self.student_projection.weights(cells, self.generator, feat_s)
             weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
             need_graph = torch.is_grad_enabled() and any(w.requires_grad for w in weights_t)
             with torch.set_grad_enabled(need_graph):
                 o_t = self._position_attention(feat_t, weights_t, backend)
-            if factored_pam:
-                o_s = self._adapted_position_attention(feat_s, adapter, weights_s, backend)
-            else:
-                o_s = self._position_attention(adapted, weights_s, backend)
             batch, channels, height, width = feat_t.shape
             weight = mse_position_weights(height, width, self.grid, batch, channels, device=feat_t.device,
                                           dtype=accumulation_dtype(feat_s.dtype, feat_t.dtype))
-            pam = _AttentionMSE.apply(self.gamma_pam, adapted, o_s, feat_t, o_t, weight)
-            del o_s, o_t
+            if factored_pam:
+                pam = self._adapted_position_mse(feat_s, adapter, weights_s, feat_t, o_t, weight, backend)
+            else:
+                o_s = self._position_attention(adapted, weights_s, backend)
+                pam = _AttentionMSE.apply(self.gamma_pam, adapted, o_s, feat_t, o_t, weight)
+                del o_s
+            del o_t
         if do_cam:
             with torch.no_grad():  # the teacher's Y = CAM with gamma 1, minus x: a constant
                 y_t = self._channel_attention(feat_t, torch.ones(1, dtype=feat_t.dtype, device=feat_t.device), backend)
                 y_t = y_t.sub_(feat_t)
             if factored_cam:
-                cam_s = _adapted_channel_attention(feat_s, adapter, self.gamma_cam, self.temperature)
+                mix = _adapted_channel_mix(feat_s, adapter, self.gamma_cam, self.temperature)
+                cam = _ProjectedMSE.apply(self.gamma_cam, mix, feat_s, feat_t, y_t, 1.0 / feat_t.numel())
             else:
                 cam_s = self._channel_attention(adapted, self.gamma_cam, backend)
-            cam = _AttentionMSE.apply(self.gamma_cam, cam_s, None, feat_t, y_t, 1.0 / feat_t.numel())
+                cam = _AttentionMSE.apply(self.gamma_cam, cam_s, None, feat_t, y_t, 1.0 / feat_t.numel())
         return cam, pam
 
     def _position_attention(self, x, weights, backend):
@@ -463,22 +401,23 @@ class CSKDLoss(nn.Module):
         q, k, v = run_cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), self.grid, backend)
         return run_position_attention(q, k, v, self.temperature, self.grid, backend)
 
-    def _adapted_position_attention(self, x, adapter, weights, backend):
-        """O of the adapted map W x (W = adapter), its attention at the student's width: M Z + b_v per cell.
+    def _adapted_position_mse(self, x, adapter, weights, feat_t, o_t, weight, backend):
+        """The PAM MSE of the adapted map W x (W = adapter), its attention at the student's width.
 
         The projections of W x are those of x by the folded weights (Wq W, Wk W,
         Wv W), and the attention's rows sum to 1, so with Z = x A^T (the
-        attention applied to x itself) O = (Wv W) Z + b_v. The attention's
+        attention applied to x itself) its O = (Wv W) Z + b_v. The attention's
         value products, the largest, then run at C_s channels instead of C_t,
         and no C_t x C_t value projection is taken (fewer products whenever
-        C_s < C_t: at 128 -> 256 about 40% of the student's PAM work, 41 instead of 71 GFLOP).
+        C_s < C_t: at 128 -> 256 about 40% of the student's PAM work, 41 instead
+        of 71 GFLOP). _AdaptedPositionMSE takes it from Z without forming W x.
         """
         wq, bq, wk, bk, wv, bv = weights
         q, k = run_cell_projection(x, ((wq @ adapter, bq), (wk @ adapter, bk)), self.grid, backend)
         z = run_position_attention(q, k, x, self.temperature, self.grid, backend)
         del q, k
-        (o,) = run_cell_projection(z, ((wv @ adapter, bv),), self.grid, backend)
-        return o
+        return _AdaptedPositionMSE.apply(self.gamma_pam, z, x, adapter, wv @ adapter, bv, feat_t, o_t, weight,
+                                         self.grid, backend)
 
     def _channel_attention(self, x, gamma, backend):
         return run_channel_attention(x, gamma, self.temperature, backend)

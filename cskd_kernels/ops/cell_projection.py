@@ -215,3 +215,21 @@ def run_cell_projection(x, projections, grid, backend):
     if fused:
         x = x.contiguous()
     return CellProjectionFunction.apply(x, weight, bias, *(grid or (1, 1)), sizes, fused)
+
+
+def run_cell_projection_input_grad(grads, weight, grid, channels, backend):
+    """The input gradient of cell_projection alone: sum_j W_cell,j^T grads[j] per cell, (B, channels, H, W).
+
+    ``weight`` is the projections' stacked (cells|1, sum R_j, channels); for
+    autograd Functions of their own, which fold scales into the small weights
+    rather than into map-sized gradients (modules/attention_mse.py).
+    """
+    like = grads[0]
+    b, _, h, w = like.shape
+    layout = CellLayout(h, w, grid or (1, 1))
+    weight = weight.to(like.dtype)
+    if backend == "cpu" or (backend == "triton" and len(grads) <= TRITON_MAX_OUTPUTS):
+        return cell_projection_backward([g.contiguous() for g in grads], weight.contiguous(),
+                                        _table(layout, grid or (1, 1), like.device), channels, backend)
+    shape_only = like.new_empty(()).expand(b, channels, h, w)  # only its shape is read
+    return _padded_backward(shape_only, weight, grads, layout, [g.shape[1] for g in grads], True, False, False)[0]

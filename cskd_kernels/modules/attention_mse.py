@@ -1,0 +1,265 @@
+"""The MSE between attention outputs of CSKDLoss(similarity="mse"), each one elementwise pass.
+
+    _AttentionMSE:        sum(weight * (g o_s + x_s - g o_t - x_t)^2)
+    _ProjectedMSE:        sum(weight * (M x - x_t - g o_t)^2), M one (C_t, C_s) matrix per image
+                          (the student's CAM through a widening adapter: (g A W + W) x)
+    _AdaptedPositionMSE:  the same for the student's PAM through a widening adapter,
+                          whose adapted map is never held (see its docstring)
+
+The last two form their map-sized product in a buffer of the output pool and
+turn it into the loss's gradient r in place; their backward folds the
+output's scale into the small matrices.
+
+``weight`` is a float or an (H, W) tensor (CSKDLoss's mse_position_weights).
+The passes run in float32 at least, the sums of their chunks added in float64.
+"""
+
+import torch
+
+from cskd_kernels._validation import accumulation_dtype
+from cskd_kernels.backend import empty_output
+from cskd_kernels.grid import CellLayout
+from cskd_kernels.ops.cell_projection import run_cell_projection, run_cell_projection_input_grad
+
+# Elements of one chunk of the elementwise passes, per device type: on the CPU a few cache-sized
+# chunks with reused scratch buffers (fresh map-sized temporaries cost page faults and memory
+# passes); elsewhere the whole map at once (a GPU pays per launch, not per temporary).
+MSE_CHUNK_ELEMENTS = {"cpu": 2**17}
+
+
+def _rows_per_chunk(rows, positions, device):
+    return max(1, min(rows, MSE_CHUNK_ELEMENTS.get(device.type, rows * positions) // positions))
+
+
+def _doubled_weight(weight, positions, dtype):
+    """2 weight, as a float or a (1, positions) row broadcast over the map's (B C) rows."""
+    if isinstance(weight, torch.Tensor):
+        return (2.0 * weight).to(dtype).reshape(1, positions)
+    return 2.0 * weight
+
+
+def _squared_error_pass(x_s, o_s, x_t, o_t, g, weight2, r):
+    """d = g o_s + x_s - g o_t - x_t (o_s may be None), r = weight2 d, by chunks of rows.
+
+    All maps are (rows, positions) views; r (in the accumulation dtype) may be
+    x_s itself (each chunk of x_s is read before r's is written). Returns the
+    float64 sums (sum d r, sum r (o_s - o_t)), the second being -sum r o_t
+    without o_s: the loss is half the first, and gamma's gradient the second.
+    """
+    acc, (rows, positions) = r.dtype, r.shape
+    step = _rows_per_chunk(rows, positions, r.device)
+    d = torch.empty((step, positions), dtype=acc, device=r.device)
+    e = torch.empty_like(d) if o_s is not None else None
+    loss_parts, gamma_parts = [], []
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        dc, rc, o_tc = d[: r1 - r0], r[r0:r1], o_t[r0:r1].to(acc)
+        torch.sub(x_s[r0:r1].to(acc), x_t[r0:r1].to(acc), out=dc)
+        if o_s is None:
+            dc.addcmul_(o_tc, g, value=-1.0)
+        else:
+            ec = e[: r1 - r0]
+            torch.sub(o_s[r0:r1].to(acc), o_tc, out=ec)
+            dc.addcmul_(ec, g)
+        torch.mul(dc, weight2, out=rc)
+        loss_parts.append(dc.mul_(rc).sum())
+        gamma_parts.append(torch.mul(o_tc, rc, out=dc).sum().neg() if o_s is None else ec.mul_(rc).sum())
+    return torch.stack(loss_parts).sum(dtype=torch.float64), torch.stack(gamma_parts).sum(dtype=torch.float64)
+
+
+def _chunked_dot(a, b):
+    """sum(a * b) of two same-shaped maps in float64, by chunks of rows (no map-sized product)."""
+    a, b = a.reshape(-1, a.shape[-1] * a.shape[-2]), b.reshape(-1, b.shape[-1] * b.shape[-2])
+    rows, positions = a.shape
+    step = _rows_per_chunk(rows, positions, a.device)
+    scratch = torch.empty((step, positions), dtype=a.dtype, device=a.device)
+    parts = [torch.mul(a[r0:r0 + step], b[r0:r0 + step], out=scratch[: min(step, rows - r0)]).sum()
+             for r0 in range(0, rows, step)]
+    return torch.stack(parts).sum(dtype=torch.float64)
+
+
+class _AttentionMSE(torch.autograd.Function):
+    """sum(weight * (g o_s + x_s - g o_t - x_t)^2): the MSE of two attention outputs g O + x, one elementwise pass.
+
+    ``o_s`` may be None (x_s is then the whole student map, g Y + x, from the
+    CAM op, which takes gamma's student gradient itself). The forward computes
+    every gradient but the output's scale: the backward holds one map, 2 weight d.
+    """
+
+    @staticmethod
+    def forward(ctx, gamma, x_s, o_s, x_t, o_t, weight):
+        acc = accumulation_dtype(x_s.dtype, x_t.dtype)
+        g = gamma.detach().to(acc).reshape(())
+        b, c, h, w = x_t.shape
+        rows, positions = b * c, h * w
+        x_s, x_t, o_t = (t.reshape(rows, positions) for t in (x_s, x_t, o_t))
+        o_s = None if o_s is None else o_s.reshape(rows, positions)
+        r = empty_output((rows, positions), x_t.new_empty((), dtype=acc))  # 2 weight d, kept for the backward
+        total_loss, total_gamma = _squared_error_pass(x_s, o_s, x_t, o_t, g, _doubled_weight(weight, positions, acc), r)
+        ctx.save_for_backward(r)
+        ctx.g, ctx.grad_gamma, ctx.shape = g, total_gamma.to(acc), (b, c, h, w)
+        ctx.dtypes = (gamma.dtype, x_s.dtype, None if o_s is None else o_s.dtype, o_t.dtype)
+        return (0.5 * total_loss).to(acc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (r,) = ctx.saved_tensors
+        shape = ctx.shape
+        need_gamma, need_x_s, need_o_s, _, need_o_t, _ = ctx.needs_input_grad
+        gamma_dtype, x_s_dtype, o_s_dtype, o_t_dtype = ctx.dtypes
+        grad_gamma = (ctx.grad_gamma * grad_out).reshape(1).to(gamma_dtype) if need_gamma else None
+        grad_x_s = _scaled(r, grad_out, x_s_dtype).view(shape) if need_x_s else None
+        grad_o_s = _scaled(r, ctx.g * grad_out, o_s_dtype).view(shape) if need_o_s else None
+        grad_o_t = _scaled(r, -ctx.g * grad_out, o_t_dtype).view(shape) if need_o_t else None
+        return grad_gamma, grad_x_s, grad_o_s, None, grad_o_t, None
+
+
+def _scaled(r, scale, dtype):
+    """r * scale in dtype, a map-sized gradient from the output pool where r has that dtype."""
+    if r.dtype != dtype:
+        return (r * scale).to(dtype)
+    return torch.mul(r, scale, out=empty_output(r.shape, r))
+
+
+class _ProjectedMSE(torch.autograd.Function):
+    """sum(weight * (M x - x_t - g o_t)^2) with M (B, C_t, C_s) and x (B, C_s, H, W), M x never kept.
+
+    M x is formed in one pooled buffer and made r = 2 weight d in place; the
+    backward gives dx = (s M)^T r and dM = s r x^T (s the output's scale),
+    and gamma's gradient from the o_t term, -s sum(r o_t) (M's own dependence
+    on gamma reaches it through autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, gamma, product, x, x_t, o_t, weight):
+        acc = accumulation_dtype(x.dtype, x_t.dtype)
+        g = gamma.detach().to(acc).reshape(())
+        b, cs, h, w = x.shape
+        ct, positions = product.shape[1], h * w
+        p = torch.bmm(product, x.reshape(b, cs, positions), out=empty_output((b, ct, positions), x))
+        p = p.view(b * ct, positions)
+        r = p if p.dtype == acc else empty_output(p.shape, x_t.new_empty((), dtype=acc))
+        total_loss, teacher_gamma = _squared_error_pass(
+            p, None, x_t.reshape(b * ct, positions), o_t.reshape(b * ct, positions), g,
+            _doubled_weight(weight, positions, acc), r)
+        ctx.save_for_backward(r.view(b, ct, positions), product, x)
+        ctx.g, ctx.teacher_gamma, ctx.gamma_dtype = g, teacher_gamma.to(acc), gamma.dtype
+        return (0.5 * total_loss).to(acc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        r, product, x = ctx.saved_tensors
+        need_gamma, need_product, need_x, need_x_t, need_o_t = ctx.needs_input_grad[:5]
+        s = grad_out.to(r.dtype).reshape(())
+        b, cs, h, w = x.shape
+        grad_gamma = grad_product = grad_x = grad_x_t = grad_o_t = None
+        if need_gamma:
+            grad_gamma = (s * ctx.teacher_gamma).reshape(1).to(ctx.gamma_dtype)
+        if need_product:
+            grad_product = torch.bmm(r.to(x.dtype), x.reshape(b, cs, h * w).transpose(1, 2)) * s.to(x.dtype)
+        if need_x:
+            scaled = (product * s.to(product.dtype)).transpose(1, 2)
+            grad_x = torch.bmm(scaled, r.to(x.dtype), out=empty_output((b, cs, h * w), x)).view(b, cs, h, w)
+        if need_x_t:
+            grad_x_t = _scaled(r, -s, r.dtype).view(b, -1, h, w)
+        if need_o_t:
+            grad_o_t = _scaled(r, -s * ctx.g, r.dtype).view(b, -1, h, w)
+        return grad_gamma, grad_product, grad_x, grad_x_t, grad_o_t, None
+
+
+def cell_sums(maps, grid):
+    """(cells, C): the sums over the batch and each torch.chunk cell's positions of (B, C, H, W) maps, row-major."""
+    layout = CellLayout(maps.shape[2], maps.shape[3], grid or (1, 1))
+
+    def indicator(sizes, length):
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        rows = torch.zeros((len(sizes), length), dtype=maps.dtype, device=maps.device)
+        for i, (start, size) in enumerate(zip(starts, sizes)):
+            rows[i, start:start + size] = 1.0
+        return rows
+
+    per_position = maps.sum(0)  # (C, H, W)
+    sums = torch.einsum("ih,chw,jw->ijc", indicator(layout.rows, layout.height), per_position,
+                        indicator(layout.cols, layout.width))
+    return sums.reshape(layout.num_cells, maps.shape[1])
+
+
+class _AdaptedPositionMSE(torch.autograd.Function):
+    """The student's PAM MSE through a widening adapter, the adapted map never formed:
+
+        loss = sum(weight * (P - x_t - g o_t)^2),    P = W x + g (M Z + b_v)   per cell
+
+    with W (C_t, C_s) the adapter, M = Wv W (cells|1, C_t, C_s) the folded value
+    weights, b_v their bias and Z = x A^T the student's attention applied to x
+    itself (CSKDLoss._adapted_position_mse), so P is the PAM output of W x. One
+    map-sized buffer: g (M Z + b_v) from the cell projection, made P in place by
+    one batched product (+ W x), then r = 2 weight (P - x_t - g o_t) in place by
+    the elementwise pass. The backward folds the output's scale s into the small
+    weights, so it forms no map-sized product beyond the gradients themselves:
+
+        u = s M^T r (per cell),  dZ = g u,  dx = s W^T r,
+        dg = <u, Z> + s sum_cells <sum r, b_v> - s <r, o_t>
+
+    (the last sum taken in the forward's pass). The maps are float32 or float64
+    of one dtype, on the fused backends ("cpu", "triton").
+    """
+
+    @staticmethod
+    def forward(ctx, gamma, z, x, adapter, value_weight, value_bias, x_t, o_t, weight, grid, backend):
+        g = gamma.detach().to(x.dtype).reshape(())
+        b, cs, h, w = x.shape
+        ct, positions = adapter.shape[0], h * w
+        (p,) = run_cell_projection(z, ((value_weight * g, value_bias * g),), grid, backend)  # g (M Z + b_v)
+        p = p.view(b, ct, positions)
+        p.baddbmm_(adapter.expand(b, ct, cs), x.reshape(b, cs, positions))  # + W x: P
+        p = p.view(b * ct, positions)
+        total_loss, teacher_gamma = _squared_error_pass(
+            p, None, x_t.reshape(b * ct, positions), o_t.reshape(b * ct, positions), g,
+            _doubled_weight(weight, positions, p.dtype), p)  # r over P, in place
+        ctx.save_for_backward(p.view(b, ct, h, w), z, x, adapter, value_weight, value_bias)
+        ctx.g, ctx.teacher_gamma, ctx.grid, ctx.backend = g, teacher_gamma.to(p.dtype), grid, backend
+        ctx.gamma_dtype = gamma.dtype
+        return 0.5 * total_loss.to(p.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        r, z, x, adapter, value_weight, value_bias = ctx.saved_tensors
+        need_gamma, need_z, need_x, need_adapter, need_m, need_bv, need_x_t, need_o_t = ctx.needs_input_grad[:8]
+        s, g = grad_out.to(r.dtype).reshape(()), ctx.g
+        b, ct, h, w = r.shape
+        cs, positions = x.shape[1], h * w
+        grad_gamma = grad_z = grad_x = grad_adapter = grad_m = grad_bv = grad_x_t = grad_o_t = None
+        sums = cell_sums(r, ctx.grid) if need_gamma or need_bv else None  # (cells, C_t)
+        if need_gamma or need_z:
+            u = run_cell_projection_input_grad([r], value_weight * s, ctx.grid, cs, ctx.backend)
+            if need_gamma:
+                bias_part = (sums * value_bias.to(r.dtype)).sum(dtype=torch.float64)  # b_v: (cells|1, C_t)
+                student = _chunked_dot(u, z) + s.double() * bias_part
+                grad_gamma = (student + (s * ctx.teacher_gamma).double()).reshape(1).to(ctx.gamma_dtype)
+            grad_z = u.mul_(g) if need_z else None
+        if need_x:
+            grad_x = torch.matmul(adapter.t() * s, r.view(b, ct, positions), out=empty_output((b, cs, positions), r))
+            grad_x = grad_x.view(b, cs, h, w)
+        if need_adapter:
+            grad_adapter = torch.matmul(r.view(b, ct, positions), x.reshape(b, cs, positions).transpose(1, 2)).sum(0) * s
+        if need_m:
+            grad_m = _cell_weight_grad(r, z, value_weight, ctx.grid) * (s * g)
+        if need_bv:
+            grad_bv = (sums if value_bias.shape[0] > 1 else sums.sum(0, keepdim=True)) * (s * g)
+        if need_x_t:
+            grad_x_t = _scaled(r, -s, r.dtype)
+        if need_o_t:
+            grad_o_t = _scaled(r, -s * g, r.dtype)
+        return grad_gamma, grad_z, grad_x, grad_adapter, grad_m, grad_bv, grad_x_t, grad_o_t, None, None, None
+
+
+def _cell_weight_grad(grad_out, x, weight, grid):
+    """sum over the batch of grad_out_cell x_cell^T per cell ((cells|1, R, C) like weight), on padded cells."""
+    layout = CellLayout(x.shape[2], x.shape[3], grid or (1, 1))
+    grads = layout.to_cells(grad_out)  # (cells, B, R, positions), zero at the padding
+    cells = layout.to_cells(x)
+    per_cell = torch.matmul(grads, cells.transpose(-1, -2)).sum(1)  # (cells, R, C)
+    return per_cell if weight.shape[0] > 1 else per_cell.sum(0, keepdim=True)

@@ -1,0 +1,145 @@
+"""The MSE passes of CSKDLoss(similarity="mse") (cskd_kernels/modules/attention_mse.py), op by op.
+
+_ProjectedMSE and _AdaptedPositionMSE against their formula composed of plain
+PyTorch (the reference cell projection), every input's gradient by gradcheck in
+float64 at odd sizes and uneven cells, float32 against float64, and their
+map-sized buffers taken from the C++ output pool on the CPU.
+"""
+
+import pytest
+import torch
+
+from cskd_kernels.backend import empty_output
+from cskd_kernels.grid import CellLayout
+from cskd_kernels.modules import attention_mse
+from cskd_kernels.modules.attention_mse import _AdaptedPositionMSE, _ProjectedMSE, cell_sums
+from cskd_kernels.modules.cskd_loss import mse_position_weights
+from cskd_kernels.ops.cell_projection import run_cell_projection
+from conftest import HAS_EXTENSION, fused_backends, requires_extension
+
+B, CS, CT, H, W = 2, 3, 5, 5, 7
+
+
+def _maps(dtype, *channels):
+    return [torch.randn(B, c, H, W, dtype=dtype) for c in channels]
+
+
+def _adapted_inputs(dtype, grid, shared):
+    cells = CellLayout(H, W, grid or (1, 1)).num_cells
+    gamma = torch.tensor([0.7], dtype=dtype)
+    z, x, x_t, o_t = _maps(dtype, CS, CS, CT, CT)
+    adapter = torch.randn(CT, CS, dtype=dtype) / CS**0.5
+    value_weight = torch.randn(1 if shared else cells, CT, CS, dtype=dtype) / CS**0.5
+    value_bias = torch.randn(1 if shared else cells, CT, dtype=dtype)
+    weight = mse_position_weights(H, W, grid, B, CT, dtype=dtype)
+    return [gamma, z, x, adapter, value_weight, value_bias, x_t, o_t], weight
+
+
+def _adapted_expected(gamma, z, x, adapter, value_weight, value_bias, x_t, o_t, weight, grid):
+    (o,) = run_cell_projection(z, ((value_weight, value_bias),), grid, "reference")
+    p = torch.einsum("ts,bshw->bthw", adapter, x) + gamma * o
+    return (weight * (p - x_t - gamma * o_t) ** 2).sum()
+
+
+GRIDS = [pytest.param((2, 3), id="grid2x3"), pytest.param(None, id="global")]
+
+
+@pytest.mark.parametrize("backend", [p.values[0] for p in fused_backends()])
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
+def test_adapted_position_mse_value_and_every_gradient(backend, grid, shared):
+    """Against the composed formula in float64 (value, gradients), and gradcheck of every input."""
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    inputs, weight = _adapted_inputs(torch.float64, grid, shared)
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_(True) for t in inputs]
+    got = _AdaptedPositionMSE.apply(*leaves, weight.to(dtype) if grid else weight, grid, backend)
+    expected_leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    expected = _adapted_expected(*expected_leaves, weight, grid)
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-4, 1e-5)
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol)
+    got.backward()
+    expected.backward()
+    for name, ours, theirs in zip(("gamma", "z", "x", "adapter", "value_weight", "value_bias", "x_t", "o_t"),
+                                  leaves, expected_leaves):
+        assert theirs.grad.abs().max() > 0, name
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=rtol, atol=atol * 10, msg=name)
+    if dtype == torch.float64:
+        torch.autograd.gradcheck(lambda *t: _AdaptedPositionMSE.apply(*t, weight, grid, backend),
+                                 [t.detach().clone().requires_grad_(True) for t in inputs])
+
+
+@pytest.mark.parametrize("backend", [p.values[0] for p in fused_backends()])
+def test_adapted_position_mse_with_gamma_zero_and_a_float_weight(backend):
+    """gamma = 0 (CSKDLoss's initial value) still gives gamma its gradient; a float weight (global mode)."""
+    inputs, _ = _adapted_inputs(torch.float64, None, False)
+    inputs[0] = torch.zeros(1, dtype=torch.float64)
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_(True) for t in inputs]
+    weight = 1.0 / (B * CT * H * W)
+    _AdaptedPositionMSE.apply(*leaves, weight, None, backend).backward()
+    expected_leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    _adapted_expected(*expected_leaves, weight, None).backward()
+    assert leaves[0].grad.abs().item() > 0
+    torch.testing.assert_close(leaves[0].grad.double(), expected_leaves[0].grad, rtol=2e-4, atol=1e-6)
+    assert leaves[1].grad.abs().max().item() == 0.0  # dZ = g u
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_projected_mse_value_and_every_gradient(dtype):
+    gamma = torch.tensor([0.4], dtype=torch.float64)
+    product = torch.randn(B, CT, CS, dtype=torch.float64)
+    x, x_t, o_t = _maps(torch.float64, CS, CT, CT)
+    inputs, weight = [gamma, product, x, x_t, o_t], 1.0 / (B * CT * H * W)
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_(True) for t in inputs]
+    got = _ProjectedMSE.apply(*leaves, weight)
+    expected_leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    g, m, xx, xt, ot = expected_leaves
+    expected = weight * ((torch.einsum("bts,bshw->bthw", m, xx) - xt - g * ot) ** 2).sum()
+    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (1e-4, 1e-6)
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol)
+    got.backward()
+    expected.backward()
+    for name, ours, theirs in zip(("gamma", "product", "x", "x_t", "o_t"), leaves, expected_leaves):
+        assert theirs.grad.abs().max() > 0, name
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=rtol * 10, atol=atol * 10, msg=name)
+    if dtype == torch.float64:
+        torch.autograd.gradcheck(lambda *t: _ProjectedMSE.apply(*t, weight),
+                                 [t.detach().clone().requires_grad_(True) for t in inputs])
+
+
+@pytest.mark.parametrize("grid", [(5, 5), (2, 3), None], ids=["grid5x5", "grid2x3", "global"])
+def test_cell_sums_are_the_sums_of_torch_chunk_cells(grid):
+    maps = torch.randn(3, 4, 9, 11, dtype=torch.float64)
+    expected = [cell.sum((0, 2, 3)) for rows in maps.chunk((grid or (1, 1))[0], 2)
+                for cell in rows.chunk((grid or (1, 1))[1], 3)]
+    torch.testing.assert_close(cell_sums(maps, grid), torch.stack(expected), rtol=1e-13, atol=1e-13)
+
+
+@requires_extension
+def test_large_cpu_outputs_come_from_the_pool_on_huge_page_boundaries():
+    like = torch.empty(())
+    pooled = empty_output((8, 256, 1024), like)  # 8 MiB
+    assert pooled.shape == (8, 256, 1024) and pooled.is_contiguous() and pooled.dtype == like.dtype
+    assert pooled.data_ptr() % (2 << 20) == 0
+    small = empty_output((3, 5), like.double())
+    assert small.dtype == torch.float64 and small.shape == (3, 5)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+def test_the_map_sized_buffers_are_pooled(monkeypatch):
+    """r and the student's map gradient of both functions come from empty_output (the pool on the CPU)."""
+    requested = []
+
+    def recording(shape, like):
+        requested.append(tuple(shape))
+        return empty_output(shape, like)
+    monkeypatch.setattr(attention_mse, "empty_output", recording)
+    inputs, weight = _adapted_inputs(torch.float32, (2, 3), False)
+    leaves = [t.requires_grad_(True) for t in inputs]
+    _AdaptedPositionMSE.apply(*leaves, weight, (2, 3), "cpu").backward()
+    assert (B, CS, H * W) in requested  # dx = s W^T r
+    requested.clear()
+    product, x, x_t, o_t = torch.randn(B, CT, CS), *_maps(torch.float32, CS, CT, CT)
+    _ProjectedMSE.apply(torch.ones(1), product.requires_grad_(True), x.requires_grad_(True), x_t, o_t,
+                        0.1).backward()
+    assert requested == [(B, CT, H * W), (B, CS, H * W)]  # M x (then r in place), dx
