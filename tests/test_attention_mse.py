@@ -12,7 +12,7 @@ import torch
 from cskd_kernels.backend import empty_output
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules import attention_mse
-from cskd_kernels.modules.attention_mse import _AdaptedPositionMSE, _ProjectedMSE, cell_sums
+from cskd_kernels.modules.attention_mse import _AdaptedPositionMSE, _GramOverPositions, _ProjectedMSE, cell_sums
 from cskd_kernels.modules.cskd_loss import mse_position_weights
 from cskd_kernels.ops.cell_projection import run_cell_projection
 from conftest import HAS_EXTENSION, fused_backends, requires_extension
@@ -107,6 +107,12 @@ def test_projected_mse_value_and_every_gradient(dtype):
                                  [t.detach().clone().requires_grad_(True) for t in inputs])
 
 
+def test_gram_over_positions_value_and_gradient():
+    x = torch.randn(2, 3, 35, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_GramOverPositions.apply(x), x @ x.transpose(1, 2), rtol=1e-14, atol=1e-14)
+    torch.autograd.gradcheck(_GramOverPositions.apply, [x])
+
+
 @pytest.mark.parametrize("grid", [(5, 5), (2, 3), None], ids=["grid5x5", "grid2x3", "global"])
 def test_cell_sums_are_the_sums_of_torch_chunk_cells(grid):
     maps = torch.randn(3, 4, 9, 11, dtype=torch.float64)
@@ -143,3 +149,7 @@ def test_the_map_sized_buffers_are_pooled(monkeypatch):
     _ProjectedMSE.apply(torch.ones(1), product.requires_grad_(True), x.requires_grad_(True), x_t, o_t,
                         0.1).backward()
     assert requested == [(B, CT, H * W), (B, CS, H * W)]  # M x (then r in place), dx
+    requested.clear()
+    x = torch.randn(B, CS, H * W, requires_grad=True)
+    _GramOverPositions.apply(x).sum().backward()
+    assert requested == [(B, CS, H * W)]

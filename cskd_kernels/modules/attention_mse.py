@@ -169,6 +169,26 @@ class _ProjectedMSE(torch.autograd.Function):
         return grad_gamma, grad_product, grad_x, grad_x_t, grad_o_t, None
 
 
+class _GramOverPositions(torch.autograd.Function):
+    """x x^T per image, x (B, C, N): the CAM's energy at the student's width, its input gradient pooled.
+
+    torch.bmm's own backward forms two map-sized products (one per operand,
+    then their sum); here dx = (dG + dG^T) x is one, in a pooled buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.bmm(x, x.transpose(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gram):
+        (x,) = ctx.saved_tensors
+        symmetric = (grad_gram + grad_gram.transpose(1, 2)).to(x.dtype)
+        return torch.bmm(symmetric, x, out=empty_output(x.shape, x))
+
+
 def cell_sums(maps, grid):
     """(cells, C): the sums over the batch and each torch.chunk cell's positions of (B, C, H, W) maps, row-major."""
     layout = CellLayout(maps.shape[2], maps.shape[3], grid or (1, 1))

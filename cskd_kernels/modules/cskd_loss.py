@@ -65,7 +65,7 @@ from cskd_kernels.resize import check_resize, match_spatial_size
 from cskd_kernels.batch_gather import broadcast_from_first_rank, gather_batch, group_size
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules.attention_mse import (  # noqa: F401 (MSE_CHUNK_ELEMENTS: the tests set it here)
-    MSE_CHUNK_ELEMENTS, _AdaptedPositionMSE, _AttentionMSE, _ProjectedMSE)
+    MSE_CHUNK_ELEMENTS, _AdaptedPositionMSE, _AttentionMSE, _GramOverPositions, _ProjectedMSE)
 from cskd_kernels.backend import resolve_backend
 from cskd_kernels.ops.cell_projection import run_cell_projection
 from cskd_kernels.ops.channel_gram import channel_gram
@@ -176,7 +176,7 @@ def _adapted_channel_mix(x, weight, gamma, temperature):
     """
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
-    gram = torch.bmm(flat, flat.transpose(1, 2))
+    gram = _GramOverPositions.apply(flat)
     energy = torch.matmul(torch.matmul(weight, gram), weight.t())
     attention = torch.softmax((energy.amax(dim=-1, keepdim=True).detach() - energy) / temperature, dim=-1)
     return torch.addcmul(weight, gamma.to(x.dtype), torch.matmul(attention, weight))  # g A W + W
