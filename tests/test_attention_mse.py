@@ -9,6 +9,7 @@ map-sized buffers taken from the C++ output pool on the CPU.
 import pytest
 import torch
 
+from cskd_kernels import reference
 from cskd_kernels.backend import empty_output
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules import attention_mse
@@ -24,21 +25,36 @@ def _maps(dtype, *channels):
     return [torch.randn(B, c, H, W, dtype=dtype) for c in channels]
 
 
+D, TEMPERATURE = 2, 2.0  # the queries' and keys' width
+
+
 def _adapted_inputs(dtype, grid, shared):
-    cells = CellLayout(H, W, grid or (1, 1)).num_cells
+    cells = 1 if shared else CellLayout(H, W, grid or (1, 1)).num_cells
     gamma = torch.tensor([0.7], dtype=dtype)
-    z, x, x_t, o_t = _maps(dtype, CS, CS, CT, CT)
+    x, x_t, o_t = _maps(dtype, CS, CT, CT)
+    qk_weight = torch.randn(cells, 2 * D, CS, dtype=dtype) / CS**0.5
+    qk_bias = torch.randn(cells, 2 * D, dtype=dtype)
     adapter = torch.randn(CT, CS, dtype=dtype) / CS**0.5
-    value_weight = torch.randn(1 if shared else cells, CT, CS, dtype=dtype) / CS**0.5
-    value_bias = torch.randn(1 if shared else cells, CT, dtype=dtype)
+    value_weight = torch.randn(cells, CT, CS, dtype=dtype) / CS**0.5
+    value_bias = torch.randn(cells, CT, dtype=dtype)
     weight = mse_position_weights(H, W, grid, B, CT, dtype=dtype)
-    return [gamma, z, x, adapter, value_weight, value_bias, x_t, o_t], weight
+    return [gamma, x, qk_weight, qk_bias, adapter, value_weight, value_bias, x_t, o_t], weight
 
 
-def _adapted_expected(gamma, z, x, adapter, value_weight, value_bias, x_t, o_t, weight, grid):
+NAMES = ("gamma", "x", "qk_weight", "qk_bias", "adapter", "value_weight", "value_bias", "x_t", "o_t")
+
+
+def _adapted_expected(gamma, x, qk_weight, qk_bias, adapter, value_weight, value_bias, x_t, o_t, weight, grid):
+    q, k = run_cell_projection(x, ((qk_weight[:, :D], qk_bias[:, :D]), (qk_weight[:, D:], qk_bias[:, D:])), grid,
+                               "reference")
+    z = reference.position_attention(q, k, x, temperature=TEMPERATURE, grid=grid)
     (o,) = run_cell_projection(z, ((value_weight, value_bias),), grid, "reference")
     p = torch.einsum("ts,bshw->bthw", adapter, x) + gamma * o
     return (weight * (p - x_t - gamma * o_t) ** 2).sum()
+
+
+def _adapted(inputs, weight, grid, backend):
+    return _AdaptedPositionMSE.apply(*inputs, weight, grid, TEMPERATURE, backend)
 
 
 GRIDS = [pytest.param((2, 3), id="grid2x3"), pytest.param(None, id="global")]
@@ -52,19 +68,18 @@ def test_adapted_position_mse_value_and_every_gradient(backend, grid, shared):
     dtype = torch.float64 if backend == "cpu" else torch.float32
     inputs, weight = _adapted_inputs(torch.float64, grid, shared)
     leaves = [t.detach().to(dtype, copy=True).requires_grad_(True) for t in inputs]
-    got = _AdaptedPositionMSE.apply(*leaves, weight.to(dtype) if grid else weight, grid, backend)
+    got = _adapted(leaves, weight.to(dtype) if grid else weight, grid, backend)
     expected_leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     expected = _adapted_expected(*expected_leaves, weight, grid)
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-4, 1e-5)
     torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol)
     got.backward()
     expected.backward()
-    for name, ours, theirs in zip(("gamma", "z", "x", "adapter", "value_weight", "value_bias", "x_t", "o_t"),
-                                  leaves, expected_leaves):
+    for name, ours, theirs in zip(NAMES, leaves, expected_leaves):
         assert theirs.grad.abs().max() > 0, name
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=rtol, atol=atol * 10, msg=name)
     if dtype == torch.float64:
-        torch.autograd.gradcheck(lambda *t: _AdaptedPositionMSE.apply(*t, weight, grid, backend),
+        torch.autograd.gradcheck(lambda *t: _adapted(t, weight, grid, backend),
                                  [t.detach().clone().requires_grad_(True) for t in inputs])
 
 
@@ -76,12 +91,13 @@ def test_adapted_position_mse_with_gamma_zero_and_a_float_weight(backend):
     dtype = torch.float64 if backend == "cpu" else torch.float32
     leaves = [t.detach().to(dtype, copy=True).requires_grad_(True) for t in inputs]
     weight = 1.0 / (B * CT * H * W)
-    _AdaptedPositionMSE.apply(*leaves, weight, None, backend).backward()
+    _adapted(leaves, weight, None, backend).backward()
     expected_leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     _adapted_expected(*expected_leaves, weight, None).backward()
+    for ours, theirs, name in zip(leaves, expected_leaves, NAMES):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=2e-4, atol=1e-6, msg=name)
     assert leaves[0].grad.abs().item() > 0
-    torch.testing.assert_close(leaves[0].grad.double(), expected_leaves[0].grad, rtol=2e-4, atol=1e-6)
-    assert leaves[1].grad.abs().max().item() == 0.0  # dZ = g u
+    assert leaves[2].grad.abs().max().item() == 0.0  # the queries and keys get dZ = g u = 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -142,8 +158,8 @@ def test_the_map_sized_buffers_are_pooled(monkeypatch):
     monkeypatch.setattr(attention_mse, "empty_output", recording)
     inputs, weight = _adapted_inputs(torch.float32, (2, 3), False)
     leaves = [t.requires_grad_(True) for t in inputs]
-    _AdaptedPositionMSE.apply(*leaves, weight, (2, 3), "cpu").backward()
-    assert (B, CS, H * W) in requested  # dx = s W^T r
+    _adapted(leaves, weight, (2, 3), "cpu").backward()
+    assert requested and all(shape in ((B * CT, H * W), (B, CT, H, W)) for shape in requested)  # the pass's r
     requested.clear()
     product, x, x_t, o_t = torch.randn(B, CT, CS), *_maps(torch.float32, CS, CT, CT)
     _ProjectedMSE.apply(torch.ones(1), product.requires_grad_(True), x.requires_grad_(True), x_t, o_t,

@@ -14,7 +14,7 @@ import torch
 
 from cskd_kernels import CSKDLoss, released
 from cskd_kernels.grid import CellLayout
-from cskd_kernels.modules import cskd_loss as cskd_module
+from cskd_kernels.modules import attention_mse, cskd_loss as cskd_module
 from cskd_kernels.modules.cskd_loss import draw_adapter, mse_position_weights
 from conftest import TOLERANCES, fused_backends
 
@@ -196,12 +196,16 @@ def test_student_attention_runs_at_the_narrower_width(backend, cs, ct, student_w
     """The fused PAM MSE applies the student's attention to the map before a widening adapter (its values
     at C_s channels, the teacher's at C_t): the value products cost C_s / C_t of the adapted map's."""
     widths = []
-    original = cskd_module.run_position_attention
 
-    def recording(q, k, v, *args):
-        widths.append(v.shape[1])
-        return original(q, k, v, *args)
-    monkeypatch.setattr(cskd_module, "run_position_attention", recording)
+    def recording(module, name):
+        original = getattr(module, name)
+
+        def wrapper(q, k, v, *args):
+            widths.append(v.shape[1])
+            return original(q, k, v, *args)
+        monkeypatch.setattr(module, name, wrapper)
+    recording(cskd_module, "run_position_attention")
+    recording(attention_mse, "run_position_attention_saving")  # the folded student branch's own Function
     loss = CSKDLoss(cs, ct, lambda_cam=0.0, similarity="mse", backend=backend)
     loss(torch.randn(B, cs, H, W, requires_grad=True), torch.randn(B, ct, H, W)).loss.backward()
     assert widths == [ct, student_width]  # the teacher's, then the student's

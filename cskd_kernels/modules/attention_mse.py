@@ -20,6 +20,7 @@ from cskd_kernels._validation import accumulation_dtype
 from cskd_kernels.backend import empty_output
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.ops.cell_projection import run_cell_projection, run_cell_projection_input_grad
+from cskd_kernels.ops.position_attention import run_position_attention_grads, run_position_attention_saving
 
 # Elements of one chunk of the elementwise passes, per device type: on the CPU a few cache-sized
 # chunks with reused scratch buffers (fresh map-sized temporaries cost page faults and memory
@@ -211,15 +212,19 @@ class _AdaptedPositionMSE(torch.autograd.Function):
 
         loss = sum(weight * (P - x_t - g o_t)^2),    P = W x + g (M Z + b_v)   per cell
 
-    with W (C_t, C_s) the adapter, M = Wv W (cells|1, C_t, C_s) the folded value
-    weights, b_v their bias and Z = x A^T the student's attention applied to x
-    itself (CSKDLoss._adapted_position_mse), so P is the PAM output of W x. One
-    map-sized buffer: g (M Z + b_v) from the cell projection, made P in place by
-    one batched product (+ W x), then r = 2 weight (P - x_t - g o_t) in place by
-    the elementwise pass. The backward folds the output's scale s into the small
-    weights, so it forms no map-sized product beyond the gradients themselves:
+    with W (C_t, C_s) the adapter, Z = x A^T the student's attention applied to
+    x itself (its queries and keys projected from x by the folded weights
+    Wq W and Wk W, stacked in ``qk_weight``), M = Wv W (cells|1, C_t, C_s) the
+    folded value weights and b_v their bias: P is the PAM output of W x
+    (CSKDLoss._adapted_position_mse). One map-sized buffer: g (M Z + b_v) from
+    the cell projection, made P in place by one batched product (+ W x), then
+    r = 2 weight (P - x_t - g o_t) in place by the elementwise pass. The backward
+    folds the output's scale s into the small weights, so it forms no map-sized
+    product beyond the gradients themselves, and x's gradient in one product
+    for the projections and the adapter, plus the attention's dV:
 
-        u = s M^T r (per cell),  dZ = g u,  dx = s W^T r,
+        u = s M^T r (per cell),  dZ = g u,  (dq, dk, dV) = attention backward,
+        dx = [Wq W; Wk W; s W]^T [dq; dk; r] + dV,
         dg = <u, Z> + s sum_cells <sum r, b_v> - s <r, o_t>
 
     (the last sum taken in the forward's pass). The maps are float32 or float64
@@ -227,10 +232,14 @@ class _AdaptedPositionMSE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gamma, z, x, adapter, value_weight, value_bias, x_t, o_t, weight, grid, backend):
+    def forward(ctx, gamma, x, qk_weight, qk_bias, adapter, value_weight, value_bias, x_t, o_t, weight, grid,
+                temperature, backend):
         g = gamma.detach().to(x.dtype).reshape(())
         b, cs, h, w = x.shape
-        ct, positions = adapter.shape[0], h * w
+        ct, positions, d = adapter.shape[0], h * w, qk_weight.shape[1] // 2
+        q, k = run_cell_projection(x, ((qk_weight[:, :d], qk_bias[:, :d]), (qk_weight[:, d:], qk_bias[:, d:])),
+                                   grid, backend)
+        z, lse = run_position_attention_saving(q, k, x, temperature, grid, backend)
         (p,) = run_cell_projection(z, ((value_weight * g, value_bias * g),), grid, backend)  # g (M Z + b_v)
         p = p.view(b, ct, positions)
         p.baddbmm_(adapter.expand(b, ct, cs), x.reshape(b, cs, positions))  # + W x: P
@@ -238,42 +247,55 @@ class _AdaptedPositionMSE(torch.autograd.Function):
         total_loss, teacher_gamma = _squared_error_pass(
             p, None, x_t.reshape(b * ct, positions), o_t.reshape(b * ct, positions), g,
             _doubled_weight(weight, positions, p.dtype), p)  # r over P, in place
-        ctx.save_for_backward(p.view(b, ct, h, w), z, x, adapter, value_weight, value_bias)
-        ctx.g, ctx.teacher_gamma, ctx.grid, ctx.backend = g, teacher_gamma.to(p.dtype), grid, backend
-        ctx.gamma_dtype = gamma.dtype
+        ctx.save_for_backward(p.view(b, ct, h, w), q, k, z, lse, x, qk_weight, adapter, value_weight, value_bias)
+        ctx.g, ctx.teacher_gamma, ctx.gamma_dtype = g, teacher_gamma.to(p.dtype), gamma.dtype
+        ctx.grid, ctx.temperature, ctx.backend = grid, temperature, backend
         return 0.5 * total_loss.to(p.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        r, z, x, adapter, value_weight, value_bias = ctx.saved_tensors
-        need_gamma, need_z, need_x, need_adapter, need_m, need_bv, need_x_t, need_o_t = ctx.needs_input_grad[:8]
-        s, g = grad_out.to(r.dtype).reshape(()), ctx.g
+        r, q, k, z, lse, x, qk_weight, adapter, value_weight, value_bias = ctx.saved_tensors
+        (need_gamma, need_x, need_qk, need_qk_bias, need_adapter, need_m, need_bv, need_x_t,
+         need_o_t) = ctx.needs_input_grad[:9]
+        s, g, grid, backend = grad_out.to(r.dtype).reshape(()), ctx.g, ctx.grid, ctx.backend
         b, ct, h, w = r.shape
-        cs, positions = x.shape[1], h * w
-        grad_gamma = grad_z = grad_x = grad_adapter = grad_m = grad_bv = grad_x_t = grad_o_t = None
-        sums = cell_sums(r, ctx.grid) if need_gamma or need_bv else None  # (cells, C_t)
-        if need_gamma or need_z:
-            u = run_cell_projection_input_grad([r], value_weight * s, ctx.grid, cs, ctx.backend)
-            if need_gamma:
-                bias_part = (sums * value_bias.to(r.dtype)).sum(dtype=torch.float64)  # b_v: (cells|1, C_t)
-                student = _chunked_dot(u, z) + s.double() * bias_part
-                grad_gamma = (student + (s * ctx.teacher_gamma).double()).reshape(1).to(ctx.gamma_dtype)
-            grad_z = u.mul_(g) if need_z else None
+        cs, positions, cells = x.shape[1], h * w, CellLayout(h, w, grid or (1, 1)).num_cells
+        grads = dict.fromkeys(("gamma", "x", "qk", "qk_bias", "adapter", "m", "bv", "x_t", "o_t"))
+        sums = cell_sums(r, grid) if need_gamma or need_bv else None  # (cells, C_t)
+        u = run_cell_projection_input_grad([r], value_weight * s, grid, cs, backend)
+        if need_gamma:
+            bias_part = (sums * value_bias.to(r.dtype)).sum(dtype=torch.float64)  # b_v: (cells|1, C_t)
+            student = _chunked_dot(u, z) + s.double() * bias_part
+            grads["gamma"] = (student + (s * ctx.teacher_gamma).double()).reshape(1).to(ctx.gamma_dtype)
+        grad_z = u.mul_(g)
+        dq, dk, dv = run_position_attention_grads(q, k, x, z, lse, grad_z, ctx.temperature, grid, backend)
         if need_x:
-            grad_x = torch.matmul(adapter.t() * s, r.view(b, ct, positions), out=empty_output((b, cs, positions), r))
-            grad_x = grad_x.view(b, cs, h, w)
+            stacked = torch.cat([qk_weight.expand(cells, -1, -1), (adapter * s).expand(cells, -1, -1)], dim=1)
+            grads["x"] = run_cell_projection_input_grad([dq, dk, r], stacked, grid, cs, backend).add_(dv)
+        if need_qk or need_qk_bias:
+            dqk = torch.cat([dq, dk], dim=1)
+            if need_qk:
+                grads["qk"] = _cell_weight_grad(dqk, x, qk_weight, grid)
+            if need_qk_bias:
+                grads["qk_bias"] = _shared_or_per_cell(cell_sums(dqk, grid), qk_weight)
         if need_adapter:
-            grad_adapter = torch.matmul(r.view(b, ct, positions), x.reshape(b, cs, positions).transpose(1, 2)).sum(0) * s
+            grads["adapter"] = torch.matmul(r.view(b, ct, positions),
+                                            x.reshape(b, cs, positions).transpose(1, 2)).sum(0) * s
         if need_m:
-            grad_m = _cell_weight_grad(r, z, value_weight, ctx.grid) * (s * g)
+            grads["m"] = _cell_weight_grad(r, z, value_weight, grid) * (s * g)
         if need_bv:
-            grad_bv = (sums if value_bias.shape[0] > 1 else sums.sum(0, keepdim=True)) * (s * g)
+            grads["bv"] = _shared_or_per_cell(sums, value_weight) * (s * g)
         if need_x_t:
-            grad_x_t = _scaled(r, -s, r.dtype)
+            grads["x_t"] = _scaled(r, -s, r.dtype)
         if need_o_t:
-            grad_o_t = _scaled(r, -s * g, r.dtype)
-        return grad_gamma, grad_z, grad_x, grad_adapter, grad_m, grad_bv, grad_x_t, grad_o_t, None, None, None
+            grads["o_t"] = _scaled(r, -s * g, r.dtype)
+        return (*grads.values(), None, None, None, None)
+
+
+def _shared_or_per_cell(sums, like):
+    """Per-cell sums (cells, R) as the gradient of a bias of like's leading dim: per cell, or one shared row."""
+    return sums if like.shape[0] > 1 else sums.sum(0, keepdim=True)
 
 
 def _cell_weight_grad(grad_out, x, weight, grid):

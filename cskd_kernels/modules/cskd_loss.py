@@ -410,14 +410,12 @@ class CSKDLoss(nn.Module):
         value products, the largest, then run at C_s channels instead of C_t,
         and no C_t x C_t value projection is taken (fewer products whenever
         C_s < C_t: at 128 -> 256 about 40% of the student's PAM work, 41 instead
-        of 71 GFLOP). _AdaptedPositionMSE takes it from Z without forming W x.
+        of 71 GFLOP). _AdaptedPositionMSE runs it all, W x never formed.
         """
         wq, bq, wk, bk, wv, bv = weights
-        q, k = run_cell_projection(x, ((wq @ adapter, bq), (wk @ adapter, bk)), self.grid, backend)
-        z = run_position_attention(q, k, x, self.temperature, self.grid, backend)
-        del q, k
-        return _AdaptedPositionMSE.apply(self.gamma_pam, z, x, adapter, wv @ adapter, bv, feat_t, o_t, weight,
-                                         self.grid, backend)
+        qk_weight, qk_bias = torch.cat([wq @ adapter, wk @ adapter], dim=1), torch.cat([bq, bk], dim=1)
+        return _AdaptedPositionMSE.apply(self.gamma_pam, x, qk_weight, qk_bias, adapter, wv @ adapter, bv, feat_t,
+                                         o_t, weight, self.grid, self.temperature, backend)
 
     def _channel_attention(self, x, gamma, backend):
         return run_channel_attention(x, gamma, self.temperature, backend)

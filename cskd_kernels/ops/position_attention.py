@@ -189,3 +189,23 @@ def run_position_attention(q, k, v, temperature, grid, backend):
     scale = 1.0 / float(temperature)
     out, _ = position_attention_forward(q, k, v, cells, largest_cell(height, width, grid), scale, backend)
     return out
+
+
+def run_position_attention_saving(q, k, v, temperature, grid, backend):
+    """(out, lse) of the fused kernels without autograd, for an autograd Function of its own.
+
+    Its backward passes both back to run_position_attention_grads. Fused backends ("cpu", "triton") only.
+    """
+    height, width = q.shape[2], q.shape[3]
+    cells = cell_table(height, width, grid, q.device)
+    return position_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), cells,
+                                      largest_cell(height, width, grid), 1.0 / float(temperature), backend)
+
+
+def run_position_attention_grads(q, k, v, out, lse, grad_out, temperature, grid, backend):
+    """(dq, dk, dv) from run_position_attention_saving's (out, lse) and the output's gradient."""
+    height, width = q.shape[2], q.shape[3]
+    cells = cell_table(height, width, grid, q.device)
+    return position_attention_backward(q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+                                       grad_out.contiguous(), cells, largest_cell(height, width, grid),
+                                       1.0 / float(temperature), backend)
