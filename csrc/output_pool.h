@@ -12,7 +12,8 @@
 // allocator. The cost is that memory: up to 64 MiB (the environment variable
 // CSKD_OUTPUT_CACHE_MB sets another amount) stay allocated after their tensors
 // are gone, until cskd_kernels._C.empty_cache() frees them (as
-// torch.cuda.empty_cache does).
+// torch.cuda.empty_cache does). Python code takes pooled tensors through
+// cskd_kernels._C.empty_output (cskd_kernels.backend.empty_output).
 #pragma once
 #include <torch/extension.h>
 
