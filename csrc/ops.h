@@ -10,3 +10,4 @@ void register_cell_projection(pybind11::module& m);
 void register_cell_cross_gram(pybind11::module& m);
 void register_gemm(pybind11::module& m);
 void register_output_pool(pybind11::module& m);
+void register_uniform(pybind11::module& m);

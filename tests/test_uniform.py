@@ -1,0 +1,46 @@
+"""uniform_draw (csrc/uniform.cpp on the CPU): torch.rand's values and generator state, bit for bit."""
+
+import pytest
+import torch
+
+from cskd_kernels.modules.cskd_loss import draw_projections, uniform_draw
+from conftest import requires_extension
+
+
+@requires_extension
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**40 + 7])
+@pytest.mark.parametrize("sizes", [[1], [623], [624], [625], [5, 1000, 3], [186_000], [1_000_003, 7]],
+                         ids=lambda sizes: "-".join(map(str, sizes)))
+def test_the_values_and_the_state_are_torch_rand_s(seed, sizes):
+    from cskd_kernels import _C
+    ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    offset = seed % 700  # start anywhere in the twister's 624-word block
+    torch.rand(offset, generator=ours), torch.rand(offset, generator=theirs)
+    for n in sizes:
+        got, expected = _C.uniform_float(n, ours), torch.rand(n, generator=theirs)
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        assert torch.equal(got, expected), n
+    assert torch.equal(ours.get_state(), theirs.get_state())
+    assert torch.equal(torch.randn(7, generator=ours), torch.randn(7, generator=theirs))  # later draws of any kind
+
+
+@requires_extension
+def test_the_default_generator_and_an_empty_draw():
+    from cskd_kernels import _C
+    torch.manual_seed(3)
+    got = _C.uniform_float(1000)
+    assert _C.uniform_float(0).shape == (0,)
+    torch.manual_seed(3)
+    assert torch.equal(got, torch.rand(1000))
+    with pytest.raises(RuntimeError, match="n must be >= 0"):
+        _C.uniform_float(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uniform_draw_and_the_projections_are_torch_rand_s(dtype):
+    got = uniform_draw(5000, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    assert torch.equal(got, torch.rand(5000, generator=torch.Generator().manual_seed(9), dtype=dtype))
+    drawn = draw_projections(64, 8, 25, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    bound = 1.0 / 8.0
+    flat = torch.rand(sum(t.numel() for t in drawn), generator=torch.Generator().manual_seed(4), dtype=dtype)
+    assert torch.equal(torch.cat([t.flatten() for t in drawn]), flat.mul_(2 * bound).sub_(bound))
