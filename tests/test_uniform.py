@@ -44,3 +44,17 @@ def test_uniform_draw_and_the_projections_are_torch_rand_s(dtype):
     bound = 1.0 / 8.0
     flat = torch.rand(sum(t.numel() for t in drawn), generator=torch.Generator().manual_seed(4), dtype=dtype)
     assert torch.equal(torch.cat([t.flatten() for t in drawn]), flat.mul_(2 * bound).sub_(bound))
+
+
+@pytest.mark.compile
+def test_the_draw_compiles_without_a_graph_break():
+    """Under torch.compile the draw is torch.rand's (the extension's import would break the graph)."""
+    torch._dynamo.reset()
+
+    def drawn(x):
+        return x * draw_projections(16, 8, 3)[4].sum()
+
+    torch.manual_seed(5)
+    compiled = torch.compile(drawn, fullgraph=True, backend="aot_eager")(torch.ones(2))
+    assert compiled.shape == (2,) and torch.isfinite(compiled).all()
+    torch._dynamo.reset()

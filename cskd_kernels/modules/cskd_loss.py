@@ -96,8 +96,10 @@ def uniform_draw(count, *, generator=None, device=None, dtype=torch.float32):
     released-shape step's projections, 2.1 ms against 26-30 ms).
     """
     device = torch.device("cpu" if device is None else device)
-    ext = extension() if device.type == "cpu" and dtype == torch.float32 else None
-    if ext is None or torch.compiler.is_compiling():
+    # Checked first: torch.compile traces torch.rand, but not the extension's import (a graph break).
+    fused = not torch.compiler.is_compiling() and device.type == "cpu" and dtype == torch.float32
+    ext = extension() if fused else None
+    if ext is None:
         return torch.rand(count, generator=generator, device=device, dtype=dtype)
     return ext.uniform_float(count, generator)
 
