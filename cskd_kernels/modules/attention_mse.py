@@ -19,7 +19,8 @@ import torch
 from cskd_kernels._validation import accumulation_dtype
 from cskd_kernels.backend import empty_output
 from cskd_kernels.grid import CellLayout
-from cskd_kernels.ops.cell_projection import run_cell_projection, run_cell_projection_input_grad
+from cskd_kernels.ops.cell_projection import (run_cell_projection, run_cell_projection_input_grad,
+                                               run_cell_projection_weight_grads)
 from cskd_kernels.ops.position_attention import run_position_attention_grads, run_position_attention_saving
 
 # Elements of one chunk of the elementwise passes, per device type: on the CPU a few cache-sized
@@ -262,9 +263,9 @@ class _AdaptedPositionMSE(torch.autograd.Function):
         b, ct, h, w = r.shape
         cs, positions, cells = x.shape[1], h * w, CellLayout(h, w, grid or (1, 1)).num_cells
         grads = dict.fromkeys(("gamma", "x", "qk", "qk_bias", "adapter", "m", "bv", "x_t", "o_t"))
-        sums = cell_sums(r, grid) if need_gamma or need_bv else None  # (cells, C_t)
         u = run_cell_projection_input_grad([r], value_weight * s, grid, cs, backend)
         if need_gamma:
+            sums = cell_sums(r, grid)  # (cells, C_t)
             bias_part = (sums * value_bias.to(r.dtype)).sum(dtype=torch.float64)  # b_v: (cells|1, C_t)
             student = _chunked_dot(u, z) + s.double() * bias_part
             grads["gamma"] = (student + (s * ctx.teacher_gamma).double()).reshape(1).to(ctx.gamma_dtype)
@@ -274,34 +275,16 @@ class _AdaptedPositionMSE(torch.autograd.Function):
             stacked = torch.cat([qk_weight.expand(cells, -1, -1), (adapter * s).expand(cells, -1, -1)], dim=1)
             grads["x"] = run_cell_projection_input_grad([dq, dk, r], stacked, grid, cs, backend).add_(dv)
         if need_qk or need_qk_bias:
-            dqk = torch.cat([dq, dk], dim=1)
-            if need_qk:
-                grads["qk"] = _cell_weight_grad(dqk, x, qk_weight, grid)
-            if need_qk_bias:
-                grads["qk_bias"] = _shared_or_per_cell(cell_sums(dqk, grid), qk_weight)
+            grads["qk"], grads["qk_bias"] = run_cell_projection_weight_grads(x, qk_weight, [dq, dk], grid, need_qk,
+                                                                             need_qk_bias)
         if need_adapter:
             grads["adapter"] = torch.matmul(r.view(b, ct, positions),
                                             x.reshape(b, cs, positions).transpose(1, 2)).sum(0) * s
-        if need_m:
-            grads["m"] = _cell_weight_grad(r, z, value_weight, grid) * (s * g)
-        if need_bv:
-            grads["bv"] = _shared_or_per_cell(sums, value_weight) * (s * g)
+        if need_m or need_bv:
+            grad_m, grad_bv = run_cell_projection_weight_grads(z, value_weight, [r], grid, need_m, need_bv)
+            grads["m"], grads["bv"] = (None if t is None else t * (s * g) for t in (grad_m, grad_bv))
         if need_x_t:
             grads["x_t"] = _scaled(r, -s, r.dtype)
         if need_o_t:
             grads["o_t"] = _scaled(r, -s * g, r.dtype)
         return (*grads.values(), None, None, None, None)
-
-
-def _shared_or_per_cell(sums, like):
-    """Per-cell sums (cells, R) as the gradient of a bias of like's leading dim: per cell, or one shared row."""
-    return sums if like.shape[0] > 1 else sums.sum(0, keepdim=True)
-
-
-def _cell_weight_grad(grad_out, x, weight, grid):
-    """sum over the batch of grad_out_cell x_cell^T per cell ((cells|1, R, C) like weight), on padded cells."""
-    layout = CellLayout(x.shape[2], x.shape[3], grid or (1, 1))
-    grads = layout.to_cells(grad_out)  # (cells, B, R, positions), zero at the padding
-    cells = layout.to_cells(x)
-    per_cell = torch.matmul(grads, cells.transpose(-1, -2)).sum(1)  # (cells, R, C)
-    return per_cell if weight.shape[0] > 1 else per_cell.sum(0, keepdim=True)

@@ -233,3 +233,14 @@ def run_cell_projection_input_grad(grads, weight, grid, channels, backend):
                                         _table(layout, grid or (1, 1), like.device), channels, backend)
     shape_only = like.new_empty(()).expand(b, channels, h, w)  # only its shape is read
     return _padded_backward(shape_only, weight, grads, layout, [g.shape[1] for g in grads], True, False, False)[0]
+
+
+def run_cell_projection_weight_grads(x, weight, grads, grid, need_weight, need_bias):
+    """(grad_weight, grad_bias) of cell_projection from its outputs' gradients (None where not needed).
+
+    The PyTorch path's (padded cells), as CellProjectionFunction takes them; for autograd Functions of their own.
+    """
+    layout = CellLayout(x.shape[2], x.shape[3], grid or (1, 1))
+    _, grad_weight, grad_bias = _padded_backward(x, weight, grads, layout, [g.shape[1] for g in grads], False,
+                                                 need_weight, need_bias)
+    return grad_weight, grad_bias

@@ -183,11 +183,7 @@ def run_position_attention(q, k, v, temperature, grid, backend):
     """
     if backend == "reference":
         return reference.position_attention(q, k, v, temperature=temperature, grid=grid)
-    height, width = q.shape[2], q.shape[3]
-    cells = cell_table(height, width, grid, q.device)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    scale = 1.0 / float(temperature)
-    out, _ = position_attention_forward(q, k, v, cells, largest_cell(height, width, grid), scale, backend)
+    out, _ = run_position_attention_saving(q, k, v, temperature, grid, backend)
     return out
 
 
