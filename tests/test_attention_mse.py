@@ -1,9 +1,9 @@
 """The MSE passes of CSKDLoss(similarity="mse") (cskd_kernels/modules/attention_mse.py), op by op.
 
-_ProjectedMSE and _AdaptedPositionMSE against their formula composed of plain
-PyTorch (the reference cell projection), every input's gradient by gradcheck in
-float64 at odd sizes and uneven cells, float32 against float64, and their
-map-sized buffers taken from the C++ output pool on the CPU.
+channel_mse_from_grams and _AdaptedPositionMSE against their formula composed
+of plain PyTorch (the reference CAM and cell projection), every input's
+gradient by gradcheck in float64 at odd sizes and uneven cells, float32 against
+float64, and their map-sized buffers taken from the C++ output pool on the CPU.
 """
 
 import pytest
@@ -13,7 +13,7 @@ from cskd_kernels import reference
 from cskd_kernels.backend import empty_output
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules import attention_mse
-from cskd_kernels.modules.attention_mse import _AdaptedPositionMSE, _GramOverPositions, _ProjectedMSE, cell_sums
+from cskd_kernels.modules.attention_mse import _AdaptedPositionMSE, _StudentGrams, cell_sums, channel_mse_from_grams
 from cskd_kernels.modules.cskd_loss import mse_position_weights
 from cskd_kernels.ops.cell_projection import run_cell_projection
 from conftest import HAS_EXTENSION, fused_backends, requires_extension
@@ -100,33 +100,61 @@ def test_adapted_position_mse_with_gamma_zero_and_a_float_weight(backend):
     assert leaves[2].grad.abs().max().item() == 0.0  # the queries and keys get dZ = g u = 0
 
 
+def _channel_mse_expected(x, x_t, adapter, gamma):
+    """mean((CAM(W x) - CAM(x_t))^2) with the reference CAM, maps formed."""
+    cam_s = reference.channel_attention(torch.einsum("ts,bshw->bthw", adapter, x), gamma, temperature=TEMPERATURE)
+    cam_t = reference.channel_attention(x_t, gamma, temperature=TEMPERATURE)
+    return ((cam_s - cam_t) ** 2).mean()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_projected_mse_value_and_every_gradient(dtype):
+@pytest.mark.parametrize("student_channels", [CS, CT], ids=["widening", "same-width"])
+def test_channel_mse_from_grams_value_and_every_gradient(dtype, student_channels):
     gamma = torch.tensor([0.4], dtype=torch.float64)
-    product = torch.randn(B, CT, CS, dtype=torch.float64)
-    x, x_t, o_t = _maps(torch.float64, CS, CT, CT)
-    inputs, weight = [gamma, product, x, x_t, o_t], 1.0 / (B * CT * H * W)
-    leaves = [t.detach().to(dtype, copy=True).requires_grad_(True) for t in inputs]
-    got = _ProjectedMSE.apply(*leaves, weight)
+    x, x_t = _maps(torch.float64, student_channels, CT)
+    adapter = torch.randn(CT, student_channels, dtype=torch.float64) / student_channels**0.5
+    inputs = [x, x_t, adapter, gamma]
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_(name != "x_t")
+              for t, name in zip(inputs, ("x", "x_t", "adapter", "gamma"))]
+    got = channel_mse_from_grams(leaves[0], leaves[1], leaves[2], leaves[3], TEMPERATURE)
     expected_leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    g, m, xx, xt, ot = expected_leaves
-    expected = weight * ((torch.einsum("bts,bshw->bthw", m, xx) - xt - g * ot) ** 2).sum()
-    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (1e-4, 1e-6)
+    expected = _channel_mse_expected(*expected_leaves)
+    rtol, atol = (1e-11, 1e-13) if dtype == torch.float64 else (1e-4, 1e-6)
     torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol)
     got.backward()
     expected.backward()
-    for name, ours, theirs in zip(("gamma", "product", "x", "x_t", "o_t"), leaves, expected_leaves):
+    for name, ours, theirs in zip(("x", "adapter", "gamma"), [leaves[0], *leaves[2:]],
+                                  [expected_leaves[0], *expected_leaves[2:]]):
         assert theirs.grad.abs().max() > 0, name
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=rtol * 10, atol=atol * 10, msg=name)
     if dtype == torch.float64:
-        torch.autograd.gradcheck(lambda *t: _ProjectedMSE.apply(*t, weight),
-                                 [t.detach().clone().requires_grad_(True) for t in inputs])
+        torch.autograd.gradcheck(lambda x, w, g: channel_mse_from_grams(x, inputs[1], w, g, TEMPERATURE),
+                                 [t.detach().clone().requires_grad_(True) for t in (x, adapter, gamma)])
 
 
-def test_gram_over_positions_value_and_gradient():
+def test_channel_mse_from_grams_of_equal_maps_is_zero_to_float32_rounding():
+    """The three Gram terms cancel: equal student and teacher maps give 0 to within
+    the float32 rounding of the Grams, not of the squared maps' sum."""
+    x = torch.randn(4, 16, 32, 32) + 3.0  # an offset makes every term large
+    gamma = torch.tensor([0.5])
+    got = channel_mse_from_grams(x, x.clone(), torch.eye(16), gamma, TEMPERATURE)
+    scale = _channel_mse_expected(x.double(), torch.zeros_like(x.double()), torch.eye(16).double(),
+                                  gamma.double()).item()  # mean of the squared CAM itself
+    assert abs(got.item()) < 1e-6 * scale
+    nudged = x.clone()
+    nudged[0, 0, 0, 0] += 1.0  # one element off by 1: the loss sees it
+    expected = _channel_mse_expected(nudged.double(), x.double(), torch.eye(16).double(), gamma.double()).item()
+    got = channel_mse_from_grams(nudged, x, torch.eye(16), gamma, TEMPERATURE).item()
+    assert got == pytest.approx(expected, rel=0.05)
+
+
+def test_student_grams_value_and_gradient():
     x = torch.randn(2, 3, 35, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(_GramOverPositions.apply(x), x @ x.transpose(1, 2), rtol=1e-14, atol=1e-14)
-    torch.autograd.gradcheck(_GramOverPositions.apply, [x])
+    t = torch.randn(2, 4, 35, dtype=torch.float64)
+    gram, cross = _StudentGrams.apply(x, t)
+    torch.testing.assert_close(gram, x @ x.transpose(1, 2), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(cross, x @ t.transpose(1, 2), rtol=1e-14, atol=1e-14)
+    torch.autograd.gradcheck(lambda x: _StudentGrams.apply(x, t), [x])
 
 
 @pytest.mark.parametrize("grid", [(5, 5), (2, 3), None], ids=["grid5x5", "grid2x3", "global"])
@@ -161,11 +189,7 @@ def test_the_map_sized_buffers_are_pooled(monkeypatch):
     _adapted(leaves, weight, (2, 3), "cpu").backward()
     assert requested and all(shape in ((B * CT, H * W), (B, CT, H, W)) for shape in requested)  # the pass's r
     requested.clear()
-    product, x, x_t, o_t = torch.randn(B, CT, CS), *_maps(torch.float32, CS, CT, CT)
-    _ProjectedMSE.apply(torch.ones(1), product.requires_grad_(True), x.requires_grad_(True), x_t, o_t,
-                        0.1).backward()
-    assert requested == [(B, CT, H * W), (B, CS, H * W)]  # M x (then r in place), dx
-    requested.clear()
-    x = torch.randn(B, CS, H * W, requires_grad=True)
-    _GramOverPositions.apply(x).sum().backward()
-    assert requested == [(B, CS, H * W)]
+    x, x_t = torch.randn(B, CS, H * W, requires_grad=True), torch.randn(B, CT, H * W)
+    gram, cross = _StudentGrams.apply(x, x_t)
+    (gram.sum() + cross.sum()).backward()
+    assert requested == [(B, CS, H * W)]  # dx, both products into it

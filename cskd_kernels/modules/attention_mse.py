@@ -1,14 +1,14 @@
 """The MSE between attention outputs of CSKDLoss(similarity="mse"), each one elementwise pass.
 
     _AttentionMSE:        sum(weight * (g o_s + x_s - g o_t - x_t)^2)
-    _ProjectedMSE:        sum(weight * (M x - x_t - g o_t)^2), M one (C_t, C_s) matrix per image
-                          (the student's CAM through a widening adapter: (g A W + W) x)
+    channel_mse_from_grams: the CAM's MSE through a widening adapter, from the maps'
+                          C x C Grams alone (no CAM output formed)
     _AdaptedPositionMSE:  the same for the student's PAM through a widening adapter,
                           whose adapted map is never held (see its docstring)
 
-The last two form their map-sized product in a buffer of the output pool and
-turn it into the loss's gradient r in place; their backward folds the
-output's scale into the small matrices.
+_AdaptedPositionMSE forms its map-sized product in a buffer of the output
+pool and turns it into the loss's gradient r in place; its backward folds
+the output's scale into the small matrices.
 
 ``weight`` is a float or an (H, W) tensor (CSKDLoss's mse_position_weights).
 The passes run in float32 at least, the sums of their chunks added in float64.
@@ -124,71 +124,67 @@ def _scaled(r, scale, dtype):
     return torch.mul(r, scale, out=empty_output(r.shape, r))
 
 
-class _ProjectedMSE(torch.autograd.Function):
-    """sum(weight * (M x - x_t - g o_t)^2) with M (B, C_t, C_s) and x (B, C_s, H, W), M x never kept.
+class _StudentGrams(torch.autograd.Function):
+    """(x x^T, x t^T) per image, x (B, C_s, N), t (B, C_t, N) held constant: the Grams the CAM's MSE is made of.
 
-    M x is formed in one pooled buffer and made r = 2 weight d in place; the
-    backward gives dx = (s M)^T r and dM = s r x^T (s the output's scale),
-    and gamma's gradient from the o_t term, -s sum(r o_t) (M's own dependence
-    on gamma reaches it through autograd).
+    torch.bmm's own backward would form a map-sized product per use of x and
+    sum them; here dx = (dS + dS^T) x + dH t goes into one pooled buffer.
     """
 
     @staticmethod
-    def forward(ctx, gamma, product, x, x_t, o_t, weight):
-        acc = accumulation_dtype(x.dtype, x_t.dtype)
-        g = gamma.detach().to(acc).reshape(())
-        b, cs, h, w = x.shape
-        ct, positions = product.shape[1], h * w
-        p = torch.bmm(product, x.reshape(b, cs, positions), out=empty_output((b, ct, positions), x))
-        p = p.view(b * ct, positions)
-        r = p if p.dtype == acc else empty_output(p.shape, x_t.new_empty((), dtype=acc))
-        total_loss, teacher_gamma = _squared_error_pass(
-            p, None, x_t.reshape(b * ct, positions), o_t.reshape(b * ct, positions), g,
-            _doubled_weight(weight, positions, acc), r)
-        ctx.save_for_backward(r.view(b, ct, positions), product, x)
-        ctx.g, ctx.teacher_gamma, ctx.gamma_dtype = g, teacher_gamma.to(acc), gamma.dtype
-        return (0.5 * total_loss).to(acc)
+    def forward(ctx, x, t):
+        ctx.save_for_backward(x, t)
+        return torch.bmm(x, x.transpose(1, 2)), torch.bmm(x, t.transpose(1, 2))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        r, product, x = ctx.saved_tensors
-        need_gamma, need_product, need_x, need_x_t, need_o_t = ctx.needs_input_grad[:5]
-        s = grad_out.to(r.dtype).reshape(())
-        b, cs, h, w = x.shape
-        grad_gamma = grad_product = grad_x = grad_x_t = grad_o_t = None
-        if need_gamma:
-            grad_gamma = (s * ctx.teacher_gamma).reshape(1).to(ctx.gamma_dtype)
-        if need_product:
-            grad_product = torch.bmm(r.to(x.dtype), x.reshape(b, cs, h * w).transpose(1, 2)) * s.to(x.dtype)
-        if need_x:
-            scaled = (product * s.to(product.dtype)).transpose(1, 2)
-            grad_x = torch.bmm(scaled, r.to(x.dtype), out=empty_output((b, cs, h * w), x)).view(b, cs, h, w)
-        if need_x_t:
-            grad_x_t = _scaled(r, -s, r.dtype).view(b, -1, h, w)
-        if need_o_t:
-            grad_o_t = _scaled(r, -s * ctx.g, r.dtype).view(b, -1, h, w)
-        return grad_gamma, grad_product, grad_x, grad_x_t, grad_o_t, None
+    def backward(ctx, grad_gram, grad_cross):
+        x, t = ctx.saved_tensors
+        grad_x = torch.bmm((grad_gram + grad_gram.transpose(1, 2)).to(x.dtype), x, out=empty_output(x.shape, x))
+        return grad_x.baddbmm_(grad_cross.to(x.dtype), t), None
 
 
-class _GramOverPositions(torch.autograd.Function):
-    """x x^T per image, x (B, C, N): the CAM's energy at the student's width, its input gradient pooled.
+def channel_softmax(energy, temperature):
+    """The released CAM's attention from its energy E (B, C, C): softmax((max E - E) / T) along each row."""
+    return torch.softmax((energy.amax(dim=-1, keepdim=True).detach() - energy) / temperature, dim=-1)
 
-    torch.bmm's own backward forms two map-sized products (one per operand,
-    then their sum); here dx = (dG + dG^T) x is one, in a pooled buffer.
+
+def channel_mse_from_grams(x, x_t, weight, gamma, temperature):
+    """mean((CAM(W x) - CAM(x_t))^2) over every element, from C x C matrices only (no map-sized product).
+
+    With X = W x, the student's CAM is g A_s X + X = M x (M = g A_s W + W,
+    A_s from E_s = W (x x^T) W^T) and the teacher's g A_t x_t + x_t = P x_t
+    (P = g A_t + I). Per image the squared error is then
+
+        |M x - P x_t|^2 = tr(M S M^T) - 2 tr(M H P^T) + tr(P T P^T),
+        S = x x^T (C_s x C_s), H = x x_t^T (C_s x C_t), T = x_t x_t^T (C_t x C_t)
+
+    so the map-sized work is the three Grams (forward) and dx = (dS + dS^T) x
+    + dH x_t (backward, _StudentGrams): no CAM output of either side is formed
+    (the teacher's A_t x_t alone is a C_t^2 N product), and nothing map-sized
+    is held but the inputs. The C x C algebra runs in float64, so the three
+    terms cancel to the accuracy of the Grams' float32 sums.
     """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.bmm(x, x.transpose(1, 2))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_gram):
-        (x,) = ctx.saved_tensors
-        symmetric = (grad_gram + grad_gram.transpose(1, 2)).to(x.dtype)
-        return torch.bmm(symmetric, x, out=empty_output(x.shape, x))
+    b, cs, h, w = x.shape
+    ct, positions = x_t.shape[1], h * w
+    flat_s, flat_t = x.reshape(b, cs, positions), x_t.reshape(b, ct, positions)
+    gram_s, cross = _StudentGrams.apply(flat_s, flat_t)
+    wide = torch.float64
+    with torch.no_grad():  # the teacher's terms: g^2 tr(A T A^T) + 2 g tr(A T) + tr(T)
+        gram_t = torch.bmm(flat_t, flat_t.transpose(1, 2))
+        attention_t = channel_softmax(gram_t, temperature).to(wide)
+        gram_t = gram_t.to(wide)
+        teacher = torch.stack([(torch.bmm(attention_t, gram_t) * attention_t).sum(), (attention_t * gram_t).sum(),
+                               gram_t.diagonal(dim1=1, dim2=2).sum()])
+    weight = weight.to(x.dtype)
+    attention_s = channel_softmax(torch.matmul(torch.matmul(weight, gram_s), weight.t()), temperature)
+    g = gamma.reshape(()).to(wide)
+    mix = torch.addcmul(weight, gamma.to(x.dtype), torch.matmul(attention_s, weight)).to(wide)  # M = g A_s W + W
+    cross_t = cross.to(wide).transpose(1, 2)  # H^T = x_t x^T (C_t x C_s)
+    projected = g * torch.bmm(attention_t, cross_t) + cross_t  # P H^T
+    student = (torch.bmm(mix, gram_s.to(wide)) * mix).sum()
+    total = student - 2.0 * (mix * projected).sum() + g * g * teacher[0] + 2.0 * g * teacher[1] + teacher[2]
+    return total / (b * ct * positions)
 
 
 def cell_sums(maps, grid):

@@ -43,10 +43,11 @@ of g (O_s - O_t) + (x_s - x_t), one elementwise pass (_AttentionMSE), with
 each position weighted 1 / (B C |cell| cells): the mean within each cell,
 then over cells, for cells of unequal sizes too. With a widening adapter
 (C_s < C_t) the fused backends take the student's branches through the
-adapter's factors: its CAM's Gram at C_s (_adapted_channel_mix), its
-attention applied to the student map itself, O = (Wv W) (x A^T) + b_v
-(_adapted_position_mse): the value products at C_s channels, and the adapted
-map W x never formed (modules/attention_mse.py).
+adapter's factors, the adapted map W x never formed (modules/attention_mse.py):
+the CAM's MSE from the C x C Grams x x^T, x x_t^T and x_t x_t^T alone, no CAM
+output of either side formed (channel_mse_from_grams); the PAM's attention
+applied to the student map itself, O = (Wv W) (x A^T) + b_v
+(_adapted_position_mse): the value products at C_s channels.
 
 A branch whose lambda is 0 is not computed (nothing drawn for it either): its
 part of the output is a zero tensor, 0 times the branch's parameters, so that
@@ -65,7 +66,7 @@ from cskd_kernels.resize import check_resize, match_spatial_size
 from cskd_kernels.batch_gather import broadcast_from_first_rank, gather_batch, group_size
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules.attention_mse import (  # noqa: F401 (MSE_CHUNK_ELEMENTS: the tests set it here)
-    MSE_CHUNK_ELEMENTS, _AdaptedPositionMSE, _AttentionMSE, _GramOverPositions, _ProjectedMSE)
+    MSE_CHUNK_ELEMENTS, _AdaptedPositionMSE, _AttentionMSE, channel_mse_from_grams)
 from cskd_kernels.backend import extension, resolve_backend
 from cskd_kernels.ops.cell_projection import run_cell_projection
 from cskd_kernels.ops.channel_gram import channel_gram
@@ -181,22 +182,6 @@ def mse_position_weights(height, width, grid, batch, channels, *, device=None, d
     per_col = torch.repeat_interleave(1.0 / cols, cols.long())
     weights = torch.outer(per_row, per_col) / (batch * channels * layout.num_cells)
     return weights.to(device=device, dtype=dtype)
-
-
-def _adapted_channel_mix(x, weight, gamma, temperature):
-    """(g A W + W) (B, C_t, C_s): CAM(W x) = g A X + X with X = W x is this matrix times x, per image.
-
-    E = X X^T = W (x x^T) W^T, so the Gram runs at the student's width C_s, and
-    g A X + X = (g A W + W) x is one (C_t x C_s) by (C_s x N) product per image
-    (taken by _ProjectedMSE), the adapter's own cost: about a third of the
-    products of adapting and then taking CAM at C_t (forward and backward).
-    """
-    b, c, h, w = x.shape
-    flat = x.reshape(b, c, h * w)
-    gram = _GramOverPositions.apply(flat)
-    energy = torch.matmul(torch.matmul(weight, gram), weight.t())
-    attention = torch.softmax((energy.amax(dim=-1, keepdim=True).detach() - energy) / temperature, dim=-1)
-    return torch.addcmul(weight, gamma.to(x.dtype), torch.matmul(attention, weight))  # g A W + W
 
 
 class PositionProjection(nn.Module):
@@ -400,16 +385,14 @@ class CSKDLoss(nn.Module):
                 pam = _AttentionMSE.apply(self.gamma_pam, adapted, o_s, feat_t, o_t, weight)
                 del o_s
             del o_t
-        if do_cam:
+        if do_cam and factored_cam:
+            cam = channel_mse_from_grams(feat_s, feat_t, adapter, self.gamma_cam, self.temperature)
+        elif do_cam:
             with torch.no_grad():  # the teacher's Y = CAM with gamma 1, minus x: a constant
                 y_t = self._channel_attention(feat_t, torch.ones(1, dtype=feat_t.dtype, device=feat_t.device), backend)
                 y_t = y_t.sub_(feat_t)
-            if factored_cam:
-                mix = _adapted_channel_mix(feat_s, adapter, self.gamma_cam, self.temperature)
-                cam = _ProjectedMSE.apply(self.gamma_cam, mix, feat_s, feat_t, y_t, 1.0 / feat_t.numel())
-            else:
-                cam_s = self._channel_attention(adapted, self.gamma_cam, backend)
-                cam = _AttentionMSE.apply(self.gamma_cam, cam_s, None, feat_t, y_t, 1.0 / feat_t.numel())
+            cam_s = self._channel_attention(adapted, self.gamma_cam, backend)
+            cam = _AttentionMSE.apply(self.gamma_cam, cam_s, None, feat_t, y_t, 1.0 / feat_t.numel())
         return cam, pam
 
     def _position_attention(self, x, weights, backend):
