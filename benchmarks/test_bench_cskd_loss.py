@@ -197,8 +197,9 @@ def flops_for(grid, shape=CITYSCAPES):
 def mse_flops_for(cam, pam, shape=CITYSCAPES, grid=(5, 5)):
     """FLOPs of the MSE variants as the fused path computes them (C_s < C_t: the student's branches folded).
 
-    Adapter W (C_t x C_s). CAM: the student's Gram at C_s, (g A W + W) x at
-    C_s -> C_t and their backward; the teacher's CAM at C_t. PAM: the student's
+    Adapter W (C_t x C_s). CAM: the Grams x x^T, x x_t^T and x_t x_t^T (its
+    MSE is a sum of traces of C x C matrices made from them, not counted) and
+    the student's gradient (dS + dS^T) x + dH x_t. PAM: the student's
     q, k of x by the folded weights, its attention at C_s (values x itself),
     then (Wv W) Z, each with its input gradient; W x (the MSE's x_s) and its
     gradient; the teacher's projections and attention at C_t, forward only.
@@ -207,8 +208,8 @@ def mse_flops_for(cam, pam, shape=CITYSCAPES, grid=(5, 5)):
     d = ct // 8
 
     def flops(x, mode):
-        cam_forward = 2 * n * b * (cs**2 + ct * cs + 2 * ct**2) * cam
-        cam_backward = 2 * n * b * (2 * ct * cs + 2 * cs**2) * cam
+        cam_forward = 2 * n * b * (cs**2 + cs * ct + ct**2) * cam
+        cam_backward = 2 * n * b * (cs**2 + cs * ct) * cam
         pam_student_forward = 2 * n * b * (2 * d * cs + ct * cs + ct * cs) + _attention_flops(shape, grid, d, cs, False)
         pam_student_full = 2 * (2 * n * b * (2 * d * cs + 2 * ct * cs)) + _attention_flops(shape, grid, d, cs, True)
         pam_teacher = 2 * n * b * 1.25 * ct**2 + _attention_flops(shape, grid, d, ct, False)

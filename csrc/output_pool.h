@@ -7,9 +7,12 @@
 // to fill 64 MiB, against 4 ms for the grid-mode position attention's
 // softmax). So outputs of kPooledBytes or more come from a pool: fresh buffers
 // on 2 MiB boundaries with transparent huge pages requested (Linux, THP in
-// "madvise" mode), and freed ones are kept for the next output of the same
-// rounded size, which then finds its pages mapped, as with a caching
-// allocator. The cost is that memory: up to 64 MiB (the environment variable
+// "madvise" mode), and freed ones over 32 MiB (malloc keeps smaller ones in
+// its heap itself) are kept for the next output of the same rounded size,
+// which then finds its pages mapped, as with a caching allocator. Kept ones
+// are freed before a new mapping would take the pool past the most its
+// tensors ever held at once, so keeping never raises its peak. The cost
+// is that memory: up to 64 MiB (the environment variable
 // CSKD_OUTPUT_CACHE_MB sets another amount) stay allocated after their tensors
 // are gone, until cskd_kernels._C.empty_cache() frees them (as
 // torch.cuda.empty_cache does). Python code takes pooled tensors through

@@ -1,4 +1,5 @@
-"""The C++ kernels' output pool (csrc/output_pool.cpp): large outputs reuse freed buffers, never live ones."""
+"""The C++ kernels' output pool (csrc/output_pool.cpp): large outputs reuse freed buffers, never live ones, and
+what it keeps never raises its peak."""
 
 import os
 import subprocess
@@ -22,8 +23,11 @@ def _expected(x, attention):
     return (attention.double() @ x.double() + x.double()).float()
 
 
+MIB = 2**20
+
+
 def test_a_freed_output_is_reused_and_fully_overwritten():
-    x = torch.randn(2, 16, 40_000)  # 5 MiB: pooled
+    x = torch.randn(2, 16, 300_000)  # 36.6 MiB: pooled and kept (over 32 MiB)
     a1, a2 = torch.softmax(torch.randn(2, 16, 16), -1), torch.softmax(torch.randn(2, 16, 16), -1)
     first = _apply(x, a1)
     address = first.data_ptr()
@@ -36,12 +40,49 @@ def test_a_freed_output_is_reused_and_fully_overwritten():
     torch.testing.assert_close(third, _expected(x, a2), rtol=1e-4, atol=1e-4)
 
 
+def _output(mib):
+    """A pooled output of `mib` MiB (a whole number of huge pages)."""
+    from cskd_kernels import _C
+    return _C.empty_output([mib * MIB // 4], torch.empty(()))
+
+
+def test_buffers_up_to_32_mib_go_back_to_malloc_larger_ones_are_kept():
+    from cskd_kernels import _C
+    _C.empty_cache()
+    small = _output(32)
+    del small
+    assert _C.output_cache_bytes() == 0  # malloc keeps blocks this size in its own heap
+    large = _output(34)
+    del large
+    assert _C.output_cache_bytes() == 34 * MIB
+    _C.empty_cache()
+    assert _C.output_cache_bytes() == 0
+
+
+def test_kept_buffers_never_take_the_pool_past_its_peak():
+    from cskd_kernels import _C
+    _C.empty_cache()
+    first = _output(36)
+    del first  # kept: 36 MiB, the most held at once so far 36
+    second = _output(48)  # a new mapping: keeping the 36 would hold 84 MiB where 48 suffice
+    assert _C.output_cache_bytes() == 0
+    first = _output(36)  # both live: the pool has held 84 MiB at once
+    del first, second  # 36 + 48 kept is over the 64 MiB limit: the older goes
+    assert _C.output_cache_bytes() == 48 * MIB
+    again = _output(36)  # 36 live + 48 kept = 84, no more than before: kept
+    assert _C.output_cache_bytes() == 48 * MIB
+    del again
+    _C.empty_cache()
+
+
 def test_empty_cache_frees_the_kept_buffers_and_later_outputs_are_right():
     from cskd_kernels import _C
-    x = torch.randn(2, 16, 40_000)
+    x = torch.randn(2, 16, 300_000)
     attention = torch.softmax(torch.randn(2, 16, 16), -1)
     _apply(x, attention)
+    assert _C.output_cache_bytes() > 0
     _C.empty_cache()
+    assert _C.output_cache_bytes() == 0
     torch.testing.assert_close(_apply(x, attention), _expected(x, attention), rtol=1e-4, atol=1e-4)
 
 
