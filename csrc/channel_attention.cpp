@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -32,13 +33,33 @@ namespace {
 
 constexpr int64_t kColumnPanel = 1024;  // columns per task: the C x C operand's packing is shared by 1024 columns
 
-// out_b = op(m_b) rhs_b + residual_b for every image b, op(m) = m or m^T (m: B x C x C,
+// scale m_b (square values) in this thread's workspace, made again only when the thread moves on to
+// another image or call: no B x C x C scaled copy (at the demo's 6x6 maps, C x C matrices are the
+// largest tensors of the loss).
+template <typename scalar_t>
+const scalar_t* scaled_image(const scalar_t* m, int64_t b, int64_t square, scalar_t scale, uint64_t call) {
+  static thread_local uint64_t made_call = 0;
+  static thread_local int64_t made_image = -1;
+  scalar_t* scaled = cskd::blas::workspace<scalar_t>(square);
+  if (made_call != call || made_image != b) {
+    const scalar_t* mb = m + b * square;
+#pragma omp simd
+    for (int64_t i = 0; i < square; ++i) scaled[i] = mb[i] * scale;
+    made_call = call;
+    made_image = b;
+  }
+  return scaled;
+}
+
+// out_b = scale op(m_b) rhs_b + residual_b for every image b, op(m) = m or m^T (m: B x C x C,
 // rhs, residual, out: B x C x N contiguous; residual may be out itself). One task per
 // (image, column panel); the product adds the residual as it stores its tiles.
 template <typename scalar_t>
-void product_plus_residual(const torch::Tensor& m, bool transpose_m, const torch::Tensor& rhs,
+void product_plus_residual(const torch::Tensor& m, scalar_t scale, bool transpose_m, const torch::Tensor& rhs,
                            const torch::Tensor& residual, torch::Tensor& out) {
-  const int64_t batch = rhs.size(0), channels = rhs.size(1), n = rhs.size(2);
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = ++calls;
+  const int64_t batch = rhs.size(0), channels = rhs.size(1), n = rhs.size(2), square = channels * channels;
   const int64_t panels = (n + kColumnPanel - 1) / kColumnPanel;
   const scalar_t* mp = m.data_ptr<scalar_t>();
   const scalar_t* rp = rhs.data_ptr<scalar_t>();
@@ -48,8 +69,9 @@ void product_plus_residual(const torch::Tensor& m, bool transpose_m, const torch
   for (int64_t task = 0; task < batch * panels; ++task) {
     const int64_t b = task / panels, j0 = (task % panels) * kColumnPanel;
     const int64_t offset = b * channels * n + j0;
-    cskd::blas::gemm<scalar_t>(transpose_m, false, channels, std::min(kColumnPanel, n - j0), channels,
-                               mp + b * channels * channels, channels, rp + offset, n, op + offset, n, sp + offset, n);
+    const scalar_t* mb = scale == scalar_t(1) ? mp + b * square : scaled_image(mp, b, square, scale, call);
+    cskd::blas::gemm<scalar_t>(transpose_m, false, channels, std::min(kColumnPanel, n - j0), channels, mb, channels,
+                               rp + offset, n, op + offset, n, sp + offset, n);
   }
 }
 
@@ -176,16 +198,21 @@ void softmax_backward_rows_(scalar_t* grad_gram, const scalar_t* attention, scal
   }
 }
 
-// M = D + D^T per image (B x C x C): the Gram's gradient, symmetric because E is.
+// D <- D + D^T per image (B x C x C), in place: the Gram's gradient, symmetric because E is. Row i
+// of an image sums the pairs (i, j > i), which no other row touches.
 template <typename scalar_t>
-void symmetrize(const scalar_t* d, scalar_t* m, int64_t batch, int64_t channels) {
+void symmetrize_(scalar_t* d, int64_t batch, int64_t channels) {
   const int64_t square = channels * channels;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < channels; ++i) {
-      const scalar_t* db = d + b * square;
-      scalar_t* mi = m + b * square + i * channels;
-      for (int64_t j = 0; j < channels; ++j) mi[j] = db[i * channels + j] + db[j * channels + i];
+      scalar_t* db = d + b * square;
+      db[i * channels + i] *= 2;
+      for (int64_t j = i + 1; j < channels; ++j) {
+        const scalar_t sum = db[i * channels + j] + db[j * channels + i];
+        db[i * channels + j] = sum;
+        db[j * channels + i] = sum;
+      }
     }
   }
 }
@@ -221,10 +248,11 @@ torch::Tensor channel_attention_apply(const torch::Tensor& x, const torch::Tenso
                   attention.scalar_type() == x.scalar_type(),
               "channel_attention (cpu): attention must be contiguous (B, C, C) like x ", x.sizes(), ", got ",
               attention.sizes());
-  auto scaled = attention * scalar_of(gamma);
+  const double g = scalar_of(gamma);
   auto out = cskd::empty_output_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_apply",
-                             [&] { product_plus_residual<scalar_t>(scaled, false, x, x, out); });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_apply", [&] {
+    product_plus_residual<scalar_t>(attention, static_cast<scalar_t>(g), false, x, x, out);
+  });
   return out;
 }
 
@@ -258,12 +286,11 @@ std::vector<torch::Tensor> channel_attention_backward(const torch::Tensor& grad_
     softmax_backward_rows_<scalar_t>(grad_gram.data_ptr<scalar_t>(), attention.data_ptr<scalar_t>(),
                                      row_dots.data_ptr<scalar_t>(), batch * channels, channels, scale);
     if (need_x) {
-      auto symmetric = at::empty_like(grad_gram);
-      symmetrize<scalar_t>(grad_gram.data_ptr<scalar_t>(), symmetric.data_ptr<scalar_t>(), batch, channels);
+      symmetrize_<scalar_t>(grad_gram.data_ptr<scalar_t>(), batch, channels);
       // dX = (gamma A)^T dOut + dOut, then dX += (dE + dE^T) X in place.
       grad_x = cskd::empty_output_like(x);
-      product_plus_residual<scalar_t>(attention * g, true, grad_out, grad_out, grad_x);
-      product_plus_residual<scalar_t>(symmetric, false, x, grad_x, grad_x);
+      product_plus_residual<scalar_t>(attention, static_cast<scalar_t>(g), true, grad_out, grad_out, grad_x);
+      product_plus_residual<scalar_t>(grad_gram, scalar_t(1), false, x, grad_x, grad_x);
     }
   });
   // sum_i r_i = sum(A * G) = d gamma; accumulated in float64 (B*C terms).
