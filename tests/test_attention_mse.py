@@ -148,6 +148,17 @@ def test_channel_mse_from_grams_of_equal_maps_is_zero_to_float32_rounding():
     assert got == pytest.approx(expected, rel=0.05)
 
 
+@pytest.mark.parametrize("teacher_dtype", [torch.float64, torch.bfloat16])
+def test_channel_mse_from_grams_of_a_teacher_in_another_dtype(teacher_dtype):
+    """A teacher run in another precision is taken in the student's dtype (torch.bmm takes one)."""
+    gamma = torch.tensor([0.4])
+    x, x_t = torch.randn(B, CS, H, W), torch.randn(B, CT, H, W).to(teacher_dtype)
+    adapter = torch.randn(CT, CS) / CS**0.5
+    got = channel_mse_from_grams(x, x_t, adapter, gamma, TEMPERATURE)
+    expected = channel_mse_from_grams(x, x_t.float(), adapter, gamma, TEMPERATURE)
+    assert torch.equal(got, expected)
+
+
 def test_student_grams_value_and_gradient():
     x = torch.randn(2, 3, 35, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 4, 35, dtype=torch.float64)

@@ -167,7 +167,8 @@ def channel_mse_from_grams(x, x_t, weight, gamma, temperature):
     """
     b, cs, h, w = x.shape
     ct, positions = x_t.shape[1], h * w
-    flat_s, flat_t = x.reshape(b, cs, positions), x_t.reshape(b, ct, positions)
+    # The teacher in the student's dtype (a teacher run in another precision): the Grams take one.
+    flat_s, flat_t = x.reshape(b, cs, positions), x_t.reshape(b, ct, positions).to(x.dtype)
     gram_s, cross = _StudentGrams.apply(flat_s, flat_t)
     wide = torch.float64
     with torch.no_grad():  # the teacher's terms: g^2 tr(A T A^T) + 2 g tr(A T) + tr(T)
