@@ -66,7 +66,7 @@ setup(
     package_dir={"cskd_train": "python/cskd_train"},
     install_requires=[torch_requirement, "numpy"],
     extras_require={
-        "test": ["pytest>=7", "psutil", "tensorboard"],
+        "test": ["pytest>=7.3", "psutil", "tensorboard"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "psutil"],
         # The training application (python/cskd_train): cskd-train, cskd-eval, cskd-demo.
         "train": ["timm>=1.0", "torchvision", "torchmetrics>=1.0", "tqdm", "matplotlib", "Pillow"],
