@@ -68,5 +68,14 @@ def broadcast_from_first_rank(tensors, group=None):
     if group_size(group) == 1:
         return
     source = dist.get_global_rank(group, 0) if group is not None else 0
-    for tensor in tensors:
+    for tensor in _storages(tensors):
         dist.broadcast(tensor, src=source, group=group)
+
+
+def _storages(tensors):
+    """The distinct tensors holding ``tensors``, once each: a slice's base (broadcast takes whole tensors)."""
+    held = {}
+    for tensor in tensors:
+        holder = tensor if tensor._base is None else tensor._base
+        held.setdefault(id(holder), holder)
+    return list(held.values())

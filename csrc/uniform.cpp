@@ -2,6 +2,8 @@
 //
 //   uniform_float(n, generator) -> (n,) float32, the values torch.rand(n, generator=generator) gives,
 //                                  and the generator left in the state torch.rand leaves it in
+//   uniform_float_(outs, generator)   the same stream into each tensor of outs in turn (logical order),
+//                                  so a stacked weight is drawn in place, part by part
 //
 // CSKD's released code draws fresh 1x1 projections for every grid cell and
 // every call (millions of values a step at the released shapes); PyTorch's CPU
@@ -18,6 +20,7 @@
 #include <cstdint>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include "cpu_features.h"
 #include "ops.h"
@@ -96,39 +99,86 @@ void emit(const uint32_t* state, int first, int last, float* out) {
   emit_baseline(state, first, last, out);
 }
 
+
+// The generator's Mersenne Twister, taken out of it under its lock and put back when done: draws in
+// between continue one stream, as successive torch.rand calls would.
+class LockedStream {
+ public:
+  explicit LockedStream(std::optional<at::Generator> generator)
+      : gen_(at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator())),
+        lock_(gen_->mutex_),
+        engine_(gen_->engine()),
+        data_(engine_.data()) {}
+  ~LockedStream() {
+    engine_.set_data(data_);
+    gen_->set_engine(engine_);
+  }
+
+  // The next n values of the stream into out[0, n).
+  void draw(float* out, int64_t n) {
+    uint32_t* state = data_.state_.data();
+    // at::mt19937::operator(): left_ -= 1; if it reaches 0, regenerate (left_ = 624, next_ = 0); then read
+    // state[next_++]. So left_ - 1 words remain before the next regeneration.
+    int64_t done = 0;
+    while (done < n) {
+      if (data_.left_ == 1) {
+        regenerate(state);
+        data_.left_ = kN + 1;  // the read below takes one, as operator() does after regenerating
+        data_.next_ = 0;
+      }
+      const int64_t take = std::min<int64_t>(n - done, data_.left_ - 1);
+      emit(state, static_cast<int>(data_.next_), static_cast<int>(data_.next_ + take), out + done);
+      data_.next_ += take;
+      data_.left_ -= static_cast<int>(take);
+      done += take;
+    }
+  }
+
+ private:
+  at::CPUGeneratorImpl* gen_;
+  std::lock_guard<std::mutex> lock_;
+  at::mt19937 engine_;
+  at::mt19937_data_pod data_;
+};
+
+// The next values of the stream into out in its logical (row-major) order, whatever its row strides:
+// out may be a slice of a larger tensor (one projection's rows of every cell in a stacked weight).
+void draw_rows(LockedStream& stream, const torch::Tensor& out) {
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat32,
+              "uniform_float_: needs float32 CPU tensors, got ", out.scalar_type(), " on ", out.device());
+  if (out.numel() == 0) return;
+  if (out.is_contiguous()) return stream.draw(out.data_ptr<float>(), out.numel());
+  const int64_t dims = out.dim(), row = out.size(dims - 1);
+  TORCH_CHECK(out.stride(dims - 1) == 1 || row == 1, "uniform_float_: the last dimension must be contiguous, got strides ",
+              out.strides());
+  std::vector<int64_t> index(dims, 0);  // of the current row; index[dims - 1] stays 0
+  float* base = out.data_ptr<float>();
+  for (int64_t r = 0, rows = out.numel() / row; r < rows; ++r) {
+    int64_t offset = 0;
+    for (int64_t d = 0; d + 1 < dims; ++d) offset += index[d] * out.stride(d);
+    stream.draw(base + offset, row);
+    for (int64_t d = dims - 2; d >= 0 && ++index[d] == out.size(d); --d) index[d] = 0;
+  }
+}
 }  // namespace
 
 torch::Tensor uniform_float(int64_t n, std::optional<at::Generator> generator) {
   TORCH_CHECK(n >= 0, "uniform_float: n must be >= 0, got ", n);
   auto out = cskd::empty_output({n}, torch::dtype(torch::kFloat32));  // large draws: huge pages (output_pool.h)
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  at::mt19937 engine = gen->engine();
-  at::mt19937_data_pod data = engine.data();
-  uint32_t* state = data.state_.data();
-  float* o = out.data_ptr<float>();
-  // at::mt19937::operator(): left_ -= 1; if it reaches 0, regenerate (left_ = 624, next_ = 0); then read
-  // state[next_++]. So left_ - 1 words remain before the next regeneration.
-  int64_t done = 0;
-  while (done < n) {
-    if (data.left_ == 1) {
-      regenerate(state);
-      data.left_ = kN + 1;  // the read below takes one, as operator() does after regenerating
-      data.next_ = 0;
-    }
-    const int64_t take = std::min<int64_t>(n - done, data.left_ - 1);
-    emit(state, static_cast<int>(data.next_), static_cast<int>(data.next_ + take), o + done);
-    data.next_ += take;
-    data.left_ -= static_cast<int>(take);
-    done += take;
-  }
-  engine.set_data(data);
-  gen->set_engine(engine);
+  LockedStream(generator).draw(out.data_ptr<float>(), n);
   return out;
+}
+
+void uniform_float_(const std::vector<torch::Tensor>& outs, std::optional<at::Generator> generator) {
+  LockedStream stream(generator);
+  for (const auto& out : outs) draw_rows(stream, out);
 }
 
 void register_uniform(pybind11::module& m) {
   m.def("uniform_float", &uniform_float, pybind11::arg("n"), pybind11::arg("generator") = std::nullopt,
         "torch.rand(n, generator=generator) in float32 on the CPU, bit for bit (the same Mersenne Twister "
         "stream, drawn in bulk)");
+  m.def("uniform_float_", &uniform_float_, pybind11::arg("outs"), pybind11::arg("generator") = std::nullopt,
+        "Fills each float32 CPU tensor of outs in turn, in its logical order, with the values successive "
+        "torch.rand calls of their sizes would give (outs may be row slices of larger tensors)");
 }

@@ -15,7 +15,8 @@ def _expected_gram(x, gamma, temperature):
 
 
 @pytest.mark.parametrize("backend,device", fused_backends())
-@pytest.mark.parametrize("shape", [(5, 7, 3, 5), (2, 3, 4, 4), (6, 12, 5, 9)])
+# The last two have fewer positions than channels: A is not kept but made again in the backward.
+@pytest.mark.parametrize("shape", [(5, 7, 3, 5), (2, 3, 4, 4), (6, 12, 5, 9), (4, 9, 2, 3), (3, 17, 1, 5)])
 def test_matches_the_reference_values_and_gradients(backend, device, shape):
     dtype = torch.float64 if backend == "cpu" else torch.float32  # Triton kernels take float32 at most
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
@@ -37,7 +38,20 @@ def test_matches_the_reference_values_and_gradients(backend, device, shape):
 
 
 @pytest.mark.parametrize("backend,device", [p for p in fused_backends() if p.values[0] == "cpu"])
-def test_gradcheck_float64(backend, device):
-    x = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("shape", [(3, 4, 3, 3), (3, 7, 2, 2)])
+def test_gradcheck_float64(backend, device, shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     gamma = torch.tensor([0.4], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, g: channel_gram(x, g, temperature=1.5, backend=backend), (x, gamma))
+
+
+@pytest.mark.parametrize("backend,device", fused_backends())
+@pytest.mark.parametrize("shape,keeps", [((2, 4, 2, 3), True), ((2, 7, 2, 3), False)])
+def test_attention_is_kept_only_when_no_larger_than_the_map(backend, device, shape, keeps):
+    """A (C x C per image) is held for the backward only when C <= N; otherwise the backward makes it again."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    gamma = torch.tensor([0.5], device=device, requires_grad=True)
+    gram = channel_gram(x, gamma, temperature=1.0, backend=backend)
+    channels = shape[1]
+    held = [t for t in gram.grad_fn.saved_tensors if t is not None and t.shape == (shape[0], channels, channels)]
+    assert len(held) == (1 if keeps else 0)

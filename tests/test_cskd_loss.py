@@ -168,6 +168,51 @@ def test_resample_draws_fresh_projections_every_call():
     assert fixed(feat_s, feat_t).pam.item() == fixed(feat_s, feat_t).pam.item()
 
 
+@pytest.mark.parametrize("own_generator", [True, False], ids=["generator", "default-generator"])
+def test_a_resampled_call_leaves_the_generator_where_drawing_both_sides_does(own_generator):
+    """The student's projections are drawn again later in the call (memory); the stream must not notice."""
+    feat_s, feat_t = torch.randn(4, 16, 9, 9), torch.randn(4, 24, 9, 9)
+    generator = torch.Generator().manual_seed(21) if own_generator else torch.default_generator
+    if not own_generator:
+        torch.manual_seed(21)
+    loss = CSKDLoss(16, 24, grid=(3, 3), generator=generator if own_generator else None)
+    loss(feat_s, feat_t)
+    after_call = generator.get_state()
+    replay = torch.Generator().manual_seed(21)
+    draw_projections(16, 8, 9, generator=replay)
+    draw_projections(24, 8, 9, generator=replay)
+    assert torch.equal(after_call, replay.get_state())
+
+
+def test_the_drawn_projections_reach_the_projection_without_a_copy():
+    """draw_projections gives row slices of one stacked weight and bias; stacked_rows joins them as a view."""
+    from cskd_kernels.ops.cell_projection import stacked_rows
+
+    wq, bq, wk, bk, wv, bv = draw_projections(32, 8, cells=5)
+    weight = stacked_rows([wq, wk, wv], torch.float32)
+    bias = stacked_rows([bq, bk, bv], torch.float32)
+    assert weight.shape == (5, 40, 32) and bias.shape == (5, 40)
+    assert weight.data_ptr() == wq.data_ptr() and bias.data_ptr() == bq.data_ptr()  # no copy
+    torch.testing.assert_close(weight, torch.cat([wq, wk, wv], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(bias, torch.cat([bq, bk, bv], dim=1), rtol=0, atol=0)
+    # Not adjacent, another dtype, or tensors of their own: a copy, the same values.
+    for parts, dtype in (([wq, wv], torch.float32), ([wq, wk, wv], torch.float64),
+                         ([wq.clone(), wk.clone(), wv.clone()], torch.float32)):
+        joined = stacked_rows(parts, dtype)
+        assert joined.data_ptr() != wq.data_ptr()
+        torch.testing.assert_close(joined, torch.cat([p.to(dtype) for p in parts], dim=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("projection", ["fixed", "learned"])
+def test_stored_projections_own_their_storage(projection):
+    """Buffers and parameters are not slices of the stacked draw (a state_dict would save all of it)."""
+    loss = CSKDLoss(16, 24, projection=projection)
+    for module in (loss.student_projection, loss.teacher_projection):
+        for name in module.NAMES:
+            tensor = getattr(module, name)
+            assert tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * 4
+
+
 def test_projection_init_matches_conv2d_default_bounds():
     wq, bq, wk, bk, wv, bv = draw_projections(64, 8, cells=3)
     assert wq.shape == (3, 8, 64) and bv.shape == (3, 64)

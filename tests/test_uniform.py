@@ -36,6 +36,31 @@ def test_the_default_generator_and_an_empty_draw():
         _C.uniform_float(-1)
 
 
+@requires_extension
+@pytest.mark.parametrize("seed", [0, 77])
+def test_filling_slices_in_place_is_successive_torch_rand_calls(seed):
+    """uniform_float_ fills each tensor in turn in its logical order, whatever its row strides."""
+    from cskd_kernels import _C
+    stacked = torch.full((5, 3 + 4 + 11, 7), -1.0)
+    parts = [stacked[:, :3], stacked[:, 3:7], stacked[:, 7:], torch.empty(0), torch.empty(2, 1, 3)[:, :, 1:]]
+    ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    torch.rand(seed * 9, generator=ours), torch.rand(seed * 9, generator=theirs)
+    _C.uniform_float_(parts, ours)
+    for part in parts:
+        assert torch.equal(part, torch.rand(part.shape, generator=theirs))
+    assert torch.equal(ours.get_state(), theirs.get_state())
+    assert (stacked >= 0).all()  # every element written
+
+
+@requires_extension
+def test_filling_refuses_what_it_cannot_fill():
+    from cskd_kernels import _C
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        _C.uniform_float_([torch.empty(4, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match="last dimension must be contiguous"):
+        _C.uniform_float_([torch.empty(4, 6)[:, ::2]])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_uniform_draw_and_the_projections_are_torch_rand_s(dtype):
     got = uniform_draw(5000, generator=torch.Generator().manual_seed(9), dtype=dtype)

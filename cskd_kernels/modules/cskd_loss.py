@@ -105,21 +105,45 @@ def uniform_draw(count, *, generator=None, device=None, dtype=torch.float32):
     return ext.uniform_float(count, generator)
 
 
+def uniform_fill_(parts, *, generator=None):
+    """Fill each tensor of ``parts`` in turn with what successive torch.rand calls of their shapes would give.
+
+    The parts may be slices of larger tensors (filled in their logical order).
+    float32 on the CPU: the C++ extension's bulk stream (see uniform_draw).
+    """
+    like = parts[0]
+    # Checked first: torch.compile traces torch.rand, but not the extension's import (a graph break).
+    fused = not torch.compiler.is_compiling() and like.device.type == "cpu" and like.dtype == torch.float32
+    ext = extension() if fused else None
+    if ext is not None:
+        ext.uniform_float_(list(parts), generator)
+        return
+    for part in parts:
+        part.copy_(torch.rand(part.shape, generator=generator, device=part.device, dtype=part.dtype))
+
+
 def draw_projections(channels, reduction, cells=1, *, generator=None, device=None, dtype=torch.float32):
     """Fresh 1x1 projections (wq, bq, wk, bk, wv, bv) for ``cells`` cells, weights (cells, out, in).
 
     PyTorch's default Conv2d initialisation, which the released code gets by
     building new layers: weights and biases uniform in +-1/sqrt(fan_in).
     Drawn in this order: wq, bq, wk, bk, wv, bv.
+
+    The six are row slices of one stacked weight (cells, q|k|v rows, in) and
+    one stacked bias, the layout the fused projection takes, so it reads them
+    without a copy (ops/cell_projection.py: stacked_rows). Clone them to keep
+    one alone.
     """
     bound = 1.0 / math.sqrt(channels)
-    reduced = channels // reduction
-    shapes = [(cells, reduced, channels), (cells, reduced), (cells, reduced, channels), (cells, reduced),
-              (cells, channels, channels), (cells, channels)]
-    sizes = [math.prod(shape) for shape in shapes]
-    # One draw for all six (three launches on a GPU instead of two dozen), cut in that order.
-    flat = uniform_draw(sum(sizes), generator=generator, device=device, dtype=dtype).mul_(2.0 * bound).sub_(bound)
-    return tuple(part.view(shape) for part, shape in zip(flat.split(sizes), shapes))
+    rows = (channels // reduction, channels // reduction, channels)
+    weight = torch.empty(cells, sum(rows), channels, device=device, dtype=dtype)
+    bias = torch.empty(cells, sum(rows), device=device, dtype=dtype)
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    parts = [stacked[:, start:start + count] for start, count in zip(starts, rows) for stacked in (weight, bias)]
+    uniform_fill_(parts, generator=generator)
+    for stacked in (weight, bias):
+        stacked.mul_(2.0 * bound).sub_(bound)
+    return tuple(parts)
 
 
 def draw_adapter(student_channels, teacher_channels, *, generator=None, device=None):
@@ -195,6 +219,7 @@ class PositionProjection(nn.Module):
         if mode == "resample":
             return
         for name, tensor in zip(self.NAMES, draw_projections(channels, reduction)):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # its own storage, not the stacked one
             if mode == "learned":
                 self.register_parameter(name, nn.Parameter(tensor))
             else:
@@ -330,26 +355,56 @@ class CSKDLoss(nn.Module):
 
     def _cka_parts(self, feat_s, feat_t, do_cam, do_pam, loss_dtype, backend):
         cam = pam = None
-        if do_pam:
-            cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
-            # Drawn student first, then teacher (the order the reference composition uses).
-            weights_s = self.student_projection.weights(cells, self.generator, feat_s)
-            weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
-            if self.global_batch and self.student_projection.mode == "resample":
-                # Every rank computes the same loss over the whole batch: it needs the same projections.
-                broadcast_from_first_rank(weights_s + weights_t, self.process_group)
-        # The teacher first: its transients (attention outputs) come and go while nothing else is held.
+        # The teacher first: its transients (attention outputs) come and go while little else is held. Its
+        # CAM draws nothing, so it runs before the projections are drawn: its C x C matrices and the
+        # projections (the largest tensors at small maps) are never held at once.
         if do_cam:
             cam_t = self._teacher_channel_gram(feat_t, backend)
         if do_pam:
+            student_weights, weights_t = self._projections(feat_s, feat_t)
             pam_t = combine_grams(self._position_grams(feat_t, weights_t, backend), (self.gamma_pam, 1.0))
+            del weights_t  # resampled: not held while the student's side runs
         if do_cam:
             cam_s = self._student_channel_gram(feat_s, backend)
             cam = _cka_loss_from_grams(cam_s, cam_t, loss_dtype)[0]
         if do_pam:
-            pam_s = combine_grams(self._position_grams(feat_s, weights_s, backend), (self.gamma_pam, 1.0))
+            pam_s = combine_grams(self._position_grams(feat_s, student_weights(), backend), (self.gamma_pam, 1.0))
             pam = _cka_loss_from_grams(pam_s, pam_t, loss_dtype).mean()
         return cam, pam
+
+    def _projections(self, feat_s, feat_t):
+        """(student's, teacher's) projections of this call, drawn in that order (the reference's).
+
+        The student's come as a function that gives them. Resampled on the CPU,
+        they are drawn, dropped, and drawn again from the same generator state
+        when the student's side runs (the generator then left where the teacher's
+        draw left it): the two sides' projections, the largest tensors of a step
+        at small maps (0.7 MiB a side at the demo's), are never held at once.
+        """
+        cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
+        projection = self.student_projection
+        redraw = (projection.mode == "resample" and not self.global_batch and feat_s.device.type == "cpu"
+                  and not torch.compiler.is_compiling())
+        generator = self.generator if self.generator is not None else torch.default_generator
+        before = generator.get_state() if redraw else None
+        weights_s = projection.weights(cells, self.generator, feat_s)
+        if redraw:
+            del weights_s
+        weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
+        if self.global_batch and projection.mode == "resample":
+            # Every rank computes the same loss over the whole batch: it needs the same projections.
+            broadcast_from_first_rank(weights_s + weights_t, self.process_group)
+        if not redraw:
+            return (lambda: weights_s), weights_t
+        after = generator.get_state()
+
+        def student_weights():
+            generator.set_state(before)
+            try:
+                return projection.weights(cells, self.generator, feat_s)
+            finally:
+                generator.set_state(after)
+        return student_weights, weights_t
 
     def _mse_parts(self, feat_s, feat_t, do_cam, do_pam, backend):
         """The released *_MSE modes on the fused ops: adapter, then the CAM and (cell-wise) PAM MSEs."""
@@ -369,12 +424,12 @@ class CSKDLoss(nn.Module):
         if (do_pam and not factored_pam) or (do_cam and not factored_cam):
             adapted = StudentAdapter.apply_to(feat_s, adapter)
         if do_pam:
-            cells = CellLayout(feat_s.shape[2], feat_s.shape[3], self.grid or (1, 1)).num_cells
-            weights_s = self.student_projection.weights(cells, self.generator, feat_s)
-            weights_t = self.teacher_projection.weights(cells, self.generator, feat_t)
+            student_weights, weights_t = self._projections(feat_s, feat_t)
             need_graph = torch.is_grad_enabled() and any(w.requires_grad for w in weights_t)
             with torch.set_grad_enabled(need_graph):
                 o_t = self._position_attention(feat_t, weights_t, backend)
+            del weights_t  # resampled: not held while the student's side runs
+            weights_s = student_weights()
             batch, channels, height, width = feat_t.shape
             weight = mse_position_weights(height, width, self.grid, batch, channels, device=feat_t.device,
                                           dtype=accumulation_dtype(feat_s.dtype, feat_t.dtype))

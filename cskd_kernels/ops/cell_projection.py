@@ -206,10 +206,39 @@ def cell_projection(x, projections, grid=None, backend=None):
     return run_cell_projection(x, projections, grid, resolve_backend(backend, x))
 
 
+def stacked_rows(parts, dtype):
+    """torch.cat(parts, dim=1) in ``dtype``: a view, no copy, when the parts are adjacent row slices of one tensor.
+
+    draw_projections draws its six parts as such slices of a stacked weight
+    and bias; copying them (0.7 MiB per side at the demo's shape, 7 MiB at
+    the released one) was the largest transient of a small step.
+    """
+    if torch.compiler.is_compiling() or not _adjacent_row_slices(parts, dtype):  # storage offsets do not trace
+        return torch.cat([part.to(dtype) for part in parts], dim=1)
+    first = parts[0]
+    size = (first.shape[0], sum(part.shape[1] for part in parts), *first.shape[2:])
+    return first._base.as_strided(size, first.stride(), first.storage_offset())
+
+
+def _adjacent_row_slices(parts, dtype):
+    """Whether parts are, in order, back-to-back slices along dim 1 of one tensor of dtype (none needing grad)."""
+    first = parts[0]
+    if first._base is None or first.dtype != dtype or any(part.requires_grad for part in parts):
+        return False
+    offset = first.storage_offset()
+    for part in parts:
+        other_dims = part.shape[:1] + part.shape[2:] == first.shape[:1] + first.shape[2:]
+        same_layout = other_dims and part.stride() == first.stride()
+        if part._base is not first._base or part.storage_offset() != offset or not same_layout:
+            return False
+        offset += part.shape[1] * part.stride(1)
+    return True
+
+
 def run_cell_projection(x, projections, grid, backend):
     """cell_projection on checked projections and a resolved backend name (for callers that checked once)."""
-    weight = torch.cat([w.to(x.dtype) for w, _ in projections], dim=1)
-    bias = torch.cat([b.to(x.dtype) for _, b in projections], dim=1)
+    weight = stacked_rows([w for w, _ in projections], x.dtype)
+    bias = stacked_rows([b for _, b in projections], x.dtype)
     sizes = [w.shape[1] for w, _ in projections]
     fused = backend if backend == "cpu" or (backend == "triton" and len(sizes) <= TRITON_MAX_OUTPUTS) else ""
     if fused:

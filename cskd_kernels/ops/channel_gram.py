@@ -11,6 +11,11 @@ backward recomputes CAM(x) = gamma * A X + x with one product:
     backward  out = gamma * A X + x;  dOut = M (out - out_0), M = H (dK + dK^T) H;
               dx, d gamma = channel_attention_backward(dOut, x, A)
 
+Where the map is smaller than A (N < C positions: the demo's 6x6 maps with 128
+channels) A is not kept either: the backward runs the forward again (the Gram
+X X^T, C^2 N, and the softmax; A X was to be recomputed anyway), and the
+largest tensor held from the forward to the backward is x itself.
+
 Fused backends only (the kernels' contract); the reference composes the ops.
 """
 
@@ -38,7 +43,8 @@ class ChannelGramFunction(torch.autograd.Function):
     def forward(ctx, features, gamma, temperature, backend):
         out, attention = channel_attention_forward(features, gamma, temperature, backend)
         gram = centered_gram(out.reshape(1, features.shape[0], -1), backend)
-        ctx.save_for_backward(features, gamma, attention)
+        keep_attention = features.shape[1] <= features.shape[2]  # A (C x C) no larger than the map (C x N)
+        ctx.save_for_backward(features, gamma, attention if keep_attention else None)
         ctx.temperature, ctx.backend = temperature, backend
         return _double_centered(gram)
 
@@ -48,8 +54,11 @@ class ChannelGramFunction(torch.autograd.Function):
         features, gamma, attention = ctx.saved_tensors
         acc = accumulation_dtype(features.dtype)
         h = centering_matrix(grad_gram.shape[-1], torch.float64, grad_gram.device)
+        out = None
+        if attention is None:  # not kept (the map is smaller than A): the forward again, out with it
+            out, attention = channel_attention_forward(features, gamma, ctx.temperature, ctx.backend)
         if ctx.backend == "cpu":
-            out = channel_attention_apply(features, attention, gamma)
+            out = channel_attention_apply(features, attention, gamma) if out is None else out
         else:
             x = features.to(acc)
             out = torch.bmm(attention, x).mul_(gamma).add_(x)
