@@ -12,14 +12,20 @@ back to the system and cannot hide a later case's allocations; before each
 measurement the worker runs the case once (warm-up: lazy initialization,
 torch.compile), frees everything but the inputs, trims the heap and resets
 VmHWM by writing "5" to /proc/self/clear_refs.
+
+Small peaks move from run to run (the heap's own pages, touched again after
+the trim): ``python -m benchmarks.memory demo_6x6 --repeats 6`` measures
+every CPU case whose id contains "demo_6x6" six times, each in a fresh build.
 """
 
+import argparse
 import ctypes
 import gc
 import importlib
 import multiprocessing
 import os
 import re
+import sys
 
 import torch
 
@@ -147,3 +153,37 @@ class CpuMemoryWorker:
             if self._process.is_alive():
                 self._process.terminate()
         self._process = None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory",
+                                     description="Peak CPU memory of benchmark cases, measured repeatedly.")
+    parser.add_argument("case", help="a part of the case ids, e.g. demo_6x6 (CPU cases that contain it)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per case (default 3)")
+    parser.add_argument("--module", default="benchmarks.test_bench_cskd_loss", help="the module declaring the cases")
+    parser.add_argument("--providers", default="cpu,released", help="comma-separated providers (default cpu,released)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    worker = CpuMemoryWorker()
+    if not worker.available():
+        parser.error("needs /proc/self/clear_refs (Linux) to reset the peak resident set")
+    from benchmarks.harness import _REGISTRY
+
+    importlib.import_module(args.module)
+    providers = set(args.providers.split(","))
+    cases = [case for case_id, case in _REGISTRY.items()
+             if args.case in case_id and case.device == "cpu" and case.provider in providers]
+    if not cases:
+        parser.error(f"no CPU case of {args.module} with providers {args.providers} has {args.case!r} in its id")
+    try:
+        for case in cases:
+            peaks = [worker.peak_bytes(case) / MIB for _ in range(args.repeats)]
+            print(f"{case.id}: " + " ".join(f"{peak:.2f}" for peak in peaks) + " MiB", flush=True)
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
