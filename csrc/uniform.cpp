@@ -1,9 +1,10 @@
 // torch.rand(n) for float32 on the CPU, bit for bit, several times faster.
 //
-//   uniform_float(n, generator) -> (n,) float32, the values torch.rand(n, generator=generator) gives,
-//                                  and the generator left in the state torch.rand leaves it in
-//   uniform_float_(outs, generator)   the same stream into each tensor of outs in turn (logical order),
-//                                  so a stacked weight is drawn in place, part by part
+//   uniform_float_(outs, generator)   fills each float32 tensor of outs in turn, in its logical order,
+//                                     with the values successive torch.rand(out.shape, generator=generator)
+//                                     calls give, and leaves the generator in the state they leave it in
+//                                     (outs may be row slices of larger tensors: a stacked weight is
+//                                     drawn in place, part by part)
 //
 // CSKD's released code draws fresh 1x1 projections for every grid cell and
 // every call (millions of values a step at the released shapes); PyTorch's CPU
@@ -24,7 +25,6 @@
 
 #include "cpu_features.h"
 #include "ops.h"
-#include "output_pool.h"
 #include "simd_exp.h"
 
 namespace {
@@ -99,7 +99,6 @@ void emit(const uint32_t* state, int first, int last, float* out) {
   emit_baseline(state, first, last, out);
 }
 
-
 // The generator's Mersenne Twister, taken out of it under its lock and put back when done: draws in
 // between continue one stream, as successive torch.rand calls would.
 class LockedStream {
@@ -149,8 +148,8 @@ void draw_rows(LockedStream& stream, const torch::Tensor& out) {
   if (out.numel() == 0) return;
   if (out.is_contiguous()) return stream.draw(out.data_ptr<float>(), out.numel());
   const int64_t dims = out.dim(), row = out.size(dims - 1);
-  TORCH_CHECK(out.stride(dims - 1) == 1 || row == 1, "uniform_float_: the last dimension must be contiguous, got strides ",
-              out.strides());
+  TORCH_CHECK(out.stride(dims - 1) == 1 || row == 1,
+              "uniform_float_: the last dimension must be contiguous, got strides ", out.strides());
   std::vector<int64_t> index(dims, 0);  // of the current row; index[dims - 1] stays 0
   float* base = out.data_ptr<float>();
   for (int64_t r = 0, rows = out.numel() / row; r < rows; ++r) {
@@ -162,22 +161,12 @@ void draw_rows(LockedStream& stream, const torch::Tensor& out) {
 }
 }  // namespace
 
-torch::Tensor uniform_float(int64_t n, std::optional<at::Generator> generator) {
-  TORCH_CHECK(n >= 0, "uniform_float: n must be >= 0, got ", n);
-  auto out = cskd::empty_output({n}, torch::dtype(torch::kFloat32));  // large draws: huge pages (output_pool.h)
-  LockedStream(generator).draw(out.data_ptr<float>(), n);
-  return out;
-}
-
 void uniform_float_(const std::vector<torch::Tensor>& outs, std::optional<at::Generator> generator) {
   LockedStream stream(generator);
   for (const auto& out : outs) draw_rows(stream, out);
 }
 
 void register_uniform(pybind11::module& m) {
-  m.def("uniform_float", &uniform_float, pybind11::arg("n"), pybind11::arg("generator") = std::nullopt,
-        "torch.rand(n, generator=generator) in float32 on the CPU, bit for bit (the same Mersenne Twister "
-        "stream, drawn in bulk)");
   m.def("uniform_float_", &uniform_float_, pybind11::arg("outs"), pybind11::arg("generator") = std::nullopt,
         "Fills each float32 CPU tensor of outs in turn, in its logical order, with the values successive "
         "torch.rand calls of their sizes would give (outs may be row slices of larger tensors)");

@@ -1,9 +1,9 @@
-"""uniform_draw (csrc/uniform.cpp on the CPU): torch.rand's values and generator state, bit for bit."""
+"""uniform_fill_ (csrc/uniform.cpp on the CPU): torch.rand's values and generator state, bit for bit."""
 
 import pytest
 import torch
 
-from cskd_kernels.modules.cskd_loss import draw_projections, uniform_draw
+from cskd_kernels.modules.cskd_loss import draw_projections, uniform_fill_
 from conftest import requires_extension
 
 
@@ -17,7 +17,8 @@ def test_the_values_and_the_state_are_torch_rand_s(seed, sizes):
     offset = seed % 700  # start anywhere in the twister's 624-word block
     torch.rand(offset, generator=ours), torch.rand(offset, generator=theirs)
     for n in sizes:
-        got, expected = _C.uniform_float(n, ours), torch.rand(n, generator=theirs)
+        got, expected = torch.empty(n), torch.rand(n, generator=theirs)
+        _C.uniform_float_([got], ours)
         assert got.dtype == torch.float32 and got.shape == (n,)
         assert torch.equal(got, expected), n
     assert torch.equal(ours.get_state(), theirs.get_state())
@@ -28,12 +29,12 @@ def test_the_values_and_the_state_are_torch_rand_s(seed, sizes):
 def test_the_default_generator_and_an_empty_draw():
     from cskd_kernels import _C
     torch.manual_seed(3)
-    got = _C.uniform_float(1000)
-    assert _C.uniform_float(0).shape == (0,)
+    got, empty = torch.empty(1000), torch.empty(0)
+    _C.uniform_float_([got, empty])
+    after = torch.rand(3)
     torch.manual_seed(3)
     assert torch.equal(got, torch.rand(1000))
-    with pytest.raises(RuntimeError, match="n must be >= 0"):
-        _C.uniform_float(-1)
+    assert torch.equal(after, torch.rand(3))  # the empty tensor took nothing from the stream
 
 
 @requires_extension
@@ -62,8 +63,9 @@ def test_filling_refuses_what_it_cannot_fill():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_uniform_draw_and_the_projections_are_torch_rand_s(dtype):
-    got = uniform_draw(5000, generator=torch.Generator().manual_seed(9), dtype=dtype)
+def test_uniform_fill_and_the_projections_are_torch_rand_s(dtype):
+    got = torch.empty(5000, dtype=dtype)
+    uniform_fill_([got], generator=torch.Generator().manual_seed(9))
     assert torch.equal(got, torch.rand(5000, generator=torch.Generator().manual_seed(9), dtype=dtype))
     drawn = draw_projections(64, 8, 25, generator=torch.Generator().manual_seed(4), dtype=dtype)
     bound = 1.0 / 8.0

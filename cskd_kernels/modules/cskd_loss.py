@@ -88,28 +88,14 @@ class CSKDOutput(NamedTuple):
     pam: torch.Tensor
 
 
-def uniform_draw(count, *, generator=None, device=None, dtype=torch.float32):
-    """torch.rand(count, generator=generator, device=device, dtype=dtype): the same values and generator state.
-
-    float32 on the CPU comes from the C++ extension (csrc/uniform.cpp), which
-    draws the CPU generator's Mersenne Twister stream in bulk, bit for bit
-    what torch.rand gives: about 13x faster here (4.1 million values, a
-    released-shape step's projections, 2.1 ms against 26-30 ms).
-    """
-    device = torch.device("cpu" if device is None else device)
-    # Checked first: torch.compile traces torch.rand, but not the extension's import (a graph break).
-    fused = not torch.compiler.is_compiling() and device.type == "cpu" and dtype == torch.float32
-    ext = extension() if fused else None
-    if ext is None:
-        return torch.rand(count, generator=generator, device=device, dtype=dtype)
-    return ext.uniform_float(count, generator)
-
-
 def uniform_fill_(parts, *, generator=None):
     """Fill each tensor of ``parts`` in turn with what successive torch.rand calls of their shapes would give.
 
     The parts may be slices of larger tensors (filled in their logical order).
-    float32 on the CPU: the C++ extension's bulk stream (see uniform_draw).
+    float32 on the CPU comes from the C++ extension (csrc/uniform.cpp), which
+    draws the CPU generator's Mersenne Twister stream in bulk, bit for bit
+    what torch.rand gives: about 13x faster here (4.1 million values, a
+    released-shape step's projections, 2.1 ms against 26-30 ms).
     """
     like = parts[0]
     # Checked first: torch.compile traces torch.rand, but not the extension's import (a graph break).
