@@ -4,6 +4,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -30,6 +31,38 @@ inline std::vector<Cell> read_cells(const at::Tensor& cells, int64_t height, int
     out.push_back(c);
   }
   return out;
+}
+
+// Positions in the largest cell of the table.
+inline int64_t largest_positions(const std::vector<Cell>& cells) {
+  int64_t largest = 0;
+  for (const auto& cell : cells) largest = std::max(largest, cell.positions());
+  return largest;
+}
+
+// Columns a task's product should have at least: above the micro tile's 32
+// and enough to spread the packing of the cell's weights (R x C, packed once
+// per task) over a few hundred columns. A cell of at least this many positions
+// (Cityscapes' 13 x 26) runs one image per task, as before.
+inline constexpr int64_t kTaskColumns = 256;
+
+// Images per task: enough that a task's columns (images x the largest cell's positions) reach
+// kTaskColumns, spread evenly over the groups (8 images in 2 groups of 4, not 5 + 3).
+inline int64_t group_images(int64_t images, int64_t largest) {
+  const int64_t wanted = std::clamp<int64_t>((kTaskColumns + largest - 1) / std::max<int64_t>(largest, 1), 1, images);
+  const int64_t groups = (images + wanted - 1) / wanted;
+  return (images + groups - 1) / groups;
+}
+
+// task(first image, images, cell index) for every cell and group of `group` images, one OpenMP task each.
+template <typename Task>
+void for_each_cell_task(int64_t images, int64_t group, int64_t num_cells, const Task& task) {
+  const int64_t groups = (images + group - 1) / group;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < groups * num_cells; ++t) {
+    const int64_t first = (t / num_cells) * group;
+    task(first, std::min(group, images - first), t % num_cells);
+  }
 }
 
 }  // namespace cskd

@@ -29,5 +29,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_gemm(m);
   register_output_pool(m);
   register_uniform(m);
+  register_squared_error(m);
   m.def("kernel_isa", &kernel_isa, "The widest instruction set the kernels use: avx512, avx2 or baseline.");
 }

@@ -11,3 +11,4 @@ void register_cell_cross_gram(pybind11::module& m);
 void register_gemm(pybind11::module& m);
 void register_output_pool(pybind11::module& m);
 void register_uniform(pybind11::module& m);
+void register_squared_error(pybind11::module& m);

@@ -561,6 +561,94 @@ std::vector<at::Tensor> position_attention_forward(const at::Tensor& q_in, const
 }
 
 // ---------------------------------------------------------------------------
+// Forward of x's own projections, for a side that takes no gradient
+// ---------------------------------------------------------------------------
+
+// The cell's pixels of `images` consecutive images (channels, H, W) into tile (channels x ld), image i's
+// positions at columns [i n, (i + 1) n).
+template <typename scalar_t>
+void gather_images(const scalar_t* first, int64_t images, int64_t channels, int64_t H, int64_t W, const Cell& cell,
+                   scalar_t* tile, int64_t ld) {
+  const int64_t n = cell.positions(), hw = H * W;
+  for (int64_t i = 0; i < images; ++i)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t r = 0; r < cell.height; ++r)
+        std::memcpy(tile + c * ld + i * n + r * cell.width, first + (i * channels + c) * hw + (cell.row0 + r) * W + cell.col0,
+                    cell.width * sizeof(scalar_t));
+}
+
+// One task: a cell of a group of images. Y = [Q; K; V] = W X + b (one product for the group, the
+// bias its addend), then per image the small-cell forward of forward_cell on Y's columns.
+template <typename scalar_t>
+void projected_forward_task(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, scalar_t* out,
+                            int64_t images, int64_t channels, int64_t d, int64_t cv, int64_t H, int64_t W,
+                            const Cell& cell, scalar_t scale) {
+  const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, rows = 2 * d + cv;
+  const int64_t hw = H * W;
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iX = carver.add(channels * cols), iY = carver.add(rows * cols),
+                iO = carver.add(cv * n), iInv = carver.add(n);
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t *s = ws[iS], *y = ws[iY], *inv = ws[iInv];
+  gather_images(x, images, channels, H, W, cell, ws[iX], cols);
+  for (int64_t r = 0; r < rows; ++r) std::fill_n(y + r * cols, cols, bias[r]);
+  gemm<scalar_t>(false, false, rows, cols, channels, weight, channels, ws[iX], cols, y, cols, y, cols);
+  for (int64_t i = 0; i < images; ++i) {
+    const scalar_t* q = y + i * n;
+    gemm<scalar_t>(true, false, n, n, d, q, cols, q + d * cols, cols, s, lds);  // S = Q^T K
+    for (int64_t j = 0; j < n; ++j) {
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+      inv[j] = scalar_t(1) / online_softmax_row(s + j * lds, n, scale, m);
+    }
+    scalar_t* image_out = out + i * cv * hw;
+    const CellBlock<scalar_t> O = cell_output(image_out, H, W, cell, ws[iO]);
+    gemm<scalar_t>(false, true, cv, n, n, q + 2 * d * cols, cols, s, lds, O.ptr, O.ld);  // O = V P^T, unnormalised
+    store_cell(O, image_out, cv, H, W, cell, inv);
+  }
+}
+
+// out (B, cv, H, W) = the cell-wise attention of (Wq x + bq, Wk x + bk, Wv x + bv), weight (cells | 1,
+// 2d + cv, C) stacking [Wq; Wk; Wv] and bias (cells | 1, 2d + cv) likewise: position_attention_forward
+// of cell_projection_forward's maps, without the maps. The projections stay in the task's workspace
+// (never written and gathered again: 80 MiB each way for the Cityscapes teacher's q, k, v) and no
+// log-sum-exp is kept, so it serves sides without a gradient. Cells of at most kSingleBlock positions.
+at::Tensor position_attention_projected_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                const at::Tensor& bias_in, const at::Tensor& cells_in, int64_t d,
+                                                double scale) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu(), "x must be a CPU (B, C, H, W) map");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, "x must be float32 or float64");
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const std::vector<Cell> cells = read_cells(cells_in, H, W);
+  const int64_t num_cells = static_cast<int64_t>(cells.size()), rows = weight.dim() == 3 ? weight.size(1) : 0;
+  TORCH_CHECK(weight.dim() == 3 && weight.size(2) == C && (weight.size(0) == 1 || weight.size(0) == num_cells) &&
+                  weight.scalar_type() == x.scalar_type(),
+              "weight must be (cells | 1, 2d + Cv, C) in x's dtype, got ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == weight.size(0) && bias.size(1) == rows &&
+                  bias.scalar_type() == x.scalar_type(), "bias must be (cells | 1, 2d + Cv) like weight");
+  TORCH_CHECK(d > 0 && rows > 2 * d, "weight's ", rows, " rows leave no values after q and k of ", d, " each");
+  const int64_t largest = cskd::largest_positions(cells);
+  TORCH_CHECK(largest <= kSingleBlock, "position_attention_projected_forward takes cells of at most ", kSingleBlock,
+              " positions, got one of ", largest);
+  const int64_t cv = rows - 2 * d, group = cskd::group_images(B, largest);
+  at::Tensor out = empty_output({B, cv, H, W}, x.options());
+  const bool shared = weight.size(0) == 1;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "position_attention_projected_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    cskd::for_each_cell_task(B, group, num_cells, [&](int64_t first, int64_t images, int64_t k) {
+      const int64_t wk = shared ? 0 : k;
+      projected_forward_task<scalar_t>(xp + first * C * H * W, wp + wk * rows * C, bp + wk * rows,
+                                       op + first * cv * H * W, images, C, d, cv, H, W, cells[k],
+                                       static_cast<scalar_t>(scale));
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
 
@@ -694,4 +782,8 @@ void register_position_attention(pybind11::module& m) {
         "Fused position attention backward by recomputation: -> (dq, dk, dv)", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
         pybind11::arg("grad_out"), pybind11::arg("cells"), pybind11::arg("scale"));
+  m.def("position_attention_projected_forward", &position_attention_projected_forward,
+        "The attention of x's own per-cell projections, no gradient: (x, weight, bias, cells, d, scale) -> out",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
+        pybind11::arg("scale"));
 }

@@ -16,7 +16,7 @@ from cskd_kernels import CSKDLoss, released
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules import attention_mse, cskd_loss as cskd_module
 from cskd_kernels.modules.cskd_loss import draw_adapter, mse_position_weights
-from conftest import TOLERANCES, fused_backends
+from conftest import HAS_EXTENSION, TOLERANCES, fused_backends
 
 B, CS, CT, H, W = 3, 8, 16, 9, 11  # grid 5x5 on 9x11: torch.chunk gives 5 x 4 cells of 2-3 x 3, 1 x 2 at the ends
 
@@ -197,15 +197,16 @@ def test_student_attention_runs_at_the_narrower_width(backend, cs, ct, student_w
     at C_s channels, the teacher's at C_t): the value products cost C_s / C_t of the adapted map's."""
     widths = []
 
-    def recording(module, name):
+    def recording(module, name, value_width):
         original = getattr(module, name)
 
-        def wrapper(q, k, v, *args):
-            widths.append(v.shape[1])
-            return original(q, k, v, *args)
+        def wrapper(*args):
+            widths.append(value_width(*args))
+            return original(*args)
         monkeypatch.setattr(module, name, wrapper)
-    recording(cskd_module, "run_position_attention")
-    recording(attention_mse, "run_position_attention_saving")  # the folded student branch's own Function
+    # The teacher's: (x, (wq, bq, wk, bk, wv, bv), ...); the folded student branch's own Function: (q, k, v, ...).
+    recording(cskd_module, "run_projected_position_attention", lambda x, weights, *rest: weights[4].shape[1])
+    recording(attention_mse, "run_position_attention_saving", lambda q, k, v, *rest: v.shape[1])
     loss = CSKDLoss(cs, ct, lambda_cam=0.0, similarity="mse", backend=backend)
     loss(torch.randn(B, cs, H, W, requires_grad=True), torch.randn(B, ct, H, W)).loss.backward()
     assert widths == [ct, student_width]  # the teacher's, then the student's
@@ -298,7 +299,7 @@ def test_a_zero_weight_branch_is_not_computed(similarity, adapter, projection, l
         monkeypatch.setattr(cskd_module, name, wrapper)
 
     channel_ops = ("run_channel_attention", "channel_gram")
-    position_ops = ("run_cell_projection", "run_position_attention", "draw_projections")
+    position_ops = ("run_projected_position_attention", "draw_projections")
     for name in channel_ops + position_ops + ("draw_adapter",):
         counting(name)
     loss = CSKDLoss(CS, CT, lambda_cam=lambda_cam, lambda_pam=lambda_pam, similarity=similarity, adapter=adapter,
@@ -318,7 +319,7 @@ def test_a_zero_weight_branch_is_not_computed(similarity, adapter, projection, l
             assert all(p.grad is not None and p.grad.abs().max().item() == 0.0
                        for p in loss.student_projection.parameters())
     else:
-        assert calls.get("run_position_attention") == 2, calls
+        assert calls.get("run_projected_position_attention") == 2, calls
     assert calls.get("draw_adapter", 0) == 0  # learned: drawn at construction only
     if lambda_cam == lambda_pam == 0:
         assert out.loss.item() == 0.0 and not calls
@@ -329,13 +330,18 @@ def test_a_zero_weight_branch_is_not_computed(similarity, adapter, projection, l
 @pytest.mark.parametrize("o_s_given", [True, False], ids=["pam", "cam"])
 @pytest.mark.parametrize("grid", [(5, 5), None], ids=["grid5x5", "global"])
 def test_chunked_elementwise_pass(o_s_given, grid, monkeypatch):
-    """_AttentionMSE in chunks of rows (the CPU's cache-sized pass, a shorter last chunk) and 16-bit inputs."""
+    """_AttentionMSE in one C++ pass (maps of one dtype, the extension built), in chunks of rows (the
+    PyTorch pass: a shorter last chunk) and with 16-bit inputs (chunks, converted to float32)."""
     maps = [torch.randn(B, CT, H, W, dtype=torch.float64) for _ in range(4)]
     weight = mse_position_weights(H, W, grid, B, CT, dtype=torch.float64)
+    fused_calls = []
+    fused_pass = attention_mse._fused_squared_error_pass
+    monkeypatch.setattr(attention_mse, "_fused_squared_error_pass", lambda *a: fused_calls.append(1) or fused_pass(*a))
 
     def run(dtype, chunk=None):
-        if chunk is not None:
+        if chunk is not None:  # the PyTorch pass, in chunks
             monkeypatch.setitem(cskd_module.MSE_CHUNK_ELEMENTS, "cpu", chunk)
+            monkeypatch.setattr(attention_mse, "_runs_fused_pass", lambda maps, r: False)
         gamma = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
         x_s, o_s, x_t, o_t = (m.to(dtype, copy=True).requires_grad_(i in (0, 1, 3)) for i, m in enumerate(maps))
         loss = cskd_module._AttentionMSE.apply(gamma, x_s, o_s if o_s_given else None, x_t, o_t, weight)
@@ -347,6 +353,10 @@ def test_chunked_elementwise_pass(o_s_given, grid, monkeypatch):
     expected_loss = (weight * (a_s - g * maps[3] - maps[2]) ** 2).sum()
     whole = run(torch.float64)
     torch.testing.assert_close(whole[0], expected_loss, rtol=1e-13, atol=0)
+    single = run(torch.float32)  # float32 in one pass too, its sums in float64
+    assert len(fused_calls) == (2 if HAS_EXTENSION else 0)
+    for a, b in zip(single, whole):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
     chunked = run(torch.float64, chunk=2 * H * W + 5)  # 2 rows a chunk: 24 chunks of the 48 rows
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-16)

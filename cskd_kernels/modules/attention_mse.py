@@ -14,10 +14,12 @@ the output's scale into the small matrices.
 The passes run in float32 at least, the sums of their chunks added in float64.
 """
 
+from typing import Optional
+
 import torch
 
 from cskd_kernels._validation import accumulation_dtype
-from cskd_kernels.backend import empty_output
+from cskd_kernels.backend import empty_output, extension, extension_built
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.ops.cell_projection import (run_cell_projection, run_cell_projection_input_grad,
                                                run_cell_projection_weight_grads)
@@ -40,15 +42,40 @@ def _doubled_weight(weight, positions, dtype):
     return 2.0 * weight
 
 
+@torch.library.custom_op("cskd::squared_error_pass", mutates_args=("r",))
+def _fused_squared_error_pass(x_s: Optional[torch.Tensor], o_s: Optional[torch.Tensor], x_t: torch.Tensor,
+                              o_t: torch.Tensor, g: torch.Tensor, weight: Optional[torch.Tensor],
+                              scalar_weight: float, r: torch.Tensor) -> torch.Tensor:
+    """The C++ pass (csrc/squared_error.cpp): r written in place, x_s None when r holds it; (2,) float64 sums."""
+    return extension().squared_error_pass(x_s, o_s, x_t, o_t, g, weight, scalar_weight, r)
+
+
+@_fused_squared_error_pass.register_fake
+def _fused_squared_error_pass_fake(x_s, o_s, x_t, o_t, g, weight, scalar_weight, r):
+    return r.new_empty((2,), dtype=torch.float64)
+
+
+def _runs_fused_pass(maps, r):
+    """Whether the C++ pass takes these (rows, positions) maps: CPU, r's dtype, contiguous, the extension built."""
+    return (r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64) and extension_built()
+            and all(m.dtype == r.dtype and m.is_contiguous() for m in maps if m is not None))
+
+
 def _squared_error_pass(x_s, o_s, x_t, o_t, g, weight2, r):
-    """d = g o_s + x_s - g o_t - x_t (o_s may be None), r = weight2 d, by chunks of rows.
+    """d = g o_s + x_s - g o_t - x_t (o_s may be None), r = weight2 d, in one pass on the CPU, else by chunks of rows.
 
     All maps are (rows, positions) views; r (in the accumulation dtype) may be
-    x_s itself (each chunk of x_s is read before r's is written). Returns the
-    float64 sums (sum d r, sum r (o_s - o_t)), the second being -sum r o_t
-    without o_s: the loss is half the first, and gamma's gradient the second.
+    x_s itself (each element, or chunk, of x_s is read before r's is written).
+    Returns the float64 sums (sum d r, sum r (o_s - o_t)), the second being
+    -sum r o_t without o_s: the loss is half the first, and gamma's gradient
+    the second.
     """
     acc, (rows, positions) = r.dtype, r.shape
+    if _runs_fused_pass((x_s, o_s, x_t, o_t, r), r):
+        weight = weight2.reshape(positions).contiguous() if isinstance(weight2, torch.Tensor) else None
+        sums = _fused_squared_error_pass(None if x_s is r else x_s, o_s, x_t, o_t, g.reshape(1), weight,
+                                         0.0 if weight is not None else float(weight2), r)
+        return sums[0], sums[1]
     step = _rows_per_chunk(rows, positions, r.device)
     d = torch.empty((step, positions), dtype=acc, device=r.device)
     e = torch.empty_like(d) if o_s is not None else None

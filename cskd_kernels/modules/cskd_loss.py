@@ -68,12 +68,11 @@ from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules.attention_mse import (  # noqa: F401 (MSE_CHUNK_ELEMENTS: the tests set it here)
     MSE_CHUNK_ELEMENTS, _AdaptedPositionMSE, _AttentionMSE, channel_mse_from_grams)
 from cskd_kernels.backend import extension, resolve_backend
-from cskd_kernels.ops.cell_projection import run_cell_projection
 from cskd_kernels.ops.channel_gram import channel_gram
 from cskd_kernels.ops.channel_attention import run_channel_attention
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES
 from cskd_kernels.ops.cross_gram import combine_grams, run_centered_cross_grams
-from cskd_kernels.ops.position_attention import run_position_attention
+from cskd_kernels.ops.projected_position_attention import run_projected_position_attention
 
 PROJECTIONS = ("resample", "fixed", "learned")
 SIMILARITIES = ("cka", "mse")
@@ -438,9 +437,7 @@ class CSKDLoss(nn.Module):
 
     def _position_attention(self, x, weights, backend):
         """The cell-wise position attention O of x (PAM(x) = g O + x per cell), all cells in one call."""
-        wq, bq, wk, bk, wv, bv = weights
-        q, k, v = run_cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), self.grid, backend)
-        return run_position_attention(q, k, v, self.temperature, self.grid, backend)
+        return run_projected_position_attention(x, weights, self.temperature, self.grid, backend)
 
     def _adapted_position_mse(self, x, adapter, weights, feat_t, o_t, weight, backend):
         """The PAM MSE of the adapted map W x (W = adapter), its attention at the student's width.
@@ -491,10 +488,7 @@ class CSKDLoss(nn.Module):
         """
         need_graph = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
         with torch.set_grad_enabled(need_graph):
-            wq, bq, wk, bk, wv, bv = weights
-            q, k, v = run_cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), self.grid, backend)
-            attention = run_position_attention(q, k, v, self.temperature, self.grid, backend)
-            del q, k, v
+            attention = self._position_attention(x, weights, backend)
             return run_centered_cross_grams((attention, x), self.grid, backend)
 
     def _check_samples(self, feat_s, backend):

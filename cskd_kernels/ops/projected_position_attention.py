@@ -1,0 +1,60 @@
+"""The position attention of a map's own per-cell projections, for a side that takes no gradient.
+
+    out = position_attention(Wq x + bq, Wk x + bk, Wv x + bv), cell by cell
+
+is what CSKDLoss computes for the teacher (its projections resampled or
+fixed, its map detached): cell_projection's maps followed by
+position_attention. On the "cpu" backend, when every cell is small (at most
+SMALL_CELL positions: every released grid), one C++ kernel does both per
+(cell, group of images) task (csrc/position_attention.cpp,
+position_attention_projected_forward): q, k and v live in the task's
+workspace and are never written as maps and gathered again (80 MiB each way
+for the Cityscapes teacher), and no log-sum-exp is kept. Elsewhere (other
+backends, global mode, or a gradient wanted) it is the two ops in turn.
+"""
+
+import torch
+
+from cskd_kernels._library import kernel_op
+from cskd_kernels.backend import kernels
+from cskd_kernels.ops.cell_projection import run_cell_projection, stacked_rows
+from cskd_kernels.ops.position_attention import cell_table, largest_cell, run_position_attention
+
+# Positions of the largest cell the fused kernel takes (its kSingleBlock: one score block per cell).
+SMALL_CELL = 512
+
+
+@kernel_op("position_attention_projected_forward")
+def position_attention_projected_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                         cells: torch.Tensor, d: int, scale: float, backend: str) -> torch.Tensor:
+    """(B, rows - 2d, H, W): the attention of the projections stacked in weight (cells|1, 2d + Cv, C)."""
+    return kernels("position_attention", backend).projected_forward(x, weight, bias, cells, d, scale)
+
+
+@position_attention_projected_forward.register_fake
+def _position_attention_projected_forward_fake(x, weight, bias, cells, d, scale, backend):
+    return x.new_empty((x.shape[0], weight.shape[1] - 2 * d, *x.shape[2:]))
+
+
+def fuses(x, weights, grid, backend):
+    """Whether run_projected_position_attention takes the one-kernel path for these inputs."""
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    return (backend == "cpu" and not needs_graph and x.dtype in (torch.float32, torch.float64)
+            and grid is not None and largest_cell(x.shape[2], x.shape[3], grid) <= SMALL_CELL)
+
+
+def run_projected_position_attention(x, weights, temperature, grid, backend):
+    """The cell-wise attention O of x's projections ``weights`` = (wq, bq, wk, bk, wv, bv), (cells|1, R, C) each.
+
+    Checked inputs and a resolved backend, as CSKDLoss gives them. Differentiable
+    (through the two ops) whenever x or a weight needs a gradient.
+    """
+    wq, bq, wk, bk, wv, bv = weights
+    if not fuses(x, weights, grid, backend):
+        q, k, v = run_cell_projection(x, ((wq, bq), (wk, bk), (wv, bv)), grid, backend)
+        return run_position_attention(q, k, v, temperature, grid, backend)
+    weight = stacked_rows([wq, wk, wv], x.dtype).contiguous()
+    bias = stacked_rows([bq, bk, bv], x.dtype).contiguous()
+    cells = cell_table(x.shape[2], x.shape[3], grid, x.device)
+    return position_attention_projected_forward(x.contiguous(), weight, bias, cells, wq.shape[1],
+                                                1.0 / float(temperature), backend)

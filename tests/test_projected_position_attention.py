@@ -1,0 +1,124 @@
+"""run_projected_position_attention: the one-kernel teacher path against cell_projection + position_attention."""
+
+import pytest
+import torch
+
+from cskd_kernels import CSKDLoss, reference
+from cskd_kernels.grid import CellLayout
+from cskd_kernels.modules.cskd_loss import draw_projections
+from cskd_kernels.ops import projected_position_attention as projected_module
+from cskd_kernels.ops.position_attention import cell_table
+from cskd_kernels.ops.projected_position_attention import (position_attention_projected_forward, fuses,
+                                                           run_projected_position_attention)
+from conftest import HAS_EXTENSION
+
+pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+
+TOLERANCES = {torch.float64: 1e-11, torch.float32: 2e-5}
+
+
+def _reference(x, weights, temperature, grid):
+    """The reference ops on float64: PyTorch's per-cell projections, then the reference attention."""
+    wq, bq, wk, bk, wv, bv = (w.double() for w in weights)
+    layout = CellLayout(x.shape[2], x.shape[3], grid)
+    rows = []
+    index = 0
+    for row in reference.grid_cells(x.double(), grid):
+        outs = []
+        for cell in row:
+            pick = (lambda w: w[index] if w.shape[0] > 1 else w[0])
+            q, k, v = (torch.einsum("oc,bchw->bohw", pick(w), cell) + pick(b)[None, :, None, None]
+                       for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+            outs.append(reference.position_attention(q, k, v, temperature=temperature))
+            index += 1
+        rows.append(torch.cat(outs, dim=3))
+    assert index == layout.num_cells
+    return torch.cat(rows, dim=2)
+
+
+def _weights(cells, channels, d, dtype, generator):
+    """(wq, bq, wk, bk, wv, bv), each (cells, rows, C) / (cells, rows), not drawn stacked (a copy is taken)."""
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+    return (draw(cells, d, channels), draw(cells, d), draw(cells, d, channels), draw(cells, d),
+            draw(cells, channels + 3, channels) / channels**0.5, draw(cells, channels + 3))
+
+
+# Odd sizes: uneven torch.chunk cells, tiny cells grouped several images to a task (the demo's 2 x 2), a
+# batch that splits into unequal groups, full-width cells, torch.chunk giving fewer cells than asked.
+@pytest.mark.parametrize("shape,grid", [((3, 7, 13, 26), (5, 5)), ((5, 9, 6, 6), (5, 5)), ((7, 5, 5, 3), (2, 2)),
+                                        ((2, 6, 11, 9), (3, 1)), ((3, 4, 4, 9), (5, 4))])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_projections_then_attention(shape, grid, shared, dtype):
+    generator = torch.Generator().manual_seed(sum(shape) + 7 * shared)
+    b, c, h, w = shape
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    cells = 1 if shared else CellLayout(h, w, grid).num_cells
+    weights = _weights(cells, c, 2, dtype, generator)
+    assert fuses(x, weights, grid, "cpu")
+    out = run_projected_position_attention(x, weights, 1.7, grid, "cpu")
+    expected = _reference(x, weights, 1.7, grid)
+    assert out.dtype == dtype and out.shape == (b, c + 3, h, w)
+    scale = expected.abs().max().item()
+    assert (out.double() - expected).abs().max().item() <= TOLERANCES[dtype] * scale
+    # The same as the two fused ops it replaces.
+    composed = run_projected_position_attention(x.requires_grad_(True), weights, 1.7, grid, "cpu")
+    assert composed.grad_fn is not None
+    assert (composed.detach().double() - out.double()).abs().max().item() <= TOLERANCES[dtype] * scale
+
+
+def test_reads_stacked_projections_without_a_copy_and_nonfinite_input_stays_nonfinite():
+    x = torch.randn(2, 16, 13, 26)
+    weights = draw_projections(16, 8, 25, generator=torch.Generator().manual_seed(0))
+    out = run_projected_position_attention(x, weights, 2.0, (5, 5), "cpu")
+    assert torch.allclose(out.double(), _reference(x, weights, 2.0, (5, 5)), rtol=1e-5, atol=1e-5)
+    x[1, 3, 2, 4] = float("nan")
+    out = run_projected_position_attention(x, weights, 2.0, (5, 5), "cpu")
+    # The 3 x 6 cell of that pixel (torch.chunk: rows 3, 3, 3, 3, 1; columns 6, 6, 6, 6, 2), and no other.
+    assert out[1, :, :3, :6].isnan().all() and out[0].isfinite().all()
+    assert out[1, :, 3:].isfinite().all() and out[1, :, :, 6:].isfinite().all()
+
+
+def test_routes_to_the_two_ops_where_the_kernel_does_not_apply():
+    x, weights = torch.randn(2, 16, 26, 26), draw_projections(16, 8, 1)
+    assert fuses(x, weights, (5, 5), "cpu")
+    assert not fuses(x, weights, (5, 5), "reference")
+    assert not fuses(x, weights, None, "cpu")  # global mode: the tiled kernel
+    assert not fuses(x, weights, (1, 1), "cpu")  # one cell of 676 positions
+    assert not fuses(x.requires_grad_(True), weights, (5, 5), "cpu")  # a gradient wanted
+    with torch.no_grad():
+        assert fuses(x, weights, (5, 5), "cpu")
+
+
+def test_refuses_what_it_cannot_compute():
+    x = torch.randn(2, 8, 30, 30)
+    weight, bias = torch.randn(1, 12, 8), torch.randn(1, 12)
+    with pytest.raises(RuntimeError, match="at most 512 positions, got one of 900"):
+        position_attention_projected_forward(x, weight, bias, cell_table(30, 30, None), 2, 1.0, "cpu")
+    with pytest.raises(RuntimeError, match="leave no values"):
+        position_attention_projected_forward(x, weight, bias, cell_table(30, 30, (5, 5)), 6, 1.0, "cpu")
+    with pytest.raises(RuntimeError, match=r"weight must be \(cells \| 1, 2d \+ Cv, C\)"):
+        position_attention_projected_forward(x, torch.randn(3, 12, 8), torch.randn(3, 12),
+                                             cell_table(30, 30, (5, 5)), 2, 1.0, "cpu")
+
+
+@pytest.mark.parametrize("similarity", ["cka", "mse"])
+def test_cskd_loss_takes_the_teacher_through_the_kernel(similarity, monkeypatch):
+    """On "cpu" the teacher's PAM (no gradient) is one kernel call; the loss is the reference backend's."""
+    calls = []
+    original = projected_module.position_attention_projected_forward
+
+    def counting(x, *args):
+        calls.append(x.shape[1])
+        return original(x, *args)
+    monkeypatch.setattr(projected_module, "position_attention_projected_forward", counting)
+    feat_s, feat_t = torch.randn(4, 16, 13, 26, requires_grad=True), torch.randn(4, 32, 13, 26)
+    losses = []
+    for backend in ("cpu", "reference"):
+        loss = CSKDLoss(16, 32, similarity=similarity, generator=torch.Generator().manual_seed(5), backend=backend)
+        with torch.no_grad():
+            loss.gamma_pam.fill_(0.5)
+        losses.append(loss(feat_s, feat_t).pam)
+    assert calls == [32]  # the teacher's, on "cpu" only; the student's takes a gradient
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
