@@ -649,6 +649,111 @@ at::Tensor position_attention_projected_forward(const at::Tensor& x_in, const at
 }
 
 // ---------------------------------------------------------------------------
+// The student's PAM through a widening adapter (modules/attention_mse.py, _AdaptedPositionMSE)
+// ---------------------------------------------------------------------------
+
+// One task: a cell of a group of images. [Q; K] = Wqk X + b_qk; per image the attention of x itself,
+// Z = X P^T (normalised); then P = A [Z; X] + c, A (R x 2C) = [g M | W], c = g b_v.
+template <typename scalar_t>
+void adapted_forward_task(const scalar_t* x, const scalar_t* qk_weight, const scalar_t* qk_bias,
+                          const scalar_t* out_weight, const scalar_t* out_bias, scalar_t* p, scalar_t* q, scalar_t* k,
+                          scalar_t* z, scalar_t* lse, int64_t images, int64_t channels, int64_t d, int64_t rows,
+                          int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
+  const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, hw = H * W;
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iX = carver.add(channels * cols), iQK = carver.add(2 * d * cols),
+                iZ = carver.add(channels * cols), iP = carver.add(rows * cols), iInv = carver.add(n),
+                iL = carver.add(n);
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t *s = ws[iS], *xt = ws[iX], *qk = ws[iQK], *zt = ws[iZ], *pt = ws[iP], *inv = ws[iInv];
+  gather_images(x, images, channels, H, W, cell, xt, cols);
+  for (int64_t r = 0; r < 2 * d; ++r) std::fill_n(qk + r * cols, cols, qk_bias[r]);
+  gemm<scalar_t>(false, false, 2 * d, cols, channels, qk_weight, channels, xt, cols, qk, cols, qk, cols);
+  for (int64_t i = 0; i < images; ++i) {
+    gemm<scalar_t>(true, false, n, n, d, qk + i * n, cols, qk + d * cols + i * n, cols, s, lds);  // S = Q^T K
+    for (int64_t j = 0; j < n; ++j) {
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+      const scalar_t sum = online_softmax_row(s + j * lds, n, scale, m);
+      inv[j] = scalar_t(1) / sum;
+      ws[iL][j] = m + std::log(sum);
+    }
+    scalar_t* zi = zt + i * n;
+    gemm<scalar_t>(false, true, channels, n, n, xt + i * n, cols, s, lds, zi, cols);  // Z = X P^T, unnormalised
+    for (int64_t c = 0; c < channels; ++c) {
+      scalar_t* row = zi + c * cols;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) row[j] *= inv[j];
+    }
+    store_cell(CellBlock<scalar_t>{ws[iL], n}, lse + i * hw, 1, H, W, cell);
+  }
+  for (int64_t r = 0; r < rows; ++r) std::fill_n(pt + r * cols, cols, out_bias[r]);
+  gemm<scalar_t>(false, false, rows, cols, channels, out_weight, 2 * channels, zt, cols, pt, cols, pt, cols);
+  gemm<scalar_t>(false, false, rows, cols, channels, out_weight + channels, 2 * channels, xt, cols, pt, cols, pt,
+                 cols);
+  for (int64_t i = 0; i < images; ++i) {
+    store_cell(CellBlock<scalar_t>{qk + i * n, cols}, q + i * d * hw, d, H, W, cell);
+    store_cell(CellBlock<scalar_t>{qk + d * cols + i * n, cols}, k + i * d * hw, d, H, W, cell);
+    store_cell(CellBlock<scalar_t>{zt + i * n, cols}, z + i * channels * hw, channels, H, W, cell);
+    store_cell(CellBlock<scalar_t>{pt + i * n, cols}, p + i * rows * hw, rows, H, W, cell);
+  }
+}
+
+// (P, q, k, z, lse) of the student's PAM through a widening adapter, for _AdaptedPositionMSE:
+// q, k = the folded projections qk_weight (cells | 1, 2d, C) of x, z = their attention applied to x
+// itself, P = out_weight [z; x] + out_bias (out_weight (cells | 1, R, 2C), out_bias (cells | 1, R)).
+// The unfused chain (cell projection, attention, cell projection, the batched W x) wrote and read
+// q, k, z and P once more each and gathered x three times; here every map is written once. Cells of
+// at most kSingleBlock positions.
+std::vector<at::Tensor> position_attention_adapted_forward(const at::Tensor& x_in, const at::Tensor& qk_weight_in,
+                                                           const at::Tensor& qk_bias_in,
+                                                           const at::Tensor& out_weight_in,
+                                                           const at::Tensor& out_bias_in, const at::Tensor& cells_in,
+                                                           double scale) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu(), "x must be a CPU (B, C, H, W) map");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, "x must be float32 or float64");
+  const at::Tensor x = x_in.contiguous(), qk_weight = qk_weight_in.contiguous(), qk_bias = qk_bias_in.contiguous();
+  const at::Tensor out_weight = out_weight_in.contiguous(), out_bias = out_bias_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), hw = H * W;
+  const std::vector<Cell> cells = read_cells(cells_in, H, W);
+  const int64_t num_cells = static_cast<int64_t>(cells.size());
+  const auto fits = [&](const at::Tensor& t, int64_t dims, int64_t last) {
+    return t.dim() == dims && (t.size(0) == 1 || t.size(0) == num_cells) && (dims == 2 || t.size(2) == last) &&
+           t.scalar_type() == x.scalar_type();
+  };
+  TORCH_CHECK(fits(qk_weight, 3, C) && qk_weight.size(1) % 2 == 0 && qk_weight.size(1) > 0,
+              "qk_weight must be (cells | 1, 2d, C) in x's dtype, got ", qk_weight.sizes());
+  TORCH_CHECK(fits(out_weight, 3, 2 * C), "out_weight must be (cells | 1, R, 2C) in x's dtype, got ",
+              out_weight.sizes());
+  TORCH_CHECK(fits(qk_bias, 2, 0) && qk_bias.size(1) == qk_weight.size(1) && fits(out_bias, 2, 0) &&
+                  out_bias.size(1) == out_weight.size(1),
+              "the biases must be (cells | 1, rows) like their weights");
+  const int64_t largest = cskd::largest_positions(cells);
+  TORCH_CHECK(largest <= kSingleBlock, "position_attention_adapted_forward takes cells of at most ", kSingleBlock,
+              " positions, got one of ", largest);
+  const int64_t d = qk_weight.size(1) / 2, rows = out_weight.size(1), group = cskd::group_images(B, largest);
+  at::Tensor p = empty_output({B, rows, H, W}, x.options()), q = empty_output({B, d, H, W}, x.options());
+  at::Tensor k = empty_output({B, d, H, W}, x.options()), z = empty_output({B, C, H, W}, x.options());
+  at::Tensor lse = at::empty({B, H, W}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "position_attention_adapted_forward", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *qkw = qk_weight.data_ptr<scalar_t>(),
+                   *qkb = qk_bias.data_ptr<scalar_t>(), *ow = out_weight.data_ptr<scalar_t>(),
+                   *ob = out_bias.data_ptr<scalar_t>();
+    scalar_t *pp = p.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(),
+             *zp = z.data_ptr<scalar_t>(), *lp = lse.data_ptr<scalar_t>();
+    const bool shared_qk = qk_weight.size(0) == 1, shared_out = out_weight.size(0) == 1;
+    cskd::for_each_cell_task(B, group, num_cells, [&](int64_t first, int64_t images, int64_t c) {
+      const int64_t cq = shared_qk ? 0 : c, co = shared_out ? 0 : c;
+      adapted_forward_task<scalar_t>(xp + first * C * hw, qkw + cq * 2 * d * C, qkb + cq * 2 * d,
+                                     ow + co * rows * 2 * C, ob + co * rows, pp + first * rows * hw,
+                                     qp + first * d * hw, kp + first * d * hw, zp + first * C * hw,
+                                     lp + first * hw, images, C, d, rows, H, W, cells[c],
+                                     static_cast<scalar_t>(scale));
+    });
+  });
+  return {p, q, k, z, lse};
+}
+
+// ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
 
@@ -786,4 +891,9 @@ void register_position_attention(pybind11::module& m) {
         "The attention of x's own per-cell projections, no gradient: (x, weight, bias, cells, d, scale) -> out",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
         pybind11::arg("scale"));
+  m.def("position_attention_adapted_forward", &position_attention_adapted_forward,
+        "The student's PAM through a widening adapter: (x, qk_weight, qk_bias, out_weight, out_bias, cells, scale) "
+        "-> (P, q, k, z, lse)",
+        pybind11::arg("x"), pybind11::arg("qk_weight"), pybind11::arg("qk_bias"), pybind11::arg("out_weight"),
+        pybind11::arg("out_bias"), pybind11::arg("cells"), pybind11::arg("scale"));
 }

@@ -57,7 +57,7 @@ def _adapted(inputs, weight, grid, backend):
     return _AdaptedPositionMSE.apply(*inputs, weight, grid, TEMPERATURE, backend)
 
 
-GRIDS = [pytest.param((2, 3), id="grid2x3"), pytest.param(None, id="global")]
+GRIDS = [pytest.param((2, 3), id="grid2x3"), pytest.param((5, 5), id="grid5x5"), pytest.param(None, id="global")]
 
 
 @pytest.mark.parametrize("backend", [p.values[0] for p in fused_backends()])

@@ -207,6 +207,8 @@ def test_student_attention_runs_at_the_narrower_width(backend, cs, ct, student_w
     # The teacher's: (x, (wq, bq, wk, bk, wv, bv), ...); the folded student branch's own Function: (q, k, v, ...).
     recording(cskd_module, "run_projected_position_attention", lambda x, weights, *rest: weights[4].shape[1])
     recording(attention_mse, "run_position_attention_saving", lambda q, k, v, *rest: v.shape[1])
+    # On "cpu", one kernel: its attention's values are its input x.
+    recording(attention_mse, "position_attention_adapted_forward", lambda x, *rest: x.shape[1])
     loss = CSKDLoss(cs, ct, lambda_cam=0.0, similarity="mse", backend=backend)
     loss(torch.randn(B, cs, H, W, requires_grad=True), torch.randn(B, ct, H, W)).loss.backward()
     assert widths == [ct, student_width]  # the teacher's, then the student's

@@ -23,7 +23,9 @@ from cskd_kernels.backend import empty_output, extension, extension_built
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.ops.cell_projection import (run_cell_projection, run_cell_projection_input_grad,
                                                run_cell_projection_weight_grads)
-from cskd_kernels.ops.position_attention import run_position_attention_grads, run_position_attention_saving
+from cskd_kernels.ops.position_attention import (cell_table, run_position_attention_grads,
+                                                 run_position_attention_saving)
+from cskd_kernels.ops.projected_position_attention import position_attention_adapted_forward, small_cells
 
 # Elements of one chunk of the elementwise passes, per device type: on the CPU a few cache-sized
 # chunks with reused scratch buffers (fresh map-sized temporaries cost page faults and memory
@@ -232,6 +234,28 @@ def cell_sums(maps, grid):
     return sums.reshape(layout.num_cells, maps.shape[1])
 
 
+def _adapted_attention(x, qk_weight, qk_bias, adapter, value_weight, value_bias, grid, temperature, backend):
+    """(P, q, k, z, lse): P = W x + value_weight Z + value_bias per cell (B, C_t, H, W), Z = x A^T.
+
+    One C++ kernel on "cpu" for small cells; else the cell projections, the
+    attention, a cell projection of Z and the batched W x in turn.
+    """
+    b, cs, h, w = x.shape
+    ct, d = adapter.shape[0], qk_weight.shape[1] // 2
+    if backend == "cpu" and small_cells(x, grid):
+        cells = value_weight.shape[0]
+        out_weight = torch.cat([value_weight.to(x.dtype), adapter.to(x.dtype).expand(cells, -1, -1)], dim=2)
+        return position_attention_adapted_forward(
+            x.contiguous(), qk_weight.to(x.dtype).contiguous(), qk_bias.to(x.dtype).contiguous(), out_weight,
+            value_bias.to(x.dtype).contiguous(), cell_table(h, w, grid, x.device), 1.0 / float(temperature), backend)
+    q, k = run_cell_projection(x, ((qk_weight[:, :d], qk_bias[:, :d]), (qk_weight[:, d:], qk_bias[:, d:])),
+                               grid, backend)
+    z, lse = run_position_attention_saving(q, k, x, temperature, grid, backend)
+    (p,) = run_cell_projection(z, ((value_weight, value_bias),), grid, backend)  # M Z + b_v
+    p.view(b, ct, h * w).baddbmm_(adapter.expand(b, ct, cs), x.reshape(b, cs, h * w))  # + W x: P
+    return p, q, k, z, lse
+
+
 class _AdaptedPositionMSE(torch.autograd.Function):
     """The student's PAM MSE through a widening adapter, the adapted map never formed:
 
@@ -261,13 +285,9 @@ class _AdaptedPositionMSE(torch.autograd.Function):
                 temperature, backend):
         g = gamma.detach().to(x.dtype).reshape(())
         b, cs, h, w = x.shape
-        ct, positions, d = adapter.shape[0], h * w, qk_weight.shape[1] // 2
-        q, k = run_cell_projection(x, ((qk_weight[:, :d], qk_bias[:, :d]), (qk_weight[:, d:], qk_bias[:, d:])),
-                                   grid, backend)
-        z, lse = run_position_attention_saving(q, k, x, temperature, grid, backend)
-        (p,) = run_cell_projection(z, ((value_weight * g, value_bias * g),), grid, backend)  # g (M Z + b_v)
-        p = p.view(b, ct, positions)
-        p.baddbmm_(adapter.expand(b, ct, cs), x.reshape(b, cs, positions))  # + W x: P
+        ct, positions = adapter.shape[0], h * w
+        p, q, k, z, lse = _adapted_attention(x, qk_weight, qk_bias, adapter, value_weight * g, value_bias * g, grid,
+                                             temperature, backend)
         p = p.view(b * ct, positions)
         total_loss, teacher_gamma = _squared_error_pass(
             p, None, x_t.reshape(b * ct, positions), o_t.reshape(b * ct, positions), g,

@@ -11,6 +11,12 @@ position_attention_projected_forward): q, k and v live in the task's
 workspace and are never written as maps and gathered again (80 MiB each way
 for the Cityscapes teacher), and no log-sum-exp is kept. Elsewhere (other
 backends, global mode, or a gradient wanted) it is the two ops in turn.
+
+position_attention_adapted_forward does the same for the student's PAM of
+the MSE variants through a widening adapter (modules/attention_mse.py): its
+projections, its attention applied to the map itself, and the folded value
+projection plus the adapter, in one kernel; it writes what the backward
+needs (q, k, z, lse) and P, each once.
 """
 
 import torch
@@ -39,8 +45,7 @@ def _position_attention_projected_forward_fake(x, weight, bias, cells, d, scale,
 def fuses(x, weights, grid, backend):
     """Whether run_projected_position_attention takes the one-kernel path for these inputs."""
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-    return (backend == "cpu" and not needs_graph and x.dtype in (torch.float32, torch.float64)
-            and grid is not None and largest_cell(x.shape[2], x.shape[3], grid) <= SMALL_CELL)
+    return backend == "cpu" and not needs_graph and x.dtype in (torch.float32, torch.float64) and small_cells(x, grid)
 
 
 def run_projected_position_attention(x, weights, temperature, grid, backend):
@@ -58,3 +63,33 @@ def run_projected_position_attention(x, weights, temperature, grid, backend):
     cells = cell_table(x.shape[2], x.shape[3], grid, x.device)
     return position_attention_projected_forward(x.contiguous(), weight, bias, cells, wq.shape[1],
                                                 1.0 / float(temperature), backend)
+
+
+@kernel_op("position_attention_adapted_forward")
+def position_attention_adapted_forward(x: torch.Tensor, qk_weight: torch.Tensor, qk_bias: torch.Tensor,
+                                       out_weight: torch.Tensor, out_bias: torch.Tensor, cells: torch.Tensor,
+                                       scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor, torch.Tensor]:
+    """(P, q, k, z, lse) of the student's PAM through a widening adapter (modules/attention_mse.py).
+
+    q, k = the per-cell projections qk_weight (cells|1, 2d, C) of x, z their
+    attention applied to x itself (lse its log-sum-exp), P = out_weight
+    [z; x] + out_bias with out_weight (cells|1, R, 2C): one C++ kernel per
+    (cell, group of images), each map written once. "cpu", cells of at most
+    SMALL_CELL positions.
+    """
+    return tuple(kernels("position_attention", backend).adapted_forward(x, qk_weight, qk_bias, out_weight, out_bias,
+                                                                         cells, scale))
+
+
+@position_attention_adapted_forward.register_fake
+def _position_attention_adapted_forward_fake(x, qk_weight, qk_bias, out_weight, out_bias, cells, scale, backend):
+    b, c, h, w = x.shape
+    d = qk_weight.shape[1] // 2
+    return (x.new_empty((b, out_weight.shape[1], h, w)), x.new_empty((b, d, h, w)), x.new_empty((b, d, h, w)),
+            torch.empty_like(x), x.new_empty((b, h, w)))
+
+
+def small_cells(x, grid):
+    """Whether every torch.chunk cell of x's map has at most SMALL_CELL positions (the one-kernel paths)."""
+    return grid is not None and largest_cell(x.shape[2], x.shape[3], grid) <= SMALL_CELL
