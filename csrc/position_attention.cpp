@@ -316,6 +316,13 @@ std::vector<acc_t> gather_positions(const acc_t* image, int64_t W, const Cell& c
   return out;
 }
 
+// The same into a buffer of the cell's positions.
+template <typename acc_t>
+void gather_positions_into(const acc_t* image, int64_t W, const Cell& cell, acc_t* out) {
+  for (int64_t r = 0; r < cell.height; ++r)
+    std::memcpy(out + r * cell.width, image + (cell.row0 + r) * W + cell.col0, cell.width * sizeof(acc_t));
+}
+
 inline int64_t pixel(const Cell& cell, int64_t W, int64_t i) {
   return (cell.row0 + i / cell.width) * W + cell.col0 + i % cell.width;
 }
@@ -661,11 +668,11 @@ void adapted_forward_task(const scalar_t* x, const scalar_t* qk_weight, const sc
                           int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
   const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, hw = H * W;
   Carver<scalar_t> carver;
-  const int64_t iS = carver.add(n * lds), iX = carver.add(channels * cols), iQK = carver.add(2 * d * cols),
-                iZ = carver.add(channels * cols), iP = carver.add(rows * cols), iInv = carver.add(n),
-                iL = carver.add(n);
+  // Z and X stacked in one (2C x cols) tile: P = A [Z; X] is then one product of depth 2C.
+  const int64_t iS = carver.add(n * lds), iZX = carver.add(2 * channels * cols), iQK = carver.add(2 * d * cols),
+                iP = carver.add(rows * cols), iInv = carver.add(n), iL = carver.add(n);
   const std::vector<scalar_t*> ws = carver.carve();
-  scalar_t *s = ws[iS], *xt = ws[iX], *qk = ws[iQK], *zt = ws[iZ], *pt = ws[iP], *inv = ws[iInv];
+  scalar_t *s = ws[iS], *zt = ws[iZX], *xt = zt + channels * cols, *qk = ws[iQK], *pt = ws[iP], *inv = ws[iInv];
   gather_images(x, images, channels, H, W, cell, xt, cols);
   for (int64_t r = 0; r < 2 * d; ++r) std::fill_n(qk + r * cols, cols, qk_bias[r]);
   gemm<scalar_t>(false, false, 2 * d, cols, channels, qk_weight, channels, xt, cols, qk, cols, qk, cols);
@@ -687,9 +694,7 @@ void adapted_forward_task(const scalar_t* x, const scalar_t* qk_weight, const sc
     store_cell(CellBlock<scalar_t>{ws[iL], n}, lse + i * hw, 1, H, W, cell);
   }
   for (int64_t r = 0; r < rows; ++r) std::fill_n(pt + r * cols, cols, out_bias[r]);
-  gemm<scalar_t>(false, false, rows, cols, channels, out_weight, 2 * channels, zt, cols, pt, cols, pt, cols);
-  gemm<scalar_t>(false, false, rows, cols, channels, out_weight + channels, 2 * channels, xt, cols, pt, cols, pt,
-                 cols);
+  gemm<scalar_t>(false, false, rows, cols, 2 * channels, out_weight, 2 * channels, zt, cols, pt, cols, pt, cols);
   for (int64_t i = 0; i < images; ++i) {
     store_cell(CellBlock<scalar_t>{qk + i * n, cols}, q + i * d * hw, d, H, W, cell);
     store_cell(CellBlock<scalar_t>{qk + d * cols + i * n, cols}, k + i * d * hw, d, H, W, cell);
@@ -751,6 +756,125 @@ std::vector<at::Tensor> position_attention_adapted_forward(const at::Tensor& x_i
     });
   });
   return {p, q, k, z, lse};
+}
+
+// The gradients of one task of adapted_forward_task, given r = dLoss/dP (scaled): [u; w] = U r with
+// U (2C x R) = [s M^T; s W^T]; gamma's part <u, z> + <rowsums of r, bias>; dZ = g u; per image the
+// attention's backward (backward_cell's steps) with dV added onto w; then dx = w + Wqk^T [dQ; dK].
+template <typename scalar_t>
+double adapted_backward_task(const scalar_t* r, const scalar_t* x, const scalar_t* q, const scalar_t* k,
+                             const scalar_t* z, const scalar_t* lse, const scalar_t* u_weight, const scalar_t* qk_weight,
+                             const scalar_t* bias, scalar_t g, scalar_t* dx, int64_t images, int64_t channels,
+                             int64_t d, int64_t rows, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
+  const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, hw = H * W;
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iR = carver.add(rows * cols),
+                iX = carver.add(channels * cols), iQK = carver.add(2 * d * cols), iZ = carver.add(channels * cols),
+                iUW = carver.add(2 * channels * cols), iDQK = carver.add(2 * d * cols), iL = carver.add(n);
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t *s = ws[iS], *ds = ws[iDS], *rt = ws[iR], *xt = ws[iX], *qk = ws[iQK], *zt = ws[iZ], *uw = ws[iUW],
+           *dqk = ws[iDQK];
+  gather_images(r, images, rows, H, W, cell, rt, cols);
+  gather_images(x, images, channels, H, W, cell, xt, cols);
+  gather_images(q, images, d, H, W, cell, qk, cols);
+  gather_images(k, images, d, H, W, cell, qk + d * cols, cols);
+  gather_images(z, images, channels, H, W, cell, zt, cols);
+  gemm<scalar_t>(false, false, 2 * channels, cols, rows, u_weight, rows, rt, cols, uw, cols);  // [u; w] = U r
+  double gamma = 0;
+  for (int64_t c = 0; c < rows; ++c) {
+    double sum = 0;
+    const scalar_t* row = rt + c * cols;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) sum += row[j];
+    gamma += sum * bias[c];
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    double dot = 0;
+    scalar_t* u = uw + c * cols;
+    const scalar_t* zr = zt + c * cols;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < cols; ++j) {
+      dot += static_cast<double>(u[j]) * zr[j];
+      u[j] *= g;  // dZ = g u
+    }
+    gamma += dot;
+  }
+  scalar_t* w = uw + channels * cols;
+  for (int64_t i = 0; i < images; ++i) {
+    const scalar_t *qi = qk + i * n, *ki = qk + d * cols + i * n, *dz = uw + i * n, *xi = xt + i * n;
+    gather_positions_into(lse + i * hw, W, cell, ws[iL]);
+    gemm<scalar_t>(true, false, n, n, d, qi, cols, ki, cols, s, lds);                // S = Q^T K
+    gemm<scalar_t>(true, false, n, n, channels, dz, cols, xi, cols, ds, lds);        // dP = dZ^T X
+    for (int64_t j = 0; j < n; ++j) softmax_grad_full_row(s + j * lds, ds + j * lds, n, scale, ws[iL][j]);
+    gemm<scalar_t>(false, false, channels, n, n, dz, cols, s, lds, w + i * n, cols, w + i * n, cols);  // w += dZ P
+    gemm<scalar_t>(false, false, d, n, n, qi, cols, ds, lds, dqk + d * cols + i * n, cols);   // dK = Q dS
+    gemm<scalar_t>(false, true, d, n, n, ki, cols, ds, lds, dqk + i * n, cols);               // dQ = K dS^T
+  }
+  // dx = w + Wqk^T [dQ; dK]
+  gemm<scalar_t>(true, false, channels, cols, 2 * d, qk_weight, channels, dqk, cols, w, cols, w, cols);
+  for (int64_t i = 0; i < images; ++i)
+    store_cell(CellBlock<scalar_t>{w + i * n, cols}, dx + i * channels * hw, channels, H, W, cell);
+  return gamma;
+}
+
+// (dx, gamma's parts) of _AdaptedPositionMSE from r (B, R, H, W) and the forward's (x, q, k, z, lse):
+// u_weight (cells | 1, 2C, R) = [s M^T; s W^T], qk_weight (cells | 1, 2d, C), bias (cells | 1, R) = s b_v,
+// g = gamma. gamma's parts (B * cells, float64: one per task, at its first image) sum to <u, z> + <cell sums of r, bias>.
+// r is gathered once (the unfused backward gathered it twice and wrote u, dq, dk and dv as maps).
+std::vector<at::Tensor> position_attention_adapted_backward(
+    const at::Tensor& r_in, const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& z_in, const at::Tensor& lse_in, const at::Tensor& u_weight_in, const at::Tensor& qk_weight_in,
+    const at::Tensor& bias_in, const at::Tensor& g, const at::Tensor& cells_in, double scale) {
+  const at::Tensor r = r_in.contiguous(), x = x_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous();
+  const at::Tensor z = z_in.contiguous(), lse = lse_in.contiguous(), u_weight = u_weight_in.contiguous();
+  const at::Tensor qk_weight = qk_weight_in.contiguous(), bias = bias_in.contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "x must be a float32 or float64 CPU (B, C, H, W) map");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), hw = H * W;
+  const int64_t rows = r.dim() == 4 ? r.size(1) : 0, d = q.dim() == 4 ? q.size(1) : 0;
+  for (const auto& [t, name, channels] : {std::tuple<const at::Tensor&, const char*, int64_t>{r, "r", rows},
+                                          {q, "q", d}, {k, "k", d}, {z, "z", C}})
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == channels && t.size(2) == H && t.size(3) == W &&
+                    t.scalar_type() == x.scalar_type() && t.device().is_cpu(),
+                name, " must be a CPU map like x with ", channels, " channels, got ", t.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, W}) && lse.scalar_type() == x.scalar_type(),
+              "lse must be (B, H, W) in x's dtype");
+  const std::vector<Cell> cells = read_cells(cells_in, H, W);
+  const int64_t num_cells = static_cast<int64_t>(cells.size());
+  const auto per_cell = [&](const at::Tensor& t) {
+    return (t.size(0) == 1 || t.size(0) == num_cells) && t.scalar_type() == x.scalar_type();
+  };
+  TORCH_CHECK(u_weight.dim() == 3 && per_cell(u_weight) && u_weight.size(1) == 2 * C && u_weight.size(2) == rows,
+              "u_weight must be (cells | 1, 2C, R), got ", u_weight.sizes());
+  TORCH_CHECK(qk_weight.dim() == 3 && per_cell(qk_weight) && qk_weight.size(1) == 2 * d && qk_weight.size(2) == C,
+              "qk_weight must be (cells | 1, 2d, C), got ", qk_weight.sizes());
+  TORCH_CHECK(bias.dim() == 2 && per_cell(bias) && bias.size(1) == rows, "bias must be (cells | 1, R)");
+  TORCH_CHECK(g.numel() == 1 && g.device().is_cpu(), "g must be a one-element CPU tensor");
+  const int64_t largest = cskd::largest_positions(cells);
+  TORCH_CHECK(largest <= kSingleBlock, "position_attention_adapted_backward takes cells of at most ", kSingleBlock,
+              " positions, got one of ", largest);
+  const int64_t group = cskd::group_images(B, largest);
+  at::Tensor dx = empty_output({B, C, H, W}, x.options());
+  // One part per (group's first image, cell); zero at the other images.
+  at::Tensor gamma_parts = at::zeros({B * num_cells}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "position_attention_adapted_backward", [&] {
+    const scalar_t *rp = r.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>(),
+                   *kp = k.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>(), *lp = lse.data_ptr<scalar_t>(),
+                   *uwp = u_weight.data_ptr<scalar_t>(), *qkw = qk_weight.data_ptr<scalar_t>(),
+                   *bp = bias.data_ptr<scalar_t>();
+    const scalar_t gv = g.item<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    double* parts = gamma_parts.data_ptr<double>();
+    const bool shared_u = u_weight.size(0) == 1, shared_qk = qk_weight.size(0) == 1, shared_b = bias.size(0) == 1;
+    cskd::for_each_cell_task(B, group, num_cells, [&](int64_t first, int64_t images, int64_t c) {
+      parts[first * num_cells + c] = adapted_backward_task<scalar_t>(
+          rp + first * rows * hw, xp + first * C * hw, qp + first * d * hw, kp + first * d * hw, zp + first * C * hw,
+          lp + first * hw, uwp + (shared_u ? 0 : c) * 2 * C * rows, qkw + (shared_qk ? 0 : c) * 2 * d * C,
+          bp + (shared_b ? 0 : c) * rows, gv, dxp + first * C * hw, images, C, d, rows, H, W, cells[c],
+          static_cast<scalar_t>(scale));
+    });
+  });
+  return {dx, gamma_parts};
 }
 
 // ---------------------------------------------------------------------------
@@ -896,4 +1020,10 @@ void register_position_attention(pybind11::module& m) {
         "-> (P, q, k, z, lse)",
         pybind11::arg("x"), pybind11::arg("qk_weight"), pybind11::arg("qk_bias"), pybind11::arg("out_weight"),
         pybind11::arg("out_bias"), pybind11::arg("cells"), pybind11::arg("scale"));
+  m.def("position_attention_adapted_backward", &position_attention_adapted_backward,
+        "(dx, gamma's parts per task) of the adapted PAM from r: (r, x, q, k, z, lse, u_weight, qk_weight, bias, g, "
+        "cells, scale)",
+        pybind11::arg("r"), pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("z"),
+        pybind11::arg("lse"), pybind11::arg("u_weight"), pybind11::arg("qk_weight"), pybind11::arg("bias"),
+        pybind11::arg("g"), pybind11::arg("cells"), pybind11::arg("scale"));
 }

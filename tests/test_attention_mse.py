@@ -13,6 +13,7 @@ from cskd_kernels import reference
 from cskd_kernels.backend import empty_output
 from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules import attention_mse
+from cskd_kernels.modules import attention_mse
 from cskd_kernels.modules.attention_mse import _AdaptedPositionMSE, _StudentGrams, cell_sums, channel_mse_from_grams
 from cskd_kernels.modules.cskd_loss import mse_position_weights
 from cskd_kernels.ops.cell_projection import run_cell_projection
@@ -81,6 +82,33 @@ def test_adapted_position_mse_value_and_every_gradient(backend, grid, shared):
     if dtype == torch.float64:
         torch.autograd.gradcheck(lambda *t: _adapted(t, weight, grid, backend),
                                  [t.detach().clone().requires_grad_(True) for t in inputs])
+
+
+@pytest.mark.parametrize("backend", [p.values[0] for p in fused_backends()])
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
+def test_adapted_position_mse_gradients_of_x_and_gamma_alone(backend, grid, shared, monkeypatch):
+    """Resampled weights (no weight gradient): on "cpu" with small cells x's and gamma's gradients come from
+    one kernel (position_attention_adapted_backward); against the formula, and gradcheck in float64."""
+    calls = []
+    fused = attention_mse.position_attention_adapted_backward
+    monkeypatch.setattr(attention_mse, "position_attention_adapted_backward", lambda *a: calls.append(1) or fused(*a))
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    inputs, weight = _adapted_inputs(torch.float64, grid, shared)
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_(i < 2) for i, t in enumerate(inputs)]
+    got = _adapted(leaves, weight.to(dtype) if grid else weight, grid, backend)
+    got.backward()
+    assert len(calls) == (1 if backend == "cpu" and grid is not None else 0)
+    expected_leaves = [t.detach().clone().requires_grad_(i < 2) for i, t in enumerate(inputs)]
+    _adapted_expected(*expected_leaves, weight, grid).backward()
+    rtol, atol = (1e-10, 1e-11) if dtype == torch.float64 else (2e-4, 1e-4)
+    for name, ours, theirs in zip(NAMES[:2], leaves, expected_leaves):
+        assert theirs.grad.abs().max() > 0, name
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=rtol, atol=atol, msg=name)
+    if dtype == torch.float64:
+        rest = inputs[2:]
+        torch.autograd.gradcheck(lambda gamma, x: _adapted([gamma, x, *rest], weight, grid, backend),
+                                 [t.detach().clone().requires_grad_(True) for t in inputs[:2]])
 
 
 @pytest.mark.parametrize("backend", [p.values[0] for p in fused_backends()])

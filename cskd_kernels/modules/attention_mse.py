@@ -25,7 +25,8 @@ from cskd_kernels.ops.cell_projection import (run_cell_projection, run_cell_proj
                                                run_cell_projection_weight_grads)
 from cskd_kernels.ops.position_attention import (cell_table, run_position_attention_grads,
                                                  run_position_attention_saving)
-from cskd_kernels.ops.projected_position_attention import position_attention_adapted_forward, small_cells
+from cskd_kernels.ops.projected_position_attention import (position_attention_adapted_backward,
+                                                           position_attention_adapted_forward, small_cells)
 
 # Elements of one chunk of the elementwise passes, per device type: on the CPU a few cache-sized
 # chunks with reused scratch buffers (fresh map-sized temporaries cost page faults and memory
@@ -307,20 +308,33 @@ class _AdaptedPositionMSE(torch.autograd.Function):
         b, ct, h, w = r.shape
         cs, positions, cells = x.shape[1], h * w, CellLayout(h, w, grid or (1, 1)).num_cells
         grads = dict.fromkeys(("gamma", "x", "qk", "qk_bias", "adapter", "m", "bv", "x_t", "o_t"))
-        u = run_cell_projection_input_grad([r], value_weight * s, grid, cs, backend)
+        weights_need = need_qk or need_qk_bias or need_adapter or need_m or need_bv
+        if backend == "cpu" and small_cells(x, grid) and not weights_need:
+            # x's and gamma's gradients in one kernel (the weights' gradients take the maps dq, dk, r below).
+            u_weight = torch.cat([value_weight.transpose(1, 2), adapter.t().expand(value_weight.shape[0], -1, -1)],
+                                 dim=1).to(r.dtype) * s  # [s M^T; s W^T]
+            grad_x, parts = position_attention_adapted_backward(
+                r, x, q, k, z, lse, u_weight.contiguous(), qk_weight.to(r.dtype).contiguous(),
+                (value_bias * s).to(r.dtype).contiguous(), g.reshape(1), cell_table(h, w, grid, r.device),
+                1.0 / float(ctx.temperature), backend)
+            grads["x"] = grad_x if need_x else None
+            student = parts.sum()
+        else:
+            u = run_cell_projection_input_grad([r], value_weight * s, grid, cs, backend)
+            if need_gamma:
+                sums = cell_sums(r, grid)  # (cells, C_t)
+                bias_part = (sums * value_bias.to(r.dtype)).sum(dtype=torch.float64)  # b_v: (cells|1, C_t)
+                student = _chunked_dot(u, z) + s.double() * bias_part
+            grad_z = u.mul_(g)
+            dq, dk, dv = run_position_attention_grads(q, k, x, z, lse, grad_z, ctx.temperature, grid, backend)
+            if need_x:
+                stacked = torch.cat([qk_weight.expand(cells, -1, -1), (adapter * s).expand(cells, -1, -1)], dim=1)
+                grads["x"] = run_cell_projection_input_grad([dq, dk, r], stacked, grid, cs, backend).add_(dv)
+            if need_qk or need_qk_bias:
+                grads["qk"], grads["qk_bias"] = run_cell_projection_weight_grads(x, qk_weight, [dq, dk], grid,
+                                                                                 need_qk, need_qk_bias)
         if need_gamma:
-            sums = cell_sums(r, grid)  # (cells, C_t)
-            bias_part = (sums * value_bias.to(r.dtype)).sum(dtype=torch.float64)  # b_v: (cells|1, C_t)
-            student = _chunked_dot(u, z) + s.double() * bias_part
             grads["gamma"] = (student + (s * ctx.teacher_gamma).double()).reshape(1).to(ctx.gamma_dtype)
-        grad_z = u.mul_(g)
-        dq, dk, dv = run_position_attention_grads(q, k, x, z, lse, grad_z, ctx.temperature, grid, backend)
-        if need_x:
-            stacked = torch.cat([qk_weight.expand(cells, -1, -1), (adapter * s).expand(cells, -1, -1)], dim=1)
-            grads["x"] = run_cell_projection_input_grad([dq, dk, r], stacked, grid, cs, backend).add_(dv)
-        if need_qk or need_qk_bias:
-            grads["qk"], grads["qk_bias"] = run_cell_projection_weight_grads(x, qk_weight, [dq, dk], grid, need_qk,
-                                                                             need_qk_bias)
         if need_adapter:
             grads["adapter"] = torch.matmul(r.view(b, ct, positions),
                                             x.reshape(b, cs, positions).transpose(1, 2)).sum(0) * s

@@ -93,3 +93,26 @@ def _position_attention_adapted_forward_fake(x, qk_weight, qk_bias, out_weight, 
 def small_cells(x, grid):
     """Whether every torch.chunk cell of x's map has at most SMALL_CELL positions (the one-kernel paths)."""
     return grid is not None and largest_cell(x.shape[2], x.shape[3], grid) <= SMALL_CELL
+
+
+@kernel_op("position_attention_adapted_backward")
+def position_attention_adapted_backward(r: torch.Tensor, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                        z: torch.Tensor, lse: torch.Tensor, u_weight: torch.Tensor,
+                                        qk_weight: torch.Tensor, bias: torch.Tensor, g: torch.Tensor,
+                                        cells: torch.Tensor, scale: float,
+                                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, gamma's parts) of the adapted PAM from r = the loss's gradient by P, one kernel per (cell, group).
+
+    With u_weight = [s M^T; s W^T] (cells|1, 2C, R): [u; w] = u_weight r,
+    dZ = g u, the attention's backward, dx = w + dV + qk_weight^T [dq; dk];
+    gamma's parts (B * cells, float64: one per task) sum to <u, z> +
+    <cell sums of r, bias>. "cpu", cells of at most SMALL_CELL positions.
+    """
+    return tuple(kernels("position_attention", backend).adapted_backward(r, x, q, k, z, lse, u_weight, qk_weight,
+                                                                          bias, g, cells, scale))
+
+
+@position_attention_adapted_backward.register_fake
+def _position_attention_adapted_backward_fake(r, x, q, k, z, lse, u_weight, qk_weight, bias, g, cells, scale,
+                                              backend):
+    return torch.empty_like(x), x.new_empty((x.shape[0] * cells.shape[0],), dtype=torch.float64)
