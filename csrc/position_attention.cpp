@@ -26,6 +26,14 @@
 //   log-sum-exp, accumulate dK and dV for the key block (owned by the task, no
 //   race) and dQ into per-thread buffers that are summed at the end. Memory is
 //   linear in N: tiles of at most kBlock x kBlock plus the per-thread dQ.
+//
+// Three more entry points fuse the attention with the 1x1 projections around
+// it, small cells only, one task per (cell, group of images) as in
+// cell_projection.cpp (see cskd_kernels/ops/projected_position_attention.py):
+// position_attention_projected_forward (a side without a gradient: q, k, v
+// made in the task's workspace), position_attention_adapted_forward and
+// position_attention_adapted_backward (the MSE variants' student PAM through
+// a widening adapter, _AdaptedPositionMSE).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
