@@ -34,23 +34,12 @@ namespace {
 
 using cskd::Cell;
 using cskd::for_each_cell_task;
+using cskd::gather_images;
 using cskd::group_images;
 using cskd::largest_positions;
 using cskd::read_cells;
 using cskd::blas::gemm;
 using cskd::blas::workspace;
-
-// tile (channels x ld, row-major; the cell's positions at its first n columns) <- map[:, cell] of one
-// image (channels, H, W).
-template <typename scalar_t>
-void gather(const scalar_t* map, int64_t channels, int64_t hw, int64_t w, const Cell& cell, scalar_t* tile,
-            int64_t ld) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* src = map + c * hw + cell.row0 * w + cell.col0;
-    scalar_t* dst = tile + c * ld;
-    for (int64_t i = 0; i < cell.height; ++i) std::copy_n(src + i * w, cell.width, dst + i * cell.width);
-  }
-}
 
 // map[:, cell] of one image <- tile (channels x ld, the cell's positions at its first n columns)
 // (+ bias per channel, if given).
@@ -121,7 +110,7 @@ void forward_typed(const torch::Tensor& x, const torch::Tensor& weight, const to
     const int64_t n = cell.positions(), ld = images * n;  // image i's positions at columns [i n, (i + 1) n)
     scalar_t* tile = workspace<scalar_t>((c + rows) * group * largest);
     scalar_t* y = tile + c * ld;
-    for (int64_t i = 0; i < images; ++i) gather(xp + (first + i) * c * hw, c, hw, w, cell, tile + i * n, ld);
+    gather_images(xp + first * c * hw, images, c, h, w, cell, tile, ld);
     const int64_t wk = shared ? 0 : k;
     gemm<scalar_t>(false, false, rows, ld, c, wp + wk * rows * c, c, tile, ld, y, ld);
     for (size_t j = 0; j < outs.size(); ++j) {
@@ -151,8 +140,7 @@ void backward_typed(const std::vector<torch::Tensor>& grads, const torch::Tensor
     scalar_t* dx = g + rows * ld;
     for (size_t j = 0; j < grads.size(); ++j) {
       const int64_t r0 = starts[j], r = starts[j + 1] - r0;
-      for (int64_t i = 0; i < images; ++i)
-        gather(grad_ptrs[j] + (first + i) * r * hw, r, hw, w, cell, g + r0 * ld + i * n, ld);
+      gather_images(grad_ptrs[j] + first * r * hw, images, r, h, w, cell, g + r0 * ld, ld);
     }
     // dx (C x ld) = W^T (C x R) g (R x ld); W stored R x C, so op(A) = W^T reads it transposed.
     gemm<scalar_t>(true, false, c, ld, rows, wp + (shared ? 0 : k) * rows * c, c, g, ld, dx, ld);

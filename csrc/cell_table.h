@@ -1,11 +1,13 @@
 // The cell table every per-cell kernel takes: a (cells, 4) int32 tensor whose
 // rows are (row start, height, column start, width) of torch.chunk's grid
-// cells (cskd_kernels.ops.position_attention.cell_table), read once on the host.
+// cells (cskd_kernels.ops.position_attention.cell_table), read once on the host;
+// and the pieces the kernels that run one task per (cell, group of images) share.
 #pragma once
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace cskd {
@@ -63,6 +65,19 @@ void for_each_cell_task(int64_t images, int64_t group, int64_t num_cells, const 
     const int64_t first = (t / num_cells) * group;
     task(first, std::min(group, images - first), t % num_cells);
   }
+}
+
+// The cell's pixels of `images` consecutive (channels, H, W) images from `first` into tile (channels x
+// ld, row-major), image i's positions at columns [i n, (i + 1) n).
+template <typename scalar_t>
+void gather_images(const scalar_t* first, int64_t images, int64_t channels, int64_t H, int64_t W, const Cell& cell,
+                   scalar_t* tile, int64_t ld) {
+  const int64_t n = cell.positions(), hw = H * W;
+  for (int64_t i = 0; i < images; ++i)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t r = 0; r < cell.height; ++r)
+        std::memcpy(tile + c * ld + i * n + r * cell.width, first + (i * channels + c) * hw + (cell.row0 + r) * W +
+                    cell.col0, cell.width * sizeof(scalar_t));
 }
 
 }  // namespace cskd

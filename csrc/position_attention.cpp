@@ -57,6 +57,7 @@ namespace {
 
 using cskd::Cell;
 using cskd::empty_output;
+using cskd::gather_images;
 using cskd::read_cells;
 using cskd::blas::gemm;
 using cskd::blas::workspace;
@@ -324,13 +325,6 @@ std::vector<acc_t> gather_positions(const acc_t* image, int64_t W, const Cell& c
   return out;
 }
 
-// The same into a buffer of the cell's positions.
-template <typename acc_t>
-void gather_positions_into(const acc_t* image, int64_t W, const Cell& cell, acc_t* out) {
-  for (int64_t r = 0; r < cell.height; ++r)
-    std::memcpy(out + r * cell.width, image + (cell.row0 + r) * W + cell.col0, cell.width * sizeof(acc_t));
-}
-
 inline int64_t pixel(const Cell& cell, int64_t W, int64_t i) {
   return (cell.row0 + i / cell.width) * W + cell.col0 + i % cell.width;
 }
@@ -579,19 +573,6 @@ std::vector<at::Tensor> position_attention_forward(const at::Tensor& q_in, const
 // Forward of x's own projections, for a side that takes no gradient
 // ---------------------------------------------------------------------------
 
-// The cell's pixels of `images` consecutive images (channels, H, W) into tile (channels x ld), image i's
-// positions at columns [i n, (i + 1) n).
-template <typename scalar_t>
-void gather_images(const scalar_t* first, int64_t images, int64_t channels, int64_t H, int64_t W, const Cell& cell,
-                   scalar_t* tile, int64_t ld) {
-  const int64_t n = cell.positions(), hw = H * W;
-  for (int64_t i = 0; i < images; ++i)
-    for (int64_t c = 0; c < channels; ++c)
-      for (int64_t r = 0; r < cell.height; ++r)
-        std::memcpy(tile + c * ld + i * n + r * cell.width, first + (i * channels + c) * hw + (cell.row0 + r) * W + cell.col0,
-                    cell.width * sizeof(scalar_t));
-}
-
 // One task: a cell of a group of images. Y = [Q; K; V] = W X + b (one product for the group, the
 // bias its addend), then per image the small-cell forward of forward_cell on Y's columns.
 template <typename scalar_t>
@@ -810,10 +791,10 @@ double adapted_backward_task(const scalar_t* r, const scalar_t* x, const scalar_
   scalar_t* w = uw + channels * cols;
   for (int64_t i = 0; i < images; ++i) {
     const scalar_t *qi = qk + i * n, *ki = qk + d * cols + i * n, *dz = uw + i * n, *xi = xt + i * n;
-    gather_positions_into(lse + i * hw, W, cell, ws[iL]);
+    const CellBlock<scalar_t> L = load_cell(lse + i * hw, 1, H, W, cell, ws[iL]);
     gemm<scalar_t>(true, false, n, n, d, qi, cols, ki, cols, s, lds);                // S = Q^T K
     gemm<scalar_t>(true, false, n, n, channels, dz, cols, xi, cols, ds, lds);        // dP = dZ^T X
-    for (int64_t j = 0; j < n; ++j) softmax_grad_full_row(s + j * lds, ds + j * lds, n, scale, ws[iL][j]);
+    for (int64_t j = 0; j < n; ++j) softmax_grad_full_row(s + j * lds, ds + j * lds, n, scale, L.ptr[j]);
     gemm<scalar_t>(false, false, channels, n, n, dz, cols, s, lds, w + i * n, cols, w + i * n, cols);  // w += dZ P
     gemm<scalar_t>(false, false, d, n, n, qi, cols, ds, lds, dqk + d * cols + i * n, cols);   // dK = Q dS
     gemm<scalar_t>(false, true, d, n, n, ki, cols, ds, lds, dqk + i * n, cols);               // dQ = K dS^T
