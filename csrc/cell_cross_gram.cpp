@@ -54,16 +54,6 @@ using cskd::read_cells;
 // Features per work item (channels x cell positions), about cka.cpp's item size.
 constexpr int64_t kItemFeatures = 8192;
 
-// Columns of the widest vector: tile rows are padded to whole vectors.
-template <typename T>
-constexpr int64_t kTileLanes = kAvx512Bytes / sizeof(T);
-
-template <typename T>
-int64_t tile_ld(int64_t block) {
-  constexpr int64_t L = kTileLanes<T>;
-  return (block + L - 1) / L * L;
-}
-
 // One cell's geometry and the maps' layout.
 struct Geometry {
   int64_t height, width;  // of the maps

@@ -83,6 +83,17 @@ constexpr int kBaselineBytes = 16;
 constexpr int kAvx2Bytes = 32;
 constexpr int kAvx512Bytes = 64;
 
+// Columns of the widest vector: tile rows are padded to whole vectors.
+template <typename T>
+constexpr int64_t kTileLanes = kAvx512Bytes / sizeof(T);
+
+// The row stride of a tile of `block` columns: whole vectors of the widest width.
+template <typename T>
+int64_t tile_ld(int64_t block) {
+  constexpr int64_t L = kTileLanes<T>;
+  return (block + L - 1) / L * L;
+}
+
 // A vector of Bytes / sizeof(T) lanes (GCC / Clang vector extension).
 template <typename T, int Bytes>
 struct Vec {

@@ -27,11 +27,13 @@
 //   race) and dQ into per-thread buffers that are summed at the end. Memory is
 //   linear in N: tiles of at most kBlock x kBlock plus the per-thread dQ.
 //
-// Three more entry points fuse the attention with the 1x1 projections around
+// Four more entry points fuse the attention with the 1x1 projections around
 // it, small cells only, one task per (cell, group of images) as in
 // cell_projection.cpp (see cskd_kernels/ops/projected_position_attention.py):
 // position_attention_projected_forward (a side without a gradient: q, k, v
-// made in the task's workspace), position_attention_adapted_forward and
+// made in the task's workspace), position_attention_projected_gram (the same
+// with every image of a cell in one task, ending in the cell's cross-Gram of
+// (O, x) instead of O), position_attention_adapted_forward and
 // position_attention_adapted_backward (the MSE variants' student PAM through
 // a widening adapter, _AdaptedPositionMSE).
 #include <ATen/ATen.h>
@@ -51,6 +53,7 @@
 #include "gemm.h"
 #include "output_pool.h"
 #include "ops.h"
+#include "segment_gram.h"
 #include "simd_exp.h"
 
 namespace {
@@ -573,8 +576,40 @@ std::vector<at::Tensor> position_attention_forward(const at::Tensor& q_in, const
 // Forward of x's own projections, for a side that takes no gradient
 // ---------------------------------------------------------------------------
 
-// One task: a cell of a group of images. Y = [Q; K; V] = W X + b (one product for the group, the
-// bias its addend), then per image the small-cell forward of forward_cell on Y's columns.
+// Y (2d + cv rows, ldy) = [Q; K; V] = W X + b for the columns of x_tile (C x cols, row stride ld_x): one
+// product for a group of images, the bias its addend.
+template <typename scalar_t>
+void project_columns(const scalar_t* x_tile, int64_t ld_x, int64_t cols, const scalar_t* weight,
+                     const scalar_t* bias, int64_t rows, int64_t channels, scalar_t* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) std::fill_n(y + r * ldy, cols, bias[r]);
+  gemm<scalar_t>(false, false, rows, cols, channels, weight, channels, x_tile, ld_x, y, ldy, y, ldy);
+}
+
+// m[c * ld + j] *= scale[j] for c < rows, j < n: the softmax's normalisation of an unnormalised product.
+template <typename scalar_t>
+void scale_columns(scalar_t* m, int64_t ld, int64_t rows, int64_t n, const scalar_t* scale) {
+  for (int64_t c = 0; c < rows; ++c) {
+    scalar_t* row = m + c * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= scale[j];
+  }
+}
+
+// O (cv x n at o, row stride ldo) = V P^T unnormalised for one image's q = Y's columns (Q; K; V rows of
+// stride ldy), inv[j] = 1 / the row sum of P's numerators (the caller normalises O's columns by it).
+template <typename scalar_t>
+void attend_projection(const scalar_t* q, int64_t ldy, int64_t n, int64_t d, int64_t cv, scalar_t scale, scalar_t* s,
+                       int64_t lds, scalar_t* inv, scalar_t* o, int64_t ldo) {
+  gemm<scalar_t>(true, false, n, n, d, q, ldy, q + d * ldy, ldy, s, lds);  // S = Q^T K
+  for (int64_t j = 0; j < n; ++j) {
+    scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+    inv[j] = scalar_t(1) / online_softmax_row(s + j * lds, n, scale, m);
+  }
+  gemm<scalar_t>(false, true, cv, n, n, q + 2 * d * ldy, ldy, s, lds, o, ldo);
+}
+
+// One task: a cell of a group of images. Y = W X + b for the group, then per image the small-cell
+// forward of forward_cell on Y's columns.
 template <typename scalar_t>
 void projected_forward_task(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, scalar_t* out,
                             int64_t images, int64_t channels, int64_t d, int64_t cv, int64_t H, int64_t W,
@@ -585,22 +620,83 @@ void projected_forward_task(const scalar_t* x, const scalar_t* weight, const sca
   const int64_t iS = carver.add(n * lds), iX = carver.add(channels * cols), iY = carver.add(rows * cols),
                 iO = carver.add(cv * n), iInv = carver.add(n);
   const std::vector<scalar_t*> ws = carver.carve();
-  scalar_t *s = ws[iS], *y = ws[iY], *inv = ws[iInv];
   gather_images(x, images, channels, H, W, cell, ws[iX], cols);
-  for (int64_t r = 0; r < rows; ++r) std::fill_n(y + r * cols, cols, bias[r]);
-  gemm<scalar_t>(false, false, rows, cols, channels, weight, channels, ws[iX], cols, y, cols, y, cols);
+  project_columns(ws[iX], cols, cols, weight, bias, rows, channels, ws[iY], cols);
   for (int64_t i = 0; i < images; ++i) {
-    const scalar_t* q = y + i * n;
-    gemm<scalar_t>(true, false, n, n, d, q, cols, q + d * cols, cols, s, lds);  // S = Q^T K
-    for (int64_t j = 0; j < n; ++j) {
-      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-      inv[j] = scalar_t(1) / online_softmax_row(s + j * lds, n, scale, m);
-    }
     scalar_t* image_out = out + i * cv * hw;
     const CellBlock<scalar_t> O = cell_output(image_out, H, W, cell, ws[iO]);
-    gemm<scalar_t>(false, true, cv, n, n, q + 2 * d * cols, cols, s, lds, O.ptr, O.ld);  // O = V P^T, unnormalised
-    store_cell(O, image_out, cv, H, W, cell, inv);
+    attend_projection(ws[iY] + i * n, cols, n, d, cv, scale, ws[iS], lds, ws[iInv], O.ptr, O.ld);
+    store_cell(O, image_out, cv, H, W, cell, ws[iInv]);
   }
+}
+
+// One task: a cell of every image. O of every image into the workspace (groups of `group` images
+// share a projection product), then the shifted Gram (2B x 2B) of the rows O_0 .. O_{B-1},
+// X_0 .. X_{B-1} over the cell's features into gram (lower triangle mirrored): cell_cross_gram of (O, x)
+// without O ever written as a map and both read back.
+template <typename scalar_t>
+void projected_gram_task(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, double* gram,
+                         int64_t images, int64_t group, int64_t channels, int64_t d, int64_t H, int64_t W,
+                         const Cell& cell, scalar_t scale) {
+  const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, cv = channels;
+  const int64_t rows = 2 * d + cv, count = 2 * images;
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iX = carver.add(channels * cols), iY = carver.add(rows * group * n),
+                iO = carver.add(cv * cols), iInv = carver.add(n),
+                iTile = carver.add(cskd::segment_gram::tile_size<scalar_t>(count));
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t *o = ws[iO], *inv = ws[iInv];
+  gather_images(x, images, channels, H, W, cell, ws[iX], cols);
+  for (int64_t first = 0; first < images; first += group) {
+    const int64_t in_group = std::min(group, images - first), group_cols = in_group * n;
+    project_columns(ws[iX] + first * n, cols, group_cols, weight, bias, rows, channels, ws[iY], group_cols);
+    for (int64_t i = 0; i < in_group; ++i) {
+      scalar_t* oi = o + (first + i) * n;
+      attend_projection(ws[iY] + i * n, group_cols, n, d, cv, scale, ws[iS], lds, inv, oi, cols);
+      scale_columns(oi, cols, cv, n, inv);
+    }
+  }
+  std::vector<const scalar_t*> row_ptrs(count);
+  const std::vector<int64_t> strides(count, cols);
+  for (int64_t i = 0; i < images; ++i) {
+    row_ptrs[i] = o + i * n;
+    row_ptrs[images + i] = ws[iX] + i * n;
+  }
+  cskd::segment_gram::accumulate<scalar_t>({row_ptrs.data(), strides.data(), count, channels, n}, ws[iTile], gram);
+  cskd::segment_gram::mirror_lower(gram, count);
+}
+
+// The checked inputs of the projected kernels: x (B, C, H, W) contiguous, weight (cells | 1, 2d + Cv, C)
+// stacking [Wq; Wk; Wv] and bias (cells | 1, 2d + Cv) likewise, the cells (all small).
+struct ProjectedInputs {
+  at::Tensor x, weight, bias;
+  std::vector<Cell> cells;
+  int64_t rows, cv, largest;
+  bool shared;
+};
+
+ProjectedInputs check_projected(const char* name, const at::Tensor& x_in, const at::Tensor& weight_in,
+                                const at::Tensor& bias_in, const at::Tensor& cells_in, int64_t d) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu(), "x must be a CPU (B, C, H, W) map");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, "x must be float32 or float64");
+  ProjectedInputs in{x_in.contiguous(), weight_in.contiguous(), bias_in.contiguous(), {}, 0, 0, 0, false};
+  const int64_t C = in.x.size(1);
+  in.cells = read_cells(cells_in, in.x.size(2), in.x.size(3));
+  const int64_t num_cells = static_cast<int64_t>(in.cells.size());
+  in.rows = in.weight.dim() == 3 ? in.weight.size(1) : 0;
+  TORCH_CHECK(in.weight.dim() == 3 && in.weight.size(2) == C &&
+                  (in.weight.size(0) == 1 || in.weight.size(0) == num_cells) &&
+                  in.weight.scalar_type() == in.x.scalar_type(),
+              "weight must be (cells | 1, 2d + Cv, C) in x's dtype, got ", in.weight.sizes());
+  TORCH_CHECK(in.bias.dim() == 2 && in.bias.size(0) == in.weight.size(0) && in.bias.size(1) == in.rows &&
+                  in.bias.scalar_type() == in.x.scalar_type(), "bias must be (cells | 1, 2d + Cv) like weight");
+  TORCH_CHECK(d > 0 && in.rows > 2 * d, "weight's ", in.rows, " rows leave no values after q and k of ", d, " each");
+  in.largest = cskd::largest_positions(in.cells);
+  TORCH_CHECK(in.largest <= kSingleBlock, name, " takes cells of at most ", kSingleBlock, " positions, got one of ",
+              in.largest);
+  in.cv = in.rows - 2 * d;
+  in.shared = in.weight.size(0) == 1;
+  return in;
 }
 
 // out (B, cv, H, W) = the cell-wise attention of (Wq x + bq, Wk x + bk, Wv x + bv), weight (cells | 1,
@@ -611,37 +707,54 @@ void projected_forward_task(const scalar_t* x, const scalar_t* weight, const sca
 at::Tensor position_attention_projected_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                 const at::Tensor& bias_in, const at::Tensor& cells_in, int64_t d,
                                                 double scale) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu(), "x must be a CPU (B, C, H, W) map");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, "x must be float32 or float64");
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const std::vector<Cell> cells = read_cells(cells_in, H, W);
-  const int64_t num_cells = static_cast<int64_t>(cells.size()), rows = weight.dim() == 3 ? weight.size(1) : 0;
-  TORCH_CHECK(weight.dim() == 3 && weight.size(2) == C && (weight.size(0) == 1 || weight.size(0) == num_cells) &&
-                  weight.scalar_type() == x.scalar_type(),
-              "weight must be (cells | 1, 2d + Cv, C) in x's dtype, got ", weight.sizes());
-  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == weight.size(0) && bias.size(1) == rows &&
-                  bias.scalar_type() == x.scalar_type(), "bias must be (cells | 1, 2d + Cv) like weight");
-  TORCH_CHECK(d > 0 && rows > 2 * d, "weight's ", rows, " rows leave no values after q and k of ", d, " each");
-  const int64_t largest = cskd::largest_positions(cells);
-  TORCH_CHECK(largest <= kSingleBlock, "position_attention_projected_forward takes cells of at most ", kSingleBlock,
-              " positions, got one of ", largest);
-  const int64_t cv = rows - 2 * d, group = cskd::group_images(B, largest);
-  at::Tensor out = empty_output({B, cv, H, W}, x.options());
-  const bool shared = weight.size(0) == 1;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "position_attention_projected_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.data_ptr<scalar_t>();
+  const ProjectedInputs in = check_projected("position_attention_projected_forward", x_in, weight_in, bias_in,
+                                             cells_in, d);
+  const int64_t B = in.x.size(0), C = in.x.size(1), H = in.x.size(2), W = in.x.size(3), rows = in.rows, cv = in.cv;
+  const int64_t group = cskd::group_images(B, in.largest);
+  at::Tensor out = empty_output({B, cv, H, W}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "position_attention_projected_forward", [&] {
+    const scalar_t* xp = in.x.data_ptr<scalar_t>();
+    const scalar_t* wp = in.weight.data_ptr<scalar_t>();
+    const scalar_t* bp = in.bias.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    cskd::for_each_cell_task(B, group, num_cells, [&](int64_t first, int64_t images, int64_t k) {
-      const int64_t wk = shared ? 0 : k;
+    cskd::for_each_cell_task(B, group, static_cast<int64_t>(in.cells.size()), [&](int64_t first, int64_t images,
+                                                                                   int64_t k) {
+      const int64_t wk = in.shared ? 0 : k;
       projected_forward_task<scalar_t>(xp + first * C * H * W, wp + wk * rows * C, bp + wk * rows,
-                                       op + first * cv * H * W, images, C, d, cv, H, W, cells[k],
+                                       op + first * cv * H * W, images, C, d, cv, H, W, in.cells[k],
                                        static_cast<scalar_t>(scale));
     });
   });
   return out;
+}
+
+// G (cells, 2B, 2B) float64: per cell the Gram of the rows (O_b for b < B, then x_b) shifted by row 0,
+// O = position_attention_projected_forward's output (Cv = C): cell_cross_gram_forward([O, x], cells)
+// with O made, used and dropped in the task of its cell (every image of a cell in one task). For a
+// side without a gradient (CSKDLoss's teacher). Cells of at most kSingleBlock positions.
+at::Tensor position_attention_projected_gram(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                             const at::Tensor& bias_in, const at::Tensor& cells_in, int64_t d,
+                                             double scale) {
+  const ProjectedInputs in = check_projected("position_attention_projected_gram", x_in, weight_in, bias_in,
+                                             cells_in, d);
+  const int64_t B = in.x.size(0), C = in.x.size(1), H = in.x.size(2), W = in.x.size(3), rows = in.rows;
+  TORCH_CHECK(in.cv == C, "position_attention_projected_gram: the values must have x's ", C, " channels, got ",
+              in.cv);
+  const int64_t num_cells = static_cast<int64_t>(in.cells.size()), group = cskd::group_images(B, in.largest);
+  at::Tensor gram = at::zeros({num_cells, 2 * B, 2 * B}, in.x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "position_attention_projected_gram", [&] {
+    const scalar_t* xp = in.x.data_ptr<scalar_t>();
+    const scalar_t* wp = in.weight.data_ptr<scalar_t>();
+    const scalar_t* bp = in.bias.data_ptr<scalar_t>();
+    double* gp = gram.data_ptr<double>();
+    cskd::for_each_cell_task(1, 1, num_cells, [&](int64_t, int64_t, int64_t k) {
+      if (in.cells[k].positions() == 0) return;
+      const int64_t wk = in.shared ? 0 : k;
+      projected_gram_task<scalar_t>(xp, wp + wk * rows * C, bp + wk * rows, gp + k * 4 * B * B, B, group, C, d, H, W,
+                                    in.cells[k], static_cast<scalar_t>(scale));
+    });
+  });
+  return gram;
 }
 
 // ---------------------------------------------------------------------------
@@ -663,8 +776,7 @@ void adapted_forward_task(const scalar_t* x, const scalar_t* qk_weight, const sc
   const std::vector<scalar_t*> ws = carver.carve();
   scalar_t *s = ws[iS], *zt = ws[iZX], *xt = zt + channels * cols, *qk = ws[iQK], *pt = ws[iP], *inv = ws[iInv];
   gather_images(x, images, channels, H, W, cell, xt, cols);
-  for (int64_t r = 0; r < 2 * d; ++r) std::fill_n(qk + r * cols, cols, qk_bias[r]);
-  gemm<scalar_t>(false, false, 2 * d, cols, channels, qk_weight, channels, xt, cols, qk, cols, qk, cols);
+  project_columns(xt, cols, cols, qk_weight, qk_bias, 2 * d, channels, qk, cols);
   for (int64_t i = 0; i < images; ++i) {
     gemm<scalar_t>(true, false, n, n, d, qk + i * n, cols, qk + d * cols + i * n, cols, s, lds);  // S = Q^T K
     for (int64_t j = 0; j < n; ++j) {
@@ -675,15 +787,10 @@ void adapted_forward_task(const scalar_t* x, const scalar_t* qk_weight, const sc
     }
     scalar_t* zi = zt + i * n;
     gemm<scalar_t>(false, true, channels, n, n, xt + i * n, cols, s, lds, zi, cols);  // Z = X P^T, unnormalised
-    for (int64_t c = 0; c < channels; ++c) {
-      scalar_t* row = zi + c * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] *= inv[j];
-    }
+    scale_columns(zi, cols, channels, n, inv);
     store_cell(CellBlock<scalar_t>{ws[iL], n}, lse + i * hw, 1, H, W, cell);
   }
-  for (int64_t r = 0; r < rows; ++r) std::fill_n(pt + r * cols, cols, out_bias[r]);
-  gemm<scalar_t>(false, false, rows, cols, 2 * channels, out_weight, 2 * channels, zt, cols, pt, cols, pt, cols);
+  project_columns(zt, cols, cols, out_weight, out_bias, rows, 2 * channels, pt, cols);
   for (int64_t i = 0; i < images; ++i) {
     store_cell(CellBlock<scalar_t>{qk + i * n, cols}, q + i * d * hw, d, H, W, cell);
     store_cell(CellBlock<scalar_t>{qk + d * cols + i * n, cols}, k + i * d * hw, d, H, W, cell);
@@ -1002,6 +1109,11 @@ void register_position_attention(pybind11::module& m) {
         pybind11::arg("grad_out"), pybind11::arg("cells"), pybind11::arg("scale"));
   m.def("position_attention_projected_forward", &position_attention_projected_forward,
         "The attention of x's own per-cell projections, no gradient: (x, weight, bias, cells, d, scale) -> out",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
+        pybind11::arg("scale"));
+  m.def("position_attention_projected_gram", &position_attention_projected_gram,
+        "Per cell the shifted Gram (cells, 2B, 2B) float64 of the rows (O, x), O the attention of x's own per-cell "
+        "projections, no gradient: (x, weight, bias, cells, d, scale) -> G",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
         pybind11::arg("scale"));
   m.def("position_attention_adapted_forward", &position_attention_adapted_forward,

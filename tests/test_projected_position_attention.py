@@ -8,8 +8,11 @@ from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules.cskd_loss import draw_projections
 from cskd_kernels.ops import projected_position_attention as projected_module
 from cskd_kernels.ops.position_attention import cell_table
-from cskd_kernels.ops.projected_position_attention import (position_attention_projected_forward, fuses,
-                                                           run_projected_position_attention)
+from cskd_kernels.ops.cross_gram import run_centered_cross_grams
+from cskd_kernels.ops.projected_position_attention import (position_attention_projected_forward,
+                                                           position_attention_projected_gram, fuses,
+                                                           run_projected_position_attention,
+                                                           run_projected_position_grams)
 from conftest import HAS_EXTENSION
 
 pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
@@ -36,12 +39,17 @@ def _reference(x, weights, temperature, grid):
     return torch.cat(rows, dim=2)
 
 
-def _weights(cells, channels, d, dtype, generator):
-    """(wq, bq, wk, bk, wv, bv), each (cells, rows, C) / (cells, rows), not drawn stacked (a copy is taken)."""
+def _weights(cells, channels, d, dtype, generator, values=None):
+    """(wq, bq, wk, bk, wv, bv), each (cells, rows, C) / (cells, rows), not drawn stacked (a copy is taken).
+
+    ``values`` rows of v (default C + 3: the attention's width need not be the map's).
+    """
+    values = channels + 3 if values is None else values
+
     def draw(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
     return (draw(cells, d, channels), draw(cells, d), draw(cells, d, channels), draw(cells, d),
-            draw(cells, channels + 3, channels) / channels**0.5, draw(cells, channels + 3))
+            draw(cells, values, channels) / channels**0.5, draw(cells, values))
 
 
 # Odd sizes: uneven torch.chunk cells, tiny cells grouped several images to a task (the demo's 2 x 2), a
@@ -103,16 +111,82 @@ def test_refuses_what_it_cannot_compute():
                                              cell_table(30, 30, (5, 5)), 2, 1.0, "cpu")
 
 
+GRAM_CASES = [((3, 7, 13, 26), (5, 5)), ((5, 9, 6, 6), (5, 5)), ((7, 5, 5, 3), (2, 2)), ((2, 6, 11, 9), (3, 1)),
+              ((4, 4, 4, 9), (5, 4))]
+
+
+@pytest.mark.parametrize("shape,grid", GRAM_CASES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_projected_grams_match_the_reference_attention_and_cross_grams(shape, grid, shared, dtype):
+    """The one-kernel Grams of (O, x) against the reference's O and the reference cross-Grams, and the two kernels."""
+    generator = torch.Generator().manual_seed(sum(shape) + 11 * shared)
+    b, c, h, w = shape
+    # A common offset: the shifted Gram keeps float32 accurate where a plain one would cancel.
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) + 20).to(dtype)
+    cells = 1 if shared else CellLayout(h, w, grid).num_cells
+    weights = _weights(cells, c, 2, dtype, generator, values=c)
+    assert fuses(x, weights, grid, "cpu")
+    grams = run_projected_position_grams(x, weights, 1.7, grid, "cpu")
+    assert grams.dtype == torch.float64 and grams.shape == (CellLayout(h, w, grid).num_cells, 2 * b, 2 * b)
+    expected = run_centered_cross_grams((_reference(x, weights, 1.7, grid), x.double()), grid, "reference")
+    scale = expected.abs().amax(dim=(1, 2), keepdim=True)  # per cell: cells differ in size
+    # float32: O's own rounding at |O| ~ 20 moves the centered Grams by ~5e-5 of their largest entry.
+    tolerance = {torch.float64: 1e-10, torch.float32: 5e-4}[dtype]
+    assert ((grams - expected).abs() / scale).max().item() <= tolerance
+    # The same as the two kernels it replaces (the map O, then cell_cross_gram).
+    attention = run_projected_position_attention(x, weights, 1.7, grid, "cpu")
+    composed = run_centered_cross_grams((attention, x), grid, "cpu")
+    assert ((grams - composed).abs() / scale).max().item() <= tolerance
+
+
+def test_projected_grams_keep_a_nonfinite_input_in_its_cell_and_image():
+    x = torch.randn(3, 16, 13, 26)
+    weights = draw_projections(16, 8, 25, generator=torch.Generator().manual_seed(1))
+    x[1, 3, 2, 4] = float("nan")  # image 1, cell 0 (rows 0-2, columns 0-5)
+    grams = run_projected_position_grams(x, weights, 2.0, (5, 5), "cpu")
+    assert grams[1:].isfinite().all()
+    # Centering spreads image 1's rows (of O and of x) over the cell's blocks: the cell's Gram is NaN, a loss
+    # made from it too, never a finite number that hides the NaN.
+    assert grams[0].isnan().any()
+
+
+def test_projected_grams_route_to_the_two_steps_where_the_kernel_does_not_apply():
+    x = torch.randn(3, 16, 26, 26)
+    weights = draw_projections(16, 8, 1)
+    wider = weights[:4] + (torch.randn(1, 19, 16), torch.randn(1, 19))  # values wider than x: no Gram of (O, x)
+    with pytest.raises(RuntimeError, match="one shape"):
+        run_projected_position_grams(x, wider, 2.0, (5, 5), "cpu")
+    fused = run_projected_position_grams(x, weights, 2.0, (5, 5), "cpu")
+    graph = run_projected_position_grams(x.requires_grad_(True), weights, 2.0, (5, 5), "cpu")
+    assert graph.grad_fn is not None  # the gradient path: the two differentiable steps
+    torch.testing.assert_close(graph.detach(), fused, rtol=1e-5, atol=1e-5 * fused.abs().max().item())
+
+
+def test_projected_gram_refuses_what_it_cannot_compute():
+    x = torch.randn(2, 8, 30, 30)
+    with pytest.raises(RuntimeError, match="the values must have x's 8 channels, got 9"):
+        position_attention_projected_gram(x, torch.randn(1, 13, 8), torch.randn(1, 13), cell_table(30, 30, (5, 5)),
+                                          2, 1.0, "cpu")
+    with pytest.raises(RuntimeError, match="at most 512 positions, got one of 900"):
+        position_attention_projected_gram(x, torch.randn(1, 12, 8), torch.randn(1, 12), cell_table(30, 30, None), 2,
+                                          1.0, "cpu")
+
+
 @pytest.mark.parametrize("similarity", ["cka", "mse"])
 def test_cskd_loss_takes_the_teacher_through_the_kernel(similarity, monkeypatch):
-    """On "cpu" the teacher's PAM (no gradient) is one kernel call; the loss is the reference backend's."""
+    """On "cpu" the teacher's PAM (no gradient) is one kernel call; the loss is the reference backend's.
+
+    The CKA takes the teacher's Grams of (O, x) from the Gram kernel; the MSE its O from the forward kernel.
+    """
     calls = []
-    original = projected_module.position_attention_projected_forward
+    name = "position_attention_projected_gram" if similarity == "cka" else "position_attention_projected_forward"
+    original = getattr(projected_module, name)
 
     def counting(x, *args):
         calls.append(x.shape[1])
         return original(x, *args)
-    monkeypatch.setattr(projected_module, "position_attention_projected_forward", counting)
+    monkeypatch.setattr(projected_module, name, counting)
     feat_s, feat_t = torch.randn(4, 16, 13, 26, requires_grad=True), torch.randn(4, 32, 13, 26)
     losses = []
     for backend in ("cpu", "reference"):

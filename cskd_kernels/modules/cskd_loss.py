@@ -72,7 +72,7 @@ from cskd_kernels.ops.channel_gram import channel_gram
 from cskd_kernels.ops.channel_attention import run_channel_attention
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES
 from cskd_kernels.ops.cross_gram import combine_grams, run_centered_cross_grams
-from cskd_kernels.ops.projected_position_attention import run_projected_position_attention
+from cskd_kernels.ops.projected_position_attention import run_projected_position_attention, run_projected_position_grams
 
 PROJECTIONS = ("resample", "fixed", "learned")
 SIMILARITIES = ("cka", "mse")
@@ -488,8 +488,7 @@ class CSKDLoss(nn.Module):
         """
         need_graph = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
         with torch.set_grad_enabled(need_graph):
-            attention = self._position_attention(x, weights, backend)
-            return run_centered_cross_grams((attention, x), self.grid, backend)
+            return run_projected_position_grams(x, weights, self.temperature, self.grid, backend)
 
     def _check_samples(self, feat_s, backend):
         """MIN_SAMPLES to TRITON_MAX_SAMPLES (Triton) images in the batch the CKAs run over (after gathering)."""

@@ -153,13 +153,17 @@ def _gram_backward(stacked, m, backend):
     return centered_gram_backward(stacked, m.to(accumulation_dtype(stacked.dtype)).contiguous(), backend)
 
 
+def center_blocks(gram, k):
+    """The (cells, k*B, k*B) Grams with each B x B block centered: what the in-place kernels' Grams become."""
+    h = _block_centering(k, gram.shape[-1] // k, gram.dtype, gram.device)
+    return h @ gram @ h
+
+
 def _cross_grams(parts, grid, backend):
     """The block-centered Grams of ``parts`` per cell, and the channel blocks they were read in."""
     k, n = len(parts), parts[0].shape[0]
     if _in_place(parts, backend):
-        gram = cell_cross_gram(_in_place_parts(parts), _cells(parts, grid), backend)
-        h = _block_centering(k, n, gram.dtype, gram.device)
-        return h @ gram @ h, None
+        return center_blocks(cell_cross_gram(_in_place_parts(parts), _cells(parts, grid), backend), k), None
     layout = _layout(parts[0], grid)
     channels = parts[0].shape[1]
     blocks = _channel_blocks(layout, k, n, channels, parts[0])
@@ -167,8 +171,7 @@ def _cross_grams(parts, grid, backend):
     for c0, c1 in blocks:
         block = _gram(_stacked_cells(parts, layout, c0, c1), backend).double()
         gram = block if gram is None else gram + block
-    h = _block_centering(k, n, gram.dtype, gram.device)
-    return h @ gram @ h, blocks
+    return center_blocks(gram, k), blocks
 
 
 class CrossGramFunction(torch.autograd.Function):
