@@ -27,6 +27,7 @@
 #include "gemm.h"
 #include "output_pool.h"
 #include "ops.h"
+#include "segment_gram.h"
 #include "simd_exp.h"
 
 namespace {
@@ -268,6 +269,77 @@ std::vector<torch::Tensor> channel_attention_forward(const torch::Tensor& x, con
   return {channel_attention_apply(x, attention, gamma), attention};
 }
 
+namespace {
+
+// Columns of every image per task of channel_attention_gram: the B panels of A X (B x C x 256 values,
+// 2 MiB at the Cityscapes teacher's 8 x 256 channels) stay in the cache for their Gram. At least C
+// columns, so that packing each image's C x C attention for the task's product stays a small part of it.
+int64_t gram_panel_width(int64_t channels) { return std::max<int64_t>(256, (channels + 63) / 64 * 64); }
+
+// count rounded up to 16 values (whole cache lines): where the Gram's tile starts after the panels.
+constexpr int64_t round_to_lines(int64_t count) { return (count + 15) / 16 * 16; }
+
+// Panel p's part of the shifted Gram of (A X, X) into partial (2B x 2B, lower triangle).
+template <typename scalar_t>
+void gram_panel(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n, int64_t j0,
+                int64_t panel, double* partial) {
+  const int64_t width = std::min(panel, n - j0), count = 2 * batch;
+  const int64_t tile_offset = round_to_lines(batch * channels * width);
+  scalar_t* y = cskd::blas::workspace<scalar_t>(tile_offset + cskd::segment_gram::tile_size<scalar_t>(count));
+  std::vector<const scalar_t*> rows(count);
+  std::vector<int64_t> strides(count);
+  for (int64_t b = 0; b < batch; ++b) {
+    scalar_t* yb = y + b * channels * width;
+    const scalar_t* xb = x + b * channels * n + j0;
+    cskd::blas::gemm<scalar_t>(false, false, channels, width, channels, attention + b * channels * channels, channels,
+                               xb, n, yb, width);
+    rows[b] = yb;
+    strides[b] = width;
+    rows[batch + b] = xb;
+    strides[batch + b] = n;
+  }
+  cskd::segment_gram::accumulate<scalar_t>({rows.data(), strides.data(), count, channels, width}, y + tile_offset,
+                                           partial);
+}
+
+// Every panel's part into partial (panels x 2B x 2B), one task each.
+template <typename scalar_t>
+void gram_panels(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n,
+                 double* partial) {
+  const int64_t panel = gram_panel_width(channels), panels = (n + panel - 1) / panel, square = 4 * batch * batch;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t p = 0; p < panels; ++p) gram_panel<scalar_t>(x, attention, batch, channels, n, p * panel, panel,
+                                                             partial + p * square);
+}
+
+}  // namespace
+
+// (G (1, 2B, 2B) float64, A (B, C, C)) for x (B, C, N) contiguous: A is channel_attention_forward's
+// attention and G the Gram of the rows (A_b X_b for b < B, then X_b) shifted by row 0, i.e.
+// cell_cross_gram_forward([A X, x]) over the whole map, with A X never written as a map: one task per
+// column panel of every image makes the panel's A X and adds its part of the Gram while it is in the
+// cache. CAM(x) = gamma A X + x, so its centered Gram is the (gamma, 1) combination of G's centered
+// blocks (cskd_kernels/ops/channel_gram.py). Panels' parts are summed in panel order: the result does
+// not depend on the thread count.
+std::vector<torch::Tensor> channel_attention_gram(const torch::Tensor& x, double temperature) {
+  check_features(x);
+  const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2), count = 2 * batch;
+  auto attention = symmetric_gram(x);
+  auto gram = at::zeros({1, count, count}, x.options().dtype(at::kDouble));
+  const int64_t panel = gram_panel_width(channels), panels = (n + panel - 1) / panel;
+  std::vector<double> partial(static_cast<size_t>(panels * count * count), 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_gram", [&] {
+    softmax_negated_rows_<scalar_t>(attention.data_ptr<scalar_t>(), batch * channels, channels, temperature);
+    gram_panels<scalar_t>(x.data_ptr<scalar_t>(), attention.data_ptr<scalar_t>(), batch, channels, n,
+                          partial.data());
+  });
+  double* g = gram.data_ptr<double>();
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t i = 0; i < count * count; ++i) g[i] += partial[p * count * count + i];
+  cskd::segment_gram::mirror_lower(g, count);
+  return {gram, attention};
+}
+
 // Gradients (dx or an undefined tensor when need_x is false, d gamma shaped like gamma).
 std::vector<torch::Tensor> channel_attention_backward(const torch::Tensor& grad_out, const torch::Tensor& x,
                                                       const torch::Tensor& attention, const torch::Tensor& gamma,
@@ -305,6 +377,10 @@ void register_channel_attention(pybind11::module& m) {
   m.def("channel_attention_apply", &channel_attention_apply,
         "gamma A x + x for contiguous x (B, C, N) and attention A (B, C, C)", pybind11::arg("x"),
         pybind11::arg("attention"), pybind11::arg("gamma"));
+  m.def("channel_attention_gram", &channel_attention_gram,
+        "(G (1, 2B, 2B) float64, A): the shifted Gram of the rows (A x, x) and the attention, for contiguous x "
+        "(B, C, N) and a temperature; A x never a map",
+        pybind11::arg("x"), pybind11::arg("temperature"));
   m.def("channel_attention_backward", &channel_attention_backward,
         "CAM backward: (dx or None, dgamma) from grad_out, x, attention, gamma, temperature",
         pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("attention"), pybind11::arg("gamma"),

@@ -3,9 +3,13 @@
 import pytest
 import torch
 
-from cskd_kernels import reference
+from cskd_kernels import CSKDLoss, reference
+from cskd_kernels.ops import channel_gram as channel_gram_module
+from cskd_kernels.ops.channel_attention import channel_attention_forward, channel_attention_gram
 from cskd_kernels.ops.channel_gram import channel_gram
-from conftest import fused_backends
+from cskd_kernels.ops.cross_gram import cell_cross_gram, center_blocks, combine_grams
+from cskd_kernels.ops.position_attention import cell_table
+from conftest import HAS_EXTENSION, fused_backends
 
 
 def _expected_gram(x, gamma, temperature):
@@ -55,3 +59,64 @@ def test_attention_is_kept_only_when_no_larger_than_the_map(backend, device, sha
     channels = shape[1]
     held = [t for t in gram.grad_fn.saved_tensors if t is not None and t.shape == (shape[0], channels, channels)]
     assert len(held) == (1 if keeps else 0)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+# Panels of max(256, C rounded up to 64) columns: one short panel, several with a short last one, C above 256.
+@pytest.mark.parametrize("shape", [(3, 5, 37), (4, 9, 517), (2, 300, 700), (5, 16, 512)])
+def test_attention_gram_kernel_matches_the_forward_and_the_cross_gram(dtype, shape):
+    """channel_attention_gram: A as the forward gives it, and cell_cross_gram's Gram of (A X, X), on any thread count."""
+    b, c, n = shape
+    x = torch.randn(shape, dtype=torch.float64).add_(4.0).to(dtype)  # a common offset: the shift keeps it accurate
+    gram, attention = channel_attention_gram(x, 1.3)
+    out, expected_attention = channel_attention_forward(x, torch.ones(1, dtype=dtype), 1.3, "cpu")
+    assert torch.equal(attention, expected_attention)
+    maps = [(out - x).view(b, c, 1, n), x.view(b, c, 1, n)]
+    expected = cell_cross_gram(maps, cell_table(1, n, None, x.device), "cpu")
+    assert gram.dtype == torch.float64 and gram.shape == (1, 2 * b, 2 * b)
+    tolerance = {torch.float64: 1e-12, torch.float32: 2e-6}[dtype]
+    assert (gram - expected).abs().max().item() <= tolerance * expected.abs().max().item()
+    # Against the reference's float64 CAM: the centered blocks make CAM's centered Gram with (gamma, 1).
+    gamma = torch.tensor([0.6], dtype=torch.float64)
+    cam = combine_grams(center_blocks(gram, 2), (gamma, 1.0))
+    reference_gram = _expected_gram(x.double().view(b, c, 1, n), gamma, 1.3)
+    torch.testing.assert_close(cam, reference_gram, rtol={torch.float64: 1e-9, torch.float32: 1e-4}[dtype],
+                               atol={torch.float64: 1e-9, torch.float32: 1e-4}[dtype] * reference_gram.abs().max().item())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(channel_attention_gram(x, 1.3)[0], gram)  # panels summed in order, not as threads finish
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+def test_attention_gram_kernel_keeps_a_nan_visible():
+    x = torch.randn(3, 8, 300)
+    x[1, 2, 290] = float("nan")
+    gram, attention = channel_attention_gram(x, 2.0)
+    assert gram.isnan().any() and attention[1].isnan().any() and attention[0].isfinite().all()
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+def test_cskd_loss_takes_both_cam_grams_through_the_kernel(monkeypatch):
+    """On "cpu" the teacher's and the student's CAM Grams come from channel_attention_gram; the loss is the reference's."""
+    calls = []
+    original = channel_gram_module.channel_attention_gram
+
+    def counting(features, temperature):
+        calls.append(features.shape[1])
+        return original(features, temperature)
+    monkeypatch.setattr(channel_gram_module, "channel_attention_gram", counting)
+    feat_s, feat_t = torch.randn(4, 16, 9, 11, requires_grad=True), torch.randn(4, 32, 9, 11)
+    results = []
+    for backend in ("cpu", "reference"):
+        loss = CSKDLoss(16, 32, lambda_pam=0.0, backend=backend)
+        with torch.no_grad():
+            loss.gamma_cam.fill_(0.4)
+        cam = loss(feat_s, feat_t).cam
+        results.append((cam, *torch.autograd.grad(cam, (feat_s, loss.gamma_cam))))
+    assert calls == [32, 16]  # the teacher's, then the student's, on "cpu" only
+    for cpu, ref in zip(*results):
+        torch.testing.assert_close(cpu, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())

@@ -68,7 +68,7 @@ from cskd_kernels.grid import CellLayout
 from cskd_kernels.modules.attention_mse import (  # noqa: F401 (MSE_CHUNK_ELEMENTS: the tests set it here)
     MSE_CHUNK_ELEMENTS, _AdaptedPositionMSE, _AttentionMSE, channel_mse_from_grams)
 from cskd_kernels.backend import extension, resolve_backend
-from cskd_kernels.ops.channel_gram import channel_gram
+from cskd_kernels.ops.channel_gram import attention_cross_grams, channel_gram
 from cskd_kernels.ops.channel_attention import run_channel_attention
 from cskd_kernels.ops.cka import TRITON_MAX_SAMPLES
 from cskd_kernels.ops.cross_gram import combine_grams, run_centered_cross_grams
@@ -470,9 +470,15 @@ class CSKDLoss(nn.Module):
     def _teacher_channel_gram(self, x, backend):
         """Centered Gram of CAM(x) = g Y + x as a function of g = gamma_cam, CAM(x) never stored.
 
-        With gamma = 1 the kernel gives Z = Y + x, so CAM(x) = g Z + (1 - g) x
-        and its Gram is sum_ij c_i c_j K_ij with c = (g, 1 - g), K from (Z, x).
+        On "cpu" one kernel gives the Grams of (Y, x), Y never a map, and
+        CAM(x) = g Y + x. Elsewhere, with gamma = 1 the kernel gives Z = Y + x,
+        so CAM(x) = g Z + (1 - g) x and its Gram is sum_ij c_i c_j K_ij with
+        c = (g, 1 - g), K from (Z, x).
         """
+        if backend == "cpu":
+            with torch.no_grad():
+                grams = attention_cross_grams(x, self.temperature)
+            return combine_grams(grams, (self.gamma_cam, 1.0))
         with torch.no_grad():
             z = self._channel_attention(x, torch.ones(1, dtype=x.dtype, device=x.device), backend)
             grams = run_centered_cross_grams((z, x), None, backend)

@@ -20,6 +20,9 @@ Kernels per backend (same contract everywhere), x is contiguous (B, C, N):
         -> (out (B, C, N) in x's dtype, attention (B, C, C) float32/float64)
     channel_attention_backward(grad_out, x, attention, gamma, temperature, need_x)
         -> (dx or None, dgamma shaped like gamma)
+and on "cpu" channel_attention_gram(x, temperature) -> (the Gram of the rows
+(A X, X), attention): what CSKDLoss's CKA needs of CAM(x) = gamma A X + X,
+without A X as a map (cskd_kernels/ops/channel_gram.py).
 """
 
 import torch
@@ -82,6 +85,20 @@ def channel_attention_apply(features: torch.Tensor, attention: torch.Tensor, gam
 @channel_attention_apply.register_fake
 def _channel_attention_apply_fake(features, attention, gamma):
     return torch.empty_like(features)
+
+
+@torch.library.custom_op("cskd::channel_attention_gram", mutates_args=())
+def channel_attention_gram(features: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G (1, 2B, 2B) float64, A (B, C, C)) on the C++ kernels (backend "cpu"): A the attention, G the Gram of
+    the rows (A X, X) shifted by row 0 (cell_cross_gram's form), A X never a map."""
+    gram, attention = kernels("channel_attention", "cpu").gram(features, temperature)
+    return gram, attention
+
+
+@channel_attention_gram.register_fake
+def _channel_attention_gram_fake(features, temperature):
+    b, c, _ = features.shape
+    return features.new_empty((1, 2 * b, 2 * b), dtype=torch.float64), features.new_empty((b, c, c))
 
 
 def _setup_context(ctx, inputs, output):
