@@ -596,14 +596,17 @@ void scale_columns(scalar_t* m, int64_t ld, int64_t rows, int64_t n, const scala
 }
 
 // O (cv x n at o, row stride ldo) = V P^T unnormalised for one image's q = Y's columns (Q; K; V rows of
-// stride ldy), inv[j] = 1 / the row sum of P's numerators (the caller normalises O's columns by it).
+// stride ldy), inv[j] = 1 / the row sum of P's numerators (the caller normalises O's columns by it),
+// and the rows' log-sum-exp into lse unless it is null.
 template <typename scalar_t>
 void attend_projection(const scalar_t* q, int64_t ldy, int64_t n, int64_t d, int64_t cv, scalar_t scale, scalar_t* s,
-                       int64_t lds, scalar_t* inv, scalar_t* o, int64_t ldo) {
+                       int64_t lds, scalar_t* inv, scalar_t* o, int64_t ldo, scalar_t* lse = nullptr) {
   gemm<scalar_t>(true, false, n, n, d, q, ldy, q + d * ldy, ldy, s, lds);  // S = Q^T K
   for (int64_t j = 0; j < n; ++j) {
     scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-    inv[j] = scalar_t(1) / online_softmax_row(s + j * lds, n, scale, m);
+    const scalar_t sum = online_softmax_row(s + j * lds, n, scale, m);
+    inv[j] = scalar_t(1) / sum;
+    if (lse != nullptr) lse[j] = m + std::log(sum);
   }
   gemm<scalar_t>(false, true, cv, n, n, q + 2 * d * ldy, ldy, s, lds, o, ldo);
 }
@@ -630,19 +633,37 @@ void projected_forward_task(const scalar_t* x, const scalar_t* weight, const sca
   }
 }
 
+// The rows (O_0 .. O_{B-1}, X_0 .. X_{B-1}) of a cell's Gram: image i's columns of the o and x tiles
+// (C x cols each, row stride cols), one segment of n values per channel.
+template <typename scalar_t>
+struct CellRows {
+  std::vector<const scalar_t*> ptrs;
+  std::vector<int64_t> strides;
+  CellRows(const scalar_t* o, const scalar_t* x, int64_t images, int64_t n) : ptrs(2 * images), strides(2 * images, images * n) {
+    for (int64_t i = 0; i < images; ++i) {
+      ptrs[i] = o + i * n;
+      ptrs[images + i] = x + i * n;
+    }
+  }
+  cskd::segment_gram::Rows<scalar_t> rows(int64_t channels, int64_t n) const {
+    return {ptrs.data(), strides.data(), static_cast<int64_t>(ptrs.size()), channels, n};
+  }
+};
+
 // One task: a cell of every image. O of every image into the workspace (groups of `group` images
 // share a projection product), then the shifted Gram (2B x 2B) of the rows O_0 .. O_{B-1},
 // X_0 .. X_{B-1} over the cell's features into gram (lower triangle mirrored): cell_cross_gram of (O, x)
-// without O ever written as a map and both read back.
+// without O written as a map and read back. With out and lse (else null) O and the log-sum-exp are
+// also stored for the backward (projected_gram_backward_task).
 template <typename scalar_t>
 void projected_gram_task(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, double* gram,
-                         int64_t images, int64_t group, int64_t channels, int64_t d, int64_t H, int64_t W,
-                         const Cell& cell, scalar_t scale) {
+                         scalar_t* out, scalar_t* lse, int64_t images, int64_t group, int64_t channels, int64_t d,
+                         int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
   const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, cv = channels;
-  const int64_t rows = 2 * d + cv, count = 2 * images;
+  const int64_t rows = 2 * d + cv, count = 2 * images, hw = H * W;
   Carver<scalar_t> carver;
   const int64_t iS = carver.add(n * lds), iX = carver.add(channels * cols), iY = carver.add(rows * group * n),
-                iO = carver.add(cv * cols), iInv = carver.add(n),
+                iO = carver.add(cv * cols), iInv = carver.add(n), iL = carver.add(n),
                 iTile = carver.add(cskd::segment_gram::tile_size<scalar_t>(count));
   const std::vector<scalar_t*> ws = carver.carve();
   scalar_t *o = ws[iO], *inv = ws[iInv];
@@ -652,18 +673,66 @@ void projected_gram_task(const scalar_t* x, const scalar_t* weight, const scalar
     project_columns(ws[iX] + first * n, cols, group_cols, weight, bias, rows, channels, ws[iY], group_cols);
     for (int64_t i = 0; i < in_group; ++i) {
       scalar_t* oi = o + (first + i) * n;
-      attend_projection(ws[iY] + i * n, group_cols, n, d, cv, scale, ws[iS], lds, inv, oi, cols);
+      attend_projection(ws[iY] + i * n, group_cols, n, d, cv, scale, ws[iS], lds, inv, oi, cols,
+                        lse != nullptr ? ws[iL] : nullptr);
       scale_columns(oi, cols, cv, n, inv);
+      if (lse != nullptr) {
+        store_cell(CellBlock<scalar_t>{oi, cols}, out + (first + i) * cv * hw, cv, H, W, cell);
+        store_cell(CellBlock<scalar_t>{ws[iL], n}, lse + (first + i) * hw, 1, H, W, cell);
+      }
     }
   }
-  std::vector<const scalar_t*> row_ptrs(count);
-  const std::vector<int64_t> strides(count, cols);
-  for (int64_t i = 0; i < images; ++i) {
-    row_ptrs[i] = o + i * n;
-    row_ptrs[images + i] = ws[iX] + i * n;
-  }
-  cskd::segment_gram::accumulate<scalar_t>({row_ptrs.data(), strides.data(), count, channels, n}, ws[iTile], gram);
+  const CellRows<scalar_t> cell_rows(o, ws[iX], images, n);
+  cskd::segment_gram::accumulate<scalar_t>(cell_rows.rows(channels, n), ws[iTile], gram);
   cskd::segment_gram::mirror_lower(gram, count);
+}
+
+// dx of one cell of every image from m (2B x 2B, centered: the Gram's gradient mixing, as
+// cell_cross_gram_backward takes it) and the forward's O and lse: [dO; dx] = m's combination of the
+// rows (O, X); U = Wv^T dO; per image the attention's backward without V (dP = U^T X: V = Wv X + b_v,
+// and b_v adds a constant to each row of dP, which the softmax's backward cancels), dx += U P (the
+// values' part, Wv^T dV), then dx += Wqk^T [dQ; dK] (Q, K made again from X), scattered once.
+template <typename scalar_t>
+void projected_gram_backward_task(const scalar_t* m, const scalar_t* x, const scalar_t* out, const scalar_t* lse,
+                                  const scalar_t* weight, const scalar_t* bias, scalar_t* dx, int64_t images,
+                                  int64_t channels, int64_t d, int64_t H, int64_t W, const Cell& cell,
+                                  scalar_t scale) {
+  const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, hw = H * W;
+  const int64_t count = 2 * images, tile = cskd::segment_gram::tile_size<scalar_t>(count);
+  Carver<scalar_t> carver;
+  const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iX = carver.add(channels * cols),
+                iO = carver.add(channels * cols), iU = carver.add(channels * cols), iDX = carver.add(channels * cols), iQK = carver.add(2 * d * cols), iDQK = carver.add(2 * d * cols),
+                iL = carver.add(n), iTile = carver.add(tile),
+                iScratch = carver.add(cskd::segment_gram::scratch_size<scalar_t>(count));
+  const std::vector<scalar_t*> ws = carver.carve();
+  scalar_t *s = ws[iS], *ds = ws[iDS], *xt = ws[iX], *ot = ws[iO], *u = ws[iU], *dxt = ws[iDX], *qk = ws[iQK],
+           *dqk = ws[iDQK];
+  gather_images(x, images, channels, H, W, cell, xt, cols);
+  gather_images(out, images, channels, H, W, cell, ot, cols);
+  const CellRows<scalar_t> cell_rows(ot, xt, images, n);
+  std::vector<scalar_t*> outs(count);
+  for (int64_t i = 0; i < images; ++i) {
+    // dO over O in place: combine packs every row's piece of a channel before it writes that piece.
+    outs[i] = ot + i * n;
+    outs[images + i] = dxt + i * n;
+  }
+  cskd::segment_gram::combine<scalar_t>(m, cell_rows.rows(channels, n), outs.data(), ws[iTile], ws[iScratch]);
+  const scalar_t* d_out = ot;
+  gemm<scalar_t>(true, false, channels, cols, channels, weight + 2 * d * channels, channels, d_out, cols, u, cols);
+  project_columns(xt, cols, cols, weight, bias, 2 * d, channels, qk, cols);
+  for (int64_t i = 0; i < images; ++i) {
+    const scalar_t *qi = qk + i * n, *ki = qk + d * cols + i * n, *ui = u + i * n, *xi = xt + i * n;
+    const CellBlock<scalar_t> L = load_cell(lse + i * hw, 1, H, W, cell, ws[iL]);
+    gemm<scalar_t>(true, false, n, n, d, qi, cols, ki, cols, s, lds);          // S = Q^T K
+    gemm<scalar_t>(true, false, n, n, channels, ui, cols, xi, cols, ds, lds);  // dP = U^T X (+ a row constant)
+    for (int64_t j = 0; j < n; ++j) softmax_grad_full_row(s + j * lds, ds + j * lds, n, scale, L.ptr[j]);
+    gemm<scalar_t>(false, false, channels, n, n, ui, cols, s, lds, dxt + i * n, cols, dxt + i * n, cols);  // += U P
+    gemm<scalar_t>(false, false, d, n, n, qi, cols, ds, lds, dqk + d * cols + i * n, cols);  // dK = Q dS
+    gemm<scalar_t>(false, true, d, n, n, ki, cols, ds, lds, dqk + i * n, cols);              // dQ = K dS^T
+  }
+  gemm<scalar_t>(true, false, channels, cols, 2 * d, weight, channels, dqk, cols, dxt, cols, dxt, cols);
+  for (int64_t i = 0; i < images; ++i)
+    store_cell(CellBlock<scalar_t>{dxt + i * n, cols}, dx + i * channels * hw, channels, H, W, cell);
 }
 
 // The checked inputs of the projected kernels: x (B, C, H, W) contiguous, weight (cells | 1, 2d + Cv, C)
@@ -732,9 +801,9 @@ at::Tensor position_attention_projected_forward(const at::Tensor& x_in, const at
 // O = position_attention_projected_forward's output (Cv = C): cell_cross_gram_forward([O, x], cells)
 // with O made, used and dropped in the task of its cell (every image of a cell in one task). For a
 // side without a gradient (CSKDLoss's teacher). Cells of at most kSingleBlock positions.
-at::Tensor position_attention_projected_gram(const at::Tensor& x_in, const at::Tensor& weight_in,
-                                             const at::Tensor& bias_in, const at::Tensor& cells_in, int64_t d,
-                                             double scale) {
+std::vector<at::Tensor> position_attention_projected_gram(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                          const at::Tensor& bias_in, const at::Tensor& cells_in,
+                                                          int64_t d, double scale, bool keep) {
   const ProjectedInputs in = check_projected("position_attention_projected_gram", x_in, weight_in, bias_in,
                                              cells_in, d);
   const int64_t B = in.x.size(0), C = in.x.size(1), H = in.x.size(2), W = in.x.size(3), rows = in.rows;
@@ -742,19 +811,58 @@ at::Tensor position_attention_projected_gram(const at::Tensor& x_in, const at::T
               in.cv);
   const int64_t num_cells = static_cast<int64_t>(in.cells.size()), group = cskd::group_images(B, in.largest);
   at::Tensor gram = at::zeros({num_cells, 2 * B, 2 * B}, in.x.options().dtype(at::kDouble));
+  at::Tensor out = keep ? empty_output({B, C, H, W}, in.x.options()) : at::empty({0}, in.x.options());
+  at::Tensor lse = keep ? at::empty({B, H, W}, in.x.options()) : at::empty({0}, in.x.options());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "position_attention_projected_gram", [&] {
     const scalar_t* xp = in.x.data_ptr<scalar_t>();
     const scalar_t* wp = in.weight.data_ptr<scalar_t>();
     const scalar_t* bp = in.bias.data_ptr<scalar_t>();
+    scalar_t* op = keep ? out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* lp = keep ? lse.data_ptr<scalar_t>() : nullptr;
     double* gp = gram.data_ptr<double>();
     cskd::for_each_cell_task(1, 1, num_cells, [&](int64_t, int64_t, int64_t k) {
       if (in.cells[k].positions() == 0) return;
       const int64_t wk = in.shared ? 0 : k;
-      projected_gram_task<scalar_t>(xp, wp + wk * rows * C, bp + wk * rows, gp + k * 4 * B * B, B, group, C, d, H, W,
-                                    in.cells[k], static_cast<scalar_t>(scale));
+      projected_gram_task<scalar_t>(xp, wp + wk * rows * C, bp + wk * rows, gp + k * 4 * B * B, op, lp, B, group, C,
+                                    d, H, W, in.cells[k], static_cast<scalar_t>(scale));
     });
   });
-  return gram;
+  return {gram, out, lse};
+}
+
+// dx (B, C, H, W) of the projected Gram from m (cells, 2B, 2B) = the Gram's gradient mixing H (dG + dG^T) H
+// in x's dtype, and the forward's x, out (O) and lse with the same weight, bias, cells, d and scale: the
+// gradient through O and through x's own rows. The weights take no gradient (resampled or fixed).
+at::Tensor position_attention_projected_gram_backward(const at::Tensor& m_in, const at::Tensor& x_in,
+                                                      const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                      const at::Tensor& weight_in, const at::Tensor& bias_in,
+                                                      const at::Tensor& cells_in, int64_t d, double scale) {
+  const ProjectedInputs in = check_projected("position_attention_projected_gram_backward", x_in, weight_in, bias_in,
+                                             cells_in, d);
+  const int64_t B = in.x.size(0), C = in.x.size(1), H = in.x.size(2), W = in.x.size(3), rows = in.rows;
+  const int64_t num_cells = static_cast<int64_t>(in.cells.size());
+  TORCH_CHECK(in.cv == C, "position_attention_projected_gram_backward: the values must have x's ", C,
+              " channels, got ", in.cv);
+  const at::Tensor m = m_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  TORCH_CHECK(m.sizes() == at::IntArrayRef({num_cells, 2 * B, 2 * B}) && m.scalar_type() == in.x.scalar_type(),
+              "m must be (cells, 2B, 2B) = (", num_cells, ", ", 2 * B, ", ", 2 * B, ") in x's dtype, got ", m.sizes());
+  TORCH_CHECK(out.sizes() == in.x.sizes() && out.scalar_type() == in.x.scalar_type(), "out must be shaped like x");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, W}) && lse.scalar_type() == in.x.scalar_type(),
+              "lse must be (B, H, W) in x's dtype");
+  at::Tensor dx = empty_output({B, C, H, W}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "position_attention_projected_gram_backward", [&] {
+    const scalar_t *mp = m.data_ptr<scalar_t>(), *xp = in.x.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>(),
+                   *lp = lse.data_ptr<scalar_t>(), *wp = in.weight.data_ptr<scalar_t>(),
+                   *bp = in.bias.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    cskd::for_each_cell_task(1, 1, num_cells, [&](int64_t, int64_t, int64_t k) {
+      if (in.cells[k].positions() == 0) return;
+      const int64_t wk = in.shared ? 0 : k;
+      projected_gram_backward_task<scalar_t>(mp + k * 4 * B * B, xp, op, lp, wp + wk * rows * C, bp + wk * rows, dxp,
+                                             B, C, d, H, W, in.cells[k], static_cast<scalar_t>(scale));
+    });
+  });
+  return dx;
 }
 
 // ---------------------------------------------------------------------------
@@ -1113,9 +1221,13 @@ void register_position_attention(pybind11::module& m) {
         pybind11::arg("scale"));
   m.def("position_attention_projected_gram", &position_attention_projected_gram,
         "Per cell the shifted Gram (cells, 2B, 2B) float64 of the rows (O, x), O the attention of x's own per-cell "
-        "projections, no gradient: (x, weight, bias, cells, d, scale) -> G",
+        "projections: (x, weight, bias, cells, d, scale, keep) -> (G, O, lse), O and lse empty unless keep",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
-        pybind11::arg("scale"));
+        pybind11::arg("scale"), pybind11::arg("keep"));
+  m.def("position_attention_projected_gram_backward", &position_attention_projected_gram_backward,
+        "dx of the projected Gram: (m, x, out, lse, weight, bias, cells, d, scale) -> dx", pybind11::arg("m"),
+        pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("cells"), pybind11::arg("d"), pybind11::arg("scale"));
   m.def("position_attention_adapted_forward", &position_attention_adapted_forward,
         "The student's PAM through a widening adapter: (x, qk_weight, qk_bias, out_weight, out_bias, cells, scale) "
         "-> (P, q, k, z, lse)",

@@ -62,33 +62,91 @@ CSKD_TILES_INLINE void accumulate_body(const Rows<T>& in, T* tile, double* acc) 
   if (pos > 0) gram_block<Bytes>(tile, ld, r - 1, pos, acc + r + 1, r);
 }
 
+// The Gram's backward: out row i (the rows' layout, at outs[i]) = sum_{l >= 1} m[i][l] (row_l - row_0)
+// for m (count x count, centered: its rows sum to zero, so this is m's combination of the rows
+// themselves, the shift only keeping float32 accurate). The shifted rows are packed a tile at a time;
+// combine_rows makes the tile's output rows in scratch (count x ld), copied out.
+template <int Bytes, typename T>
+CSKD_TILES_INLINE void combine_body(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
+  const int64_t r = in.count, block = block_columns<T>(r - 1), ld = tile_ld<T>(block);
+  for (int64_t s = 0; s < in.segments; ++s) {
+    for (int64_t done = 0; done < in.len;) {
+      const int64_t take = std::min(in.len - done, block);
+      const T* r0 = in.rows[0] + s * in.strides[0] + done;
+      for (int64_t l = 1; l < r; ++l) {
+        const T* src = in.rows[l] + s * in.strides[l] + done;
+        T* dst = tile + (l - 1) * ld;
+#pragma omp simd
+        for (int64_t j = 0; j < take; ++j) dst[j] = src[j] - r0[j];
+      }
+      combine_rows<Bytes>(m + 1, r, tile, ld, r - 1, r, take, scratch, ld);
+      for (int64_t i = 0; i < r; ++i) std::copy_n(scratch + i * ld, take, outs[i] + s * in.strides[i] + done);
+      done += take;
+    }
+  }
+}
+
 template <typename T>
 void accumulate_baseline(const Rows<T>& in, T* tile, double* acc) {
   accumulate_body<kBaselineBytes>(in, tile, acc);
 }
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 template <typename T>
-__attribute__((target("avx2,fma"))) void accumulate_avx2(const Rows<T>& in, T* tile, double* acc) {
+void combine_baseline(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
+  combine_body<kBaselineBytes>(m, in, outs, tile, scratch);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define CSKD_SEGMENT_AVX2 __attribute__((target("avx2,fma")))
+#define CSKD_SEGMENT_AVX512 \
+  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")))
+
+template <typename T>
+CSKD_SEGMENT_AVX2 void accumulate_avx2(const Rows<T>& in, T* tile, double* acc) {
   accumulate_body<kAvx2Bytes>(in, tile, acc);
 }
 
 template <typename T>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512"))) void accumulate_avx512(
-    const Rows<T>& in, T* tile, double* acc) {
+CSKD_SEGMENT_AVX512 void accumulate_avx512(const Rows<T>& in, T* tile, double* acc) {
   accumulate_body<kAvx512Bytes>(in, tile, acc);
 }
+
+template <typename T>
+CSKD_SEGMENT_AVX2 void combine_avx2(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
+  combine_body<kAvx2Bytes>(m, in, outs, tile, scratch);
+}
+
+template <typename T>
+CSKD_SEGMENT_AVX512 void combine_avx512(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
+  combine_body<kAvx512Bytes>(m, in, outs, tile, scratch);
+}
+#define CSKD_SEGMENT_DISPATCH(name, ...)                                   \
+  do {                                                                     \
+    if (cskd::cpu::has_avx512_core()) return name##_avx512(__VA_ARGS__);   \
+    if (cskd::cpu::has_avx2_fma()) return name##_avx2(__VA_ARGS__);        \
+    return name##_baseline(__VA_ARGS__);                                   \
+  } while (0)
+#else
+#define CSKD_SEGMENT_DISPATCH(name, ...) return name##_baseline(__VA_ARGS__)
 #endif
 
 // acc (count x count, row-major, lower triangle) += the Gram of (row_l - row_0); tile holds tile_size<T>(count).
 template <typename T>
 void accumulate(const Rows<T>& in, T* tile, double* acc) {
   if (in.count < 2) return;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  if (cskd::cpu::has_avx512_core()) return accumulate_avx512(in, tile, acc);
-  if (cskd::cpu::has_avx2_fma()) return accumulate_avx2(in, tile, acc);
-#endif
-  accumulate_baseline(in, tile, acc);
+  CSKD_SEGMENT_DISPATCH(accumulate, in, tile, acc);
+}
+
+// outs[i] (laid out as the rows) = sum_l m[i][l] (row_l - row_0), m (count x count) centered; tile and scratch
+// hold tile_size<T>(count) and count * tile_ld<T>(block_columns<T>(count - 1)) values.
+template <typename T>
+void combine(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
+  CSKD_SEGMENT_DISPATCH(combine, m, in, outs, tile, scratch);
+}
+
+template <typename T>
+int64_t scratch_size(int64_t count) {
+  return count * tile_ld<T>(block_columns<T>(count - 1));
 }
 
 // The upper triangle of a count x count matrix from its lower one.

@@ -24,7 +24,8 @@ ORDER = ["baseline", "avx2", "avx512"]
 # The tests of the ops with C++ kernels (the Triton cases are deselected: they do not depend on the cap).
 OP_TESTS = ["test_cka.py", "test_cross_gram.py", "test_channel_attention.py", "test_channel_gram.py",
             "test_position_attention.py", "test_cell_projection.py", "test_cwd.py", "test_cskd_loss.py",
-            "test_gemm.py", "test_nonfinite.py", "test_temperature.py", "test_uniform.py"]
+            "test_gemm.py", "test_nonfinite.py", "test_temperature.py", "test_uniform.py",
+            "test_projected_position_attention.py"]
 
 
 def _run(args, isa):

@@ -301,7 +301,7 @@ def test_a_zero_weight_branch_is_not_computed(similarity, adapter, projection, l
         monkeypatch.setattr(cskd_module, name, wrapper)
 
     channel_ops = ("run_channel_attention", "channel_gram")
-    position_ops = ("run_projected_position_attention", "draw_projections")
+    position_ops = ("run_projected_position_attention", "run_projected_position_grams", "draw_projections")
     for name in channel_ops + position_ops + ("draw_adapter",):
         counting(name)
     loss = CSKDLoss(CS, CT, lambda_cam=lambda_cam, lambda_pam=lambda_pam, similarity=similarity, adapter=adapter,
@@ -321,7 +321,9 @@ def test_a_zero_weight_branch_is_not_computed(similarity, adapter, projection, l
             assert all(p.grad is not None and p.grad.abs().max().item() == 0.0
                        for p in loss.student_projection.parameters())
     else:
-        assert calls.get("run_projected_position_attention") == 2, calls
+        # Both sides: the CKA through their Grams, the MSE through their attention outputs.
+        pam_op = "run_projected_position_grams" if similarity == "cka" else "run_projected_position_attention"
+        assert calls.get(pam_op) == 2, calls
     assert calls.get("draw_adapter", 0) == 0  # learned: drawn at construction only
     if lambda_cam == lambda_pam == 0:
         assert out.loss.item() == 0.0 and not calls

@@ -9,8 +9,9 @@ from cskd_kernels.modules.cskd_loss import draw_projections
 from cskd_kernels.ops import projected_position_attention as projected_module
 from cskd_kernels.ops.position_attention import cell_table
 from cskd_kernels.ops.cross_gram import run_centered_cross_grams
-from cskd_kernels.ops.projected_position_attention import (position_attention_projected_forward,
-                                                           position_attention_projected_gram, fuses,
+from cskd_kernels.ops.projected_position_attention import (gram_fuses, position_attention_projected_forward,
+                                                           position_attention_projected_gram,
+                                                           position_attention_projected_gram_backward, fuses,
                                                            run_projected_position_attention,
                                                            run_projected_position_grams)
 from conftest import HAS_EXTENSION
@@ -165,19 +166,88 @@ def test_projected_grams_route_to_the_two_steps_where_the_kernel_does_not_apply(
 
 def test_projected_gram_refuses_what_it_cannot_compute():
     x = torch.randn(2, 8, 30, 30)
+    cells = cell_table(30, 30, (5, 5))
     with pytest.raises(RuntimeError, match="the values must have x's 8 channels, got 9"):
-        position_attention_projected_gram(x, torch.randn(1, 13, 8), torch.randn(1, 13), cell_table(30, 30, (5, 5)),
-                                          2, 1.0, "cpu")
+        position_attention_projected_gram(x, torch.randn(1, 13, 8), torch.randn(1, 13), cells, 2, 1.0, False, "cpu")
     with pytest.raises(RuntimeError, match="at most 512 positions, got one of 900"):
         position_attention_projected_gram(x, torch.randn(1, 12, 8), torch.randn(1, 12), cell_table(30, 30, None), 2,
-                                          1.0, "cpu")
+                                          1.0, False, "cpu")
+    weight, bias = torch.randn(1, 12, 8), torch.randn(1, 12)
+    _, out, lse = position_attention_projected_gram(x, weight, bias, cells, 2, 1.0, True, "cpu")
+    m = torch.zeros(25, 4, 4)
+    with pytest.raises(RuntimeError, match=r"m must be \(cells, 2B, 2B\) = \(25, 4, 4\) in x's dtype"):
+        position_attention_projected_gram_backward(m.double(), x, out, lse, weight, bias, cells, 2, 1.0, "cpu")
+    with pytest.raises(RuntimeError, match="lse must be"):
+        position_attention_projected_gram_backward(m, x, out, lse[:1], weight, bias, cells, 2, 1.0, "cpu")
+
+
+def _student_grams(x, weights, temperature, grid, backend):
+    return run_centered_cross_grams((run_projected_position_attention(x, weights, temperature, grid, backend), x),
+                                    grid, backend)
+
+
+@pytest.mark.parametrize("shape,grid", GRAM_CASES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-cell", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_student_grams_and_x_gradient_match_the_reference(shape, grid, shared, dtype):
+    """With x's gradient wanted: the Gram kernel's values and dx against the reference's attention and cross-Grams."""
+    generator = torch.Generator().manual_seed(sum(shape) + 13 * shared)
+    b, c, h, w = shape
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) + 5).to(dtype).requires_grad_(True)
+    cells = 1 if shared else CellLayout(h, w, grid).num_cells
+    weights = _weights(cells, c, 2, dtype, generator, values=c)
+    grams = run_projected_position_grams(x, weights, 1.7, grid, "cpu")
+    assert type(grams.grad_fn).__name__ == "_ProjectedGramFunctionBackward"  # the kernels, not the two steps
+    x_ref = x.detach().double().requires_grad_(True)
+    expected = _student_grams(x_ref, tuple(t.double() for t in weights), 1.7, grid, "reference")
+    grad_grams = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    grad_x, = torch.autograd.grad((grams * grad_grams).sum(), x)
+    grad_ref, = torch.autograd.grad((expected * grad_grams).sum(), x_ref)
+    tolerance = {torch.float64: 1e-10, torch.float32: 5e-4}[dtype]
+    scale = expected.abs().amax(dim=(1, 2), keepdim=True)
+    assert ((grams.detach() - expected.detach()).abs() / scale).max().item() <= tolerance
+    assert grad_x.dtype == dtype
+    assert (grad_x.double() - grad_ref).abs().max().item() <= tolerance * grad_ref.abs().max().item()
+
+
+@pytest.mark.parametrize("shape,grid", [((3, 6, 6, 5), (2, 2)), ((4, 4, 5, 7), (3, 2))])
+def test_student_grams_gradcheck_float64(shape, grid):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = _weights(CellLayout(shape[2], shape[3], grid).num_cells, shape[1], 2, torch.float64, generator,
+                       values=shape[1])
+    assert torch.autograd.gradcheck(lambda x: run_projected_position_grams(x, weights, 1.3, grid, "cpu"), (x,))
+
+
+def test_student_gram_gradient_keeps_a_nan_in_its_cell():
+    """A NaN pixel makes its cell's Gram and gradients NaN, never a finite gradient; other cells keep theirs."""
+    x = torch.randn(3, 16, 13, 26)
+    x[1, 3, 2, 4] = float("nan")  # cell 0 (rows 0-2, columns 0-5)
+    x.requires_grad_(True)
+    weights = draw_projections(16, 8, 25, generator=torch.Generator().manual_seed(2))
+    grams = run_projected_position_grams(x, weights, 2.0, (5, 5), "cpu")
+    grad_x, = torch.autograd.grad(grams[1:].sum() + grams[0, 0, 0], x)
+    assert grad_x[:, :, :3, :6].isnan().any()
+    assert grad_x[:, :, 3:].isfinite().all() and grad_x[:, :, :, 6:].isfinite().all()
+
+
+def test_student_grams_route_learned_weights_to_the_two_steps():
+    """Weights that want a gradient take the differentiable two steps (the kernel gives x's gradient only)."""
+    x = torch.randn(3, 8, 10, 10, requires_grad=True)
+    weights = tuple(t.requires_grad_(True) for t in draw_projections(8, 4, 1))
+    assert not gram_fuses(x, weights, (5, 5), "cpu")
+    grams = run_projected_position_grams(x, weights, 2.0, (5, 5), "cpu")
+    assert type(grams.grad_fn).__name__ != "_ProjectedGramFunctionBackward"
+    grads = torch.autograd.grad(grams.sum(), weights)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[::2])  # wq, wk, wv
 
 
 @pytest.mark.parametrize("similarity", ["cka", "mse"])
 def test_cskd_loss_takes_the_teacher_through_the_kernel(similarity, monkeypatch):
     """On "cpu" the teacher's PAM (no gradient) is one kernel call; the loss is the reference backend's.
 
-    The CKA takes the teacher's Grams of (O, x) from the Gram kernel; the MSE its O from the forward kernel.
+    The CKA takes the Grams of (O, x) of both sides from the Gram kernel (the student's with x's gradient);
+    the MSE the teacher's O from the forward kernel (its student takes the adapted kernels).
     """
     calls = []
     name = "position_attention_projected_gram" if similarity == "cka" else "position_attention_projected_forward"
@@ -194,5 +264,5 @@ def test_cskd_loss_takes_the_teacher_through_the_kernel(similarity, monkeypatch)
         with torch.no_grad():
             loss.gamma_pam.fill_(0.5)
         losses.append(loss(feat_s, feat_t).pam)
-    assert calls == [32]  # the teacher's, on "cpu" only; the student's takes a gradient
+    assert calls == ([32, 16] if similarity == "cka" else [32])  # the teacher's first; on "cpu" only
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)

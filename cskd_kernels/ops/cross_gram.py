@@ -159,6 +159,13 @@ def center_blocks(gram, k):
     return h @ gram @ h
 
 
+def gram_mixing(grad_gram, k):
+    """M = H (dG + dG^T) H (block centering H): the rows' gradient is M (rows - row_0), from the gradient of the
+    block-centered Grams (cells, k*B, k*B)."""
+    h = _block_centering(k, grad_gram.shape[-1] // k, grad_gram.dtype, grad_gram.device)
+    return h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
+
+
 def _cross_grams(parts, grid, backend):
     """The block-centered Grams of ``parts`` per cell, and the channel blocks they were read in."""
     k, n = len(parts), parts[0].shape[0]
@@ -192,8 +199,7 @@ class CrossGramFunction(torch.autograd.Function):
     def backward(ctx, grad_gram):
         parts = ctx.saved_tensors
         layout, k, n = _layout(parts[0], ctx.grid), len(parts), parts[0].shape[0]
-        h = _block_centering(k, n, grad_gram.dtype, grad_gram.device)
-        m = h @ (grad_gram + grad_gram.transpose(1, 2)) @ h
+        m = gram_mixing(grad_gram, k)
         if _in_place(parts, ctx.backend):
             same = _in_place_parts(parts)
             m = m.to(accumulation_dtype(same[0].dtype)).contiguous()

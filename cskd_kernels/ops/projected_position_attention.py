@@ -32,7 +32,7 @@ import torch
 from cskd_kernels._library import kernel_op
 from cskd_kernels.backend import kernels
 from cskd_kernels.ops.cell_projection import run_cell_projection, stacked_rows
-from cskd_kernels.ops.cross_gram import center_blocks, run_centered_cross_grams
+from cskd_kernels.ops.cross_gram import center_blocks, gram_mixing, run_centered_cross_grams
 from cskd_kernels.ops.position_attention import cell_table, largest_cell, run_position_attention
 
 # Positions of the largest cell the fused kernel takes (its kSingleBlock: one score block per cell).
@@ -59,14 +59,59 @@ def fuses(x, weights, grid, backend):
 
 @kernel_op("position_attention_projected_gram")
 def position_attention_projected_gram(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                      cells: torch.Tensor, d: int, scale: float, backend: str) -> torch.Tensor:
-    """(cells, 2B, 2B) float64: cell_cross_gram's Gram of (O, x), O the projected attention (Cv = C)."""
-    return kernels("position_attention", backend).projected_gram(x, weight, bias, cells, d, scale)
+                                      cells: torch.Tensor, d: int, scale: float, keep: bool,
+                                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G, O, lse): G (cells, 2B, 2B) float64 cell_cross_gram's Gram of (O, x), O the projected attention
+    (Cv = C); O (B, C, H, W) and its log-sum-exp (B, H, W) kept for the backward when ``keep``, else empty."""
+    gram, out, lse = kernels("position_attention", backend).projected_gram(x, weight, bias, cells, d, scale, keep)
+    return gram, out, lse
 
 
 @position_attention_projected_gram.register_fake
-def _position_attention_projected_gram_fake(x, weight, bias, cells, d, scale, backend):
-    return x.new_empty((cells.shape[0], 2 * x.shape[0], 2 * x.shape[0]), dtype=torch.float64)
+def _position_attention_projected_gram_fake(x, weight, bias, cells, d, scale, keep, backend):
+    b, c, h, w = x.shape
+    gram = x.new_empty((cells.shape[0], 2 * b, 2 * b), dtype=torch.float64)
+    return gram, x.new_empty((b, c, h, w) if keep else (0,)), x.new_empty((b, h, w) if keep else (0,))
+
+
+@kernel_op("position_attention_projected_gram_backward")
+def position_attention_projected_gram_backward(m: torch.Tensor, x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                               weight: torch.Tensor, bias: torch.Tensor, cells: torch.Tensor, d: int,
+                                               scale: float, backend: str) -> torch.Tensor:
+    """x's gradient of the projected Gram from m = the Gram's gradient mixing (cells, 2B, 2B) in x's dtype."""
+    return kernels("position_attention", backend).projected_gram_backward(m, x, out, lse, weight, bias, cells, d,
+                                                                          scale)
+
+
+@position_attention_projected_gram_backward.register_fake
+def _position_attention_projected_gram_backward_fake(m, x, out, lse, weight, bias, cells, d, scale, backend):
+    return torch.empty_like(x)
+
+
+class _ProjectedGramFunction(torch.autograd.Function):
+    """The block-centered Grams (cells, 2B, 2B) of (O, x), differentiable in x (the projections take none).
+
+    Forward: one kernel per cell of every image (O, its Gram; O and lse kept).
+    Backward: one kernel per cell again: the Gram's gradient mixing gives dO
+    and x's own part, then the attention's and the projections' backward, q,
+    k made again from x and v never needed (see csrc/position_attention.cpp).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cells, d, scale, backend):
+        gram, out, lse = position_attention_projected_gram(x, weight, bias, cells, d, scale, True, backend)
+        ctx.save_for_backward(x, out, lse, weight, bias, cells)
+        ctx.d, ctx.scale, ctx.backend = d, scale, backend
+        return center_blocks(gram, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gram):
+        x, out, lse, weight, bias, cells = ctx.saved_tensors
+        m = gram_mixing(grad_gram, 2).to(x.dtype).contiguous()
+        grad_x = position_attention_projected_gram_backward(m, x, out, lse, weight, bias, cells, ctx.d, ctx.scale,
+                                                            ctx.backend)
+        return grad_x, None, None, None, None, None, None
 
 
 def _fused_arguments(x, weights, temperature, grid):
@@ -91,16 +136,29 @@ def run_projected_position_attention(x, weights, temperature, grid, backend):
     return position_attention_projected_forward(*_fused_arguments(x, weights, temperature, grid), backend)
 
 
+def gram_fuses(x, weights, grid, backend):
+    """Whether run_projected_position_grams takes the Gram kernels: as fuses(), and x may want a gradient
+    (the weights none), the values as wide as x."""
+    weights_need = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+    return (backend == "cpu" and not weights_need and x.dtype in (torch.float32, torch.float64)
+            and weights[4].shape[-2] == x.shape[1] and small_cells(x, grid))
+
+
 def run_projected_position_grams(x, weights, temperature, grid, backend):
     """Per-cell centered cross-Grams (cells, 2B, 2B) of (O, x), O = run_projected_position_attention's.
 
-    What run_centered_cross_grams((O, x), grid, backend) gives; on the fused
-    path one kernel, O never a map. Differentiable like the two steps.
+    What run_centered_cross_grams((O, x), grid, backend) gives, differentiable
+    in x and the weights like those two steps. On the fused path (gram_fuses)
+    one kernel per pass, O never a map to gather again: without a gradient the
+    Grams alone; with x's, O and its log-sum-exp kept for the backward kernel.
     """
-    if not (fuses(x, weights, grid, backend) and weights[4].shape[-2] == x.shape[1]):
+    if not gram_fuses(x, weights, grid, backend):
         attention = run_projected_position_attention(x, weights, temperature, grid, backend)
         return run_centered_cross_grams((attention, x), grid, backend)
-    gram = position_attention_projected_gram(*_fused_arguments(x, weights, temperature, grid), backend)
+    arguments = _fused_arguments(x, weights, temperature, grid)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ProjectedGramFunction.apply(*arguments, backend)
+    gram, _, _ = position_attention_projected_gram(*arguments, False, backend)
     return center_blocks(gram, 2)
 
 
