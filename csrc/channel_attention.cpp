@@ -312,7 +312,66 @@ void gram_panels(const scalar_t* x, const scalar_t* attention, int64_t batch, in
                                                              partial + p * square);
 }
 
+// Panel p of dOut = M (out - out_0), out = g A X + X made for every image in the workspace and mixed there.
+template <typename scalar_t>
+void output_grad_panel(const scalar_t* x, const scalar_t* attention, scalar_t g, const scalar_t* m, int64_t batch,
+                       int64_t channels, int64_t n, int64_t j0, int64_t panel, scalar_t* grad) {
+  const int64_t width = std::min(panel, n - j0), tile_offset = round_to_lines(batch * channels * width);
+  const int64_t tile = cskd::segment_gram::tile_size<scalar_t>(batch);
+  scalar_t* y = cskd::blas::workspace<scalar_t>(tile_offset + tile + cskd::segment_gram::scratch_size<scalar_t>(batch));
+  std::vector<const scalar_t*> rows(batch);
+  std::vector<scalar_t*> outs(batch);
+  const std::vector<int64_t> strides(batch, width), out_strides(batch, n);
+  for (int64_t b = 0; b < batch; ++b) {
+    scalar_t* yb = y + b * channels * width;
+    const scalar_t* xb = x + b * channels * n + j0;
+    cskd::blas::gemm<scalar_t>(false, false, channels, width, channels, attention + b * channels * channels, channels,
+                               xb, n, yb, width);
+    for (int64_t c = 0; c < channels; ++c) {
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) yb[c * width + j] = g * yb[c * width + j] + xb[c * n + j];
+    }
+    rows[b] = yb;
+    outs[b] = grad + b * channels * n + j0;
+  }
+  cskd::segment_gram::combine<scalar_t>(m, {rows.data(), strides.data(), batch, channels, width}, outs.data(),
+                                        out_strides.data(), y + tile_offset, y + tile_offset + tile);
+}
+
+template <typename scalar_t>
+void output_grad_panels(const scalar_t* x, const scalar_t* attention, scalar_t g, const scalar_t* m, int64_t batch,
+                        int64_t channels, int64_t n, scalar_t* grad) {
+  const int64_t panel = gram_panel_width(channels), panels = (n + panel - 1) / panel;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t p = 0; p < panels; ++p)
+    output_grad_panel<scalar_t>(x, attention, g, m, batch, channels, n, p * panel, panel, grad);
+}
+
 }  // namespace
+
+// dOut = M (out - out_0) (B, C, N) for out = gamma A X + X, x (B, C, N) and A (B, C, C) contiguous, M (B, B)
+// centered in x's dtype: the gradient of out's centered Gram (ChannelGramFunction's backward), out made
+// panel by panel for every image and mixed in the cache instead of written, read back and mixed.
+torch::Tensor channel_attention_output_grad(const torch::Tensor& x, const torch::Tensor& attention,
+                                            const torch::Tensor& gamma, const torch::Tensor& m) {
+  check_features(x);
+  const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2);
+  TORCH_CHECK(attention.dim() == 3 && attention.is_contiguous() && attention.size(0) == batch &&
+                  attention.size(1) == channels && attention.size(2) == channels &&
+                  attention.scalar_type() == x.scalar_type(),
+              "channel_attention (cpu): attention must be contiguous (B, C, C) like x ", x.sizes(), ", got ",
+              attention.sizes());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == batch && m.size(1) == batch && m.is_contiguous() &&
+                  m.scalar_type() == x.scalar_type(),
+              "channel_attention (cpu): m must be a contiguous (B, B) matrix in x's dtype, got ", m.sizes());
+  const double g = scalar_of(gamma);
+  auto grad = cskd::empty_output_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_output_grad", [&] {
+    output_grad_panels<scalar_t>(x.data_ptr<scalar_t>(), attention.data_ptr<scalar_t>(), static_cast<scalar_t>(g),
+                                 m.data_ptr<scalar_t>(), batch, channels, n, grad.data_ptr<scalar_t>());
+  });
+  return grad;
+}
 
 // (G (1, 2B, 2B) float64, A (B, C, C)) for x (B, C, N) contiguous: A is channel_attention_forward's
 // attention and G the Gram of the rows (A_b X_b for b < B, then X_b) shifted by row 0, i.e.
@@ -381,6 +440,9 @@ void register_channel_attention(pybind11::module& m) {
         "(G (1, 2B, 2B) float64, A): the shifted Gram of the rows (A x, x) and the attention, for contiguous x "
         "(B, C, N) and a temperature; A x never a map",
         pybind11::arg("x"), pybind11::arg("temperature"));
+  m.def("channel_attention_output_grad", &channel_attention_output_grad,
+        "M (out - out_0) for out = gamma A x + x, never a map: (x, attention, gamma, m) -> dOut",
+        pybind11::arg("x"), pybind11::arg("attention"), pybind11::arg("gamma"), pybind11::arg("m"));
   m.def("channel_attention_backward", &channel_attention_backward,
         "CAM backward: (dx or None, dgamma) from grad_out, x, attention, gamma, temperature",
         pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("attention"), pybind11::arg("gamma"),

@@ -716,7 +716,8 @@ void projected_gram_backward_task(const scalar_t* m, const scalar_t* x, const sc
     outs[i] = ot + i * n;
     outs[images + i] = dxt + i * n;
   }
-  cskd::segment_gram::combine<scalar_t>(m, cell_rows.rows(channels, n), outs.data(), ws[iTile], ws[iScratch]);
+  cskd::segment_gram::combine<scalar_t>(m, cell_rows.rows(channels, n), outs.data(), cell_rows.strides.data(), ws[iTile],
+                                        ws[iScratch]);
   const scalar_t* d_out = ot;
   gemm<scalar_t>(true, false, channels, cols, channels, weight + 2 * d * channels, channels, d_out, cols, u, cols);
   project_columns(xt, cols, cols, weight, bias, 2 * d, channels, qk, cols);

@@ -62,12 +62,13 @@ CSKD_TILES_INLINE void accumulate_body(const Rows<T>& in, T* tile, double* acc) 
   if (pos > 0) gram_block<Bytes>(tile, ld, r - 1, pos, acc + r + 1, r);
 }
 
-// The Gram's backward: out row i (the rows' layout, at outs[i]) = sum_{l >= 1} m[i][l] (row_l - row_0)
+// The Gram's backward: out row i (at outs[i], segments out_strides[i] apart) = sum_{l >= 1} m[i][l] (row_l - row_0)
 // for m (count x count, centered: its rows sum to zero, so this is m's combination of the rows
 // themselves, the shift only keeping float32 accurate). The shifted rows are packed a tile at a time;
 // combine_rows makes the tile's output rows in scratch (count x ld), copied out.
 template <int Bytes, typename T>
-CSKD_TILES_INLINE void combine_body(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
+CSKD_TILES_INLINE void combine_body(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile,
+                                    T* scratch) {
   const int64_t r = in.count, block = block_columns<T>(r - 1), ld = tile_ld<T>(block);
   for (int64_t s = 0; s < in.segments; ++s) {
     for (int64_t done = 0; done < in.len;) {
@@ -80,7 +81,7 @@ CSKD_TILES_INLINE void combine_body(const T* m, const Rows<T>& in, T* const* out
         for (int64_t j = 0; j < take; ++j) dst[j] = src[j] - r0[j];
       }
       combine_rows<Bytes>(m + 1, r, tile, ld, r - 1, r, take, scratch, ld);
-      for (int64_t i = 0; i < r; ++i) std::copy_n(scratch + i * ld, take, outs[i] + s * in.strides[i] + done);
+      for (int64_t i = 0; i < r; ++i) std::copy_n(scratch + i * ld, take, outs[i] + s * out_strides[i] + done);
       done += take;
     }
   }
@@ -92,8 +93,8 @@ void accumulate_baseline(const Rows<T>& in, T* tile, double* acc) {
 }
 
 template <typename T>
-void combine_baseline(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
-  combine_body<kBaselineBytes>(m, in, outs, tile, scratch);
+void combine_baseline(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile, T* scratch) {
+  combine_body<kBaselineBytes>(m, in, outs, out_strides, tile, scratch);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -112,13 +113,15 @@ CSKD_SEGMENT_AVX512 void accumulate_avx512(const Rows<T>& in, T* tile, double* a
 }
 
 template <typename T>
-CSKD_SEGMENT_AVX2 void combine_avx2(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
-  combine_body<kAvx2Bytes>(m, in, outs, tile, scratch);
+CSKD_SEGMENT_AVX2 void combine_avx2(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile,
+                                    T* scratch) {
+  combine_body<kAvx2Bytes>(m, in, outs, out_strides, tile, scratch);
 }
 
 template <typename T>
-CSKD_SEGMENT_AVX512 void combine_avx512(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
-  combine_body<kAvx512Bytes>(m, in, outs, tile, scratch);
+CSKD_SEGMENT_AVX512 void combine_avx512(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides,
+                                        T* tile, T* scratch) {
+  combine_body<kAvx512Bytes>(m, in, outs, out_strides, tile, scratch);
 }
 #define CSKD_SEGMENT_DISPATCH(name, ...)                                   \
   do {                                                                     \
@@ -137,11 +140,11 @@ void accumulate(const Rows<T>& in, T* tile, double* acc) {
   CSKD_SEGMENT_DISPATCH(accumulate, in, tile, acc);
 }
 
-// outs[i] (laid out as the rows) = sum_l m[i][l] (row_l - row_0), m (count x count) centered; tile and scratch
-// hold tile_size<T>(count) and count * tile_ld<T>(block_columns<T>(count - 1)) values.
+// outs[i] (segment s at outs[i] + s * out_strides[i]) = sum_l m[i][l] (row_l - row_0), m (count x count)
+// centered; tile and scratch hold tile_size<T>(count) and scratch_size<T>(count) values.
 template <typename T>
-void combine(const T* m, const Rows<T>& in, T* const* outs, T* tile, T* scratch) {
-  CSKD_SEGMENT_DISPATCH(combine, m, in, outs, tile, scratch);
+void combine(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile, T* scratch) {
+  CSKD_SEGMENT_DISPATCH(combine, m, in, outs, out_strides, tile, scratch);
 }
 
 template <typename T>

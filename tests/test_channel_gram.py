@@ -5,7 +5,8 @@ import torch
 
 from cskd_kernels import CSKDLoss, reference
 from cskd_kernels.ops import channel_gram as channel_gram_module
-from cskd_kernels.ops.channel_attention import channel_attention_forward, channel_attention_gram
+from cskd_kernels.ops.channel_attention import (channel_attention_forward, channel_attention_gram,
+                                               channel_attention_output_grad)
 from cskd_kernels.ops.channel_gram import channel_gram
 from cskd_kernels.ops.cross_gram import cell_cross_gram, center_blocks, combine_grams
 from cskd_kernels.ops.position_attention import cell_table
@@ -120,3 +121,23 @@ def test_cskd_loss_takes_both_cam_grams_through_the_kernel(monkeypatch):
     assert calls == [32, 16]  # the teacher's, then the student's, on "cpu" only
     for cpu, ref in zip(*results):
         torch.testing.assert_close(cpu, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 5, 37), (4, 9, 517), (2, 300, 700)])
+def test_output_grad_kernel_is_the_mixing_of_cam_output(dtype, shape):
+    """channel_attention_output_grad = M (out - out_0), out = gamma A X + X, for a centered M: every panel, any C."""
+    b, c, n = shape
+    generator = torch.Generator().manual_seed(n)
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) + 3.0).to(dtype)
+    _, attention = channel_attention_forward(x, torch.ones(1, dtype=dtype), 1.4, "cpu")
+    h = torch.eye(b, dtype=torch.float64) - 1.0 / b
+    m = h @ torch.randn(b, b, generator=generator, dtype=torch.float64) @ h
+    gamma = torch.tensor([0.7], dtype=dtype)
+    grad = channel_attention_output_grad(x, attention, gamma, m.to(dtype).contiguous())
+    out = 0.7 * torch.bmm(attention.double(), x.double()) + x.double()
+    expected = torch.einsum("ij,jcn->icn", m, out - out[:1])
+    assert grad.dtype == dtype and grad.shape == x.shape
+    tolerance = {torch.float64: 1e-12, torch.float32: 2e-5}[dtype]
+    assert (grad.double() - expected).abs().max().item() <= tolerance * expected.abs().max().item()

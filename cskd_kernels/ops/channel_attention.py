@@ -76,17 +76,6 @@ def _channel_attention_backward_fake(grad_out, features, attention, gamma, tempe
     return (torch.empty_like(features) if need_x else features.new_empty(0)), torch.empty_like(gamma)
 
 
-@torch.library.custom_op("cskd::channel_attention_apply", mutates_args=())
-def channel_attention_apply(features: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """gamma A X + X from a saved attention A, on the C++ kernels (backend "cpu")."""
-    return kernels("channel_attention", "cpu").apply(features, attention, gamma)
-
-
-@channel_attention_apply.register_fake
-def _channel_attention_apply_fake(features, attention, gamma):
-    return torch.empty_like(features)
-
-
 @torch.library.custom_op("cskd::channel_attention_gram", mutates_args=())
 def channel_attention_gram(features: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(G (1, 2B, 2B) float64, A (B, C, C)) on the C++ kernels (backend "cpu"): A the attention, G the Gram of
@@ -99,6 +88,19 @@ def channel_attention_gram(features: torch.Tensor, temperature: float) -> tuple[
 def _channel_attention_gram_fake(features, temperature):
     b, c, _ = features.shape
     return features.new_empty((1, 2 * b, 2 * b), dtype=torch.float64), features.new_empty((b, c, c))
+
+
+@torch.library.custom_op("cskd::channel_attention_output_grad", mutates_args=())
+def channel_attention_output_grad(features: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor,
+                                  m: torch.Tensor) -> torch.Tensor:
+    """M (out - out_0) for out = gamma A X + X, never a map, on the C++ kernels (backend "cpu"): the gradient of
+    out's centered Gram by out, M = H (dK + dK^T) H (B x B, features' dtype)."""
+    return kernels("channel_attention", "cpu").output_grad(features, attention, gamma, m)
+
+
+@channel_attention_output_grad.register_fake
+def _channel_attention_output_grad_fake(features, attention, gamma, m):
+    return torch.empty_like(features)
 
 
 def _setup_context(ctx, inputs, output):

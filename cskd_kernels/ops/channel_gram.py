@@ -21,7 +21,9 @@ gives A and the Gram of the rows (A X, X), each column panel of A X made and
 taken into the Gram while it is in the cache, and K is the (gamma, 1)
 combination of its centered blocks (at CamVid's teacher, 256 channels, 37 ->
 28 ms against the forward and cell_cross_gram, 2 threads). The teacher's
-side uses the same kernel through attention_cross_grams.
+side uses the same kernel through attention_cross_grams. Its backward makes
+CAM(x) the same way, panel by panel, and mixes it into dOut there
+(channel_attention_output_grad): CAM(x) is not written and read back.
 
 Fused backends only (the kernels' contract); the reference composes the ops.
 """
@@ -30,10 +32,10 @@ import torch
 
 from cskd_kernels._validation import accumulation_dtype
 from cskd_kernels.ops.channel_attention import (
-    channel_attention_apply,
     channel_attention_backward,
     channel_attention_forward,
     channel_attention_gram,
+    channel_attention_output_grad,
 )
 from cskd_kernels.ops.cka import _gram_input_grad, centered_gram, centering_matrix
 from cskd_kernels.ops.cross_gram import center_blocks, combine_grams
@@ -84,12 +86,15 @@ class ChannelGramFunction(torch.autograd.Function):
         out = None
         if attention is None:  # not kept (the map is smaller than A): the forward again, out with it
             out, attention = channel_attention_forward(features, gamma, ctx.temperature, ctx.backend)
-        if ctx.backend == "cpu":
-            out = channel_attention_apply(features, attention, gamma) if out is None else out
+        if ctx.backend == "cpu" and out is None:
+            # CAM(x) made panel by panel and mixed in the cache: dOut without CAM(x) as a map.
+            m = (h @ (grad_gram + grad_gram.transpose(1, 2)) @ h)[0].to(features.dtype).contiguous()
+            grad_out = channel_attention_output_grad(features, attention, gamma, m)
         else:
-            x = features.to(acc)
-            out = torch.bmm(attention, x).mul_(gamma).add_(x)
-        grad_out = _gram_input_grad(out.reshape(1, out.shape[0], -1), (h @ grad_gram @ h).to(acc), ctx.backend)
+            if out is None:
+                x = features.to(acc)
+                out = torch.bmm(attention, x).mul_(gamma).add_(x)
+            grad_out = _gram_input_grad(out.reshape(1, out.shape[0], -1), (h @ grad_gram @ h).to(acc), ctx.backend)
         grad_x, grad_gamma = channel_attention_backward(
             grad_out.reshape(features.shape).to(features.dtype), features, attention, gamma, ctx.temperature,
             ctx.needs_input_grad[0], ctx.backend,
