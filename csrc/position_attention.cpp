@@ -633,16 +633,41 @@ void projected_forward_task(const scalar_t* x, const scalar_t* weight, const sca
   }
 }
 
-// The rows (O_0 .. O_{B-1}, X_0 .. X_{B-1}) of a cell's Gram: image i's columns of the o and x tiles
-// (C x cols each, row stride cols), one segment of n values per channel.
+// A cell's maps of every image in one workspace tile, in groups of `group` images: group g's block
+// (channels x its images' columns, images side by side) follows group g - 1's, so one product serves a
+// group (at least kTaskColumns columns) while an image's rows stay about a cell apart (a whole-batch
+// row of 8 x 338 values would put a 256-channel image's rows 2.7 MiB apart, past the L2 for every product).
+template <typename scalar_t>
+struct GroupedTile {
+  scalar_t* base;
+  int64_t channels, n, group, images;
+  int64_t first_of(int64_t i) const { return i / group * group; }
+  int64_t ld_of(int64_t i) const { return std::min(group, images - first_of(i)) * n; }
+  // Group g's block (first image `first`): channels x ld_of(first), row stride ld_of(first).
+  scalar_t* block(int64_t first) const { return base + first * channels * n; }
+  // Image i's channels x n matrix: row stride ld_of(i).
+  scalar_t* image(int64_t i) const { return block(first_of(i)) + (i - first_of(i)) * n; }
+};
+
+// The cell's pixels of every image into a grouped tile.
+template <typename scalar_t>
+void gather_grouped(const scalar_t* x, const GroupedTile<scalar_t>& tile, int64_t H, int64_t W, const Cell& cell) {
+  for (int64_t first = 0; first < tile.images; first += tile.group)
+    gather_images(x + first * tile.channels * H * W, std::min(tile.group, tile.images - first), tile.channels, H, W,
+                  cell, tile.block(first), tile.ld_of(first));
+}
+
+// The rows (O_0 .. O_{B-1}, X_0 .. X_{B-1}) of a cell's Gram from two grouped tiles, one segment of n
+// values per channel.
 template <typename scalar_t>
 struct CellRows {
   std::vector<const scalar_t*> ptrs;
   std::vector<int64_t> strides;
-  CellRows(const scalar_t* o, const scalar_t* x, int64_t images, int64_t n) : ptrs(2 * images), strides(2 * images, images * n) {
-    for (int64_t i = 0; i < images; ++i) {
-      ptrs[i] = o + i * n;
-      ptrs[images + i] = x + i * n;
+  CellRows(const GroupedTile<scalar_t>& o, const GroupedTile<scalar_t>& x) : ptrs(2 * x.images), strides(2 * x.images) {
+    for (int64_t i = 0; i < x.images; ++i) {
+      ptrs[i] = o.image(i);
+      ptrs[x.images + i] = x.image(i);
+      strides[i] = strides[x.images + i] = x.ld_of(i);
     }
   }
   cskd::segment_gram::Rows<scalar_t> rows(int64_t channels, int64_t n) const {
@@ -666,23 +691,24 @@ void projected_gram_task(const scalar_t* x, const scalar_t* weight, const scalar
                 iO = carver.add(cv * cols), iInv = carver.add(n), iL = carver.add(n),
                 iTile = carver.add(cskd::segment_gram::tile_size<scalar_t>(count));
   const std::vector<scalar_t*> ws = carver.carve();
-  scalar_t *o = ws[iO], *inv = ws[iInv];
-  gather_images(x, images, channels, H, W, cell, ws[iX], cols);
+  scalar_t* inv = ws[iInv];
+  const GroupedTile<scalar_t> xt{ws[iX], channels, n, group, images}, ot{ws[iO], cv, n, group, images};
+  gather_grouped(x, xt, H, W, cell);
   for (int64_t first = 0; first < images; first += group) {
-    const int64_t in_group = std::min(group, images - first), group_cols = in_group * n;
-    project_columns(ws[iX] + first * n, cols, group_cols, weight, bias, rows, channels, ws[iY], group_cols);
-    for (int64_t i = 0; i < in_group; ++i) {
-      scalar_t* oi = o + (first + i) * n;
-      attend_projection(ws[iY] + i * n, group_cols, n, d, cv, scale, ws[iS], lds, inv, oi, cols,
+    const int64_t group_cols = xt.ld_of(first);
+    project_columns(xt.block(first), group_cols, group_cols, weight, bias, rows, channels, ws[iY], group_cols);
+    for (int64_t i = first; i < first + group_cols / n; ++i) {
+      scalar_t* oi = ot.image(i);
+      attend_projection(ws[iY] + (i - first) * n, group_cols, n, d, cv, scale, ws[iS], lds, inv, oi, group_cols,
                         lse != nullptr ? ws[iL] : nullptr);
-      scale_columns(oi, cols, cv, n, inv);
+      scale_columns(oi, group_cols, cv, n, inv);
       if (lse != nullptr) {
-        store_cell(CellBlock<scalar_t>{oi, cols}, out + (first + i) * cv * hw, cv, H, W, cell);
-        store_cell(CellBlock<scalar_t>{ws[iL], n}, lse + (first + i) * hw, 1, H, W, cell);
+        store_cell(CellBlock<scalar_t>{oi, group_cols}, out + i * cv * hw, cv, H, W, cell);
+        store_cell(CellBlock<scalar_t>{ws[iL], n}, lse + i * hw, 1, H, W, cell);
       }
     }
   }
-  const CellRows<scalar_t> cell_rows(o, ws[iX], images, n);
+  const CellRows<scalar_t> cell_rows(ot, xt);
   cskd::segment_gram::accumulate<scalar_t>(cell_rows.rows(channels, n), ws[iTile], gram);
   cskd::segment_gram::mirror_lower(gram, count);
 }
@@ -691,49 +717,57 @@ void projected_gram_task(const scalar_t* x, const scalar_t* weight, const scalar
 // cell_cross_gram_backward takes it) and the forward's O and lse: [dO; dx] = m's combination of the
 // rows (O, X); U = Wv^T dO; per image the attention's backward without V (dP = U^T X: V = Wv X + b_v,
 // and b_v adds a constant to each row of dP, which the softmax's backward cancels), dx += U P (the
-// values' part, Wv^T dV), then dx += Wqk^T [dQ; dK] (Q, K made again from X), scattered once.
+// values' part, Wv^T dV), then dx += Wqk^T [dQ; dK] (Q, K made again from X), scattered once. The
+// whole-cell products run per group of images (grouped tiles, as the forward's).
 template <typename scalar_t>
 void projected_gram_backward_task(const scalar_t* m, const scalar_t* x, const scalar_t* out, const scalar_t* lse,
                                   const scalar_t* weight, const scalar_t* bias, scalar_t* dx, int64_t images,
-                                  int64_t channels, int64_t d, int64_t H, int64_t W, const Cell& cell,
+                                  int64_t group, int64_t channels, int64_t d, int64_t H, int64_t W, const Cell& cell,
                                   scalar_t scale) {
   const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, hw = H * W;
   const int64_t count = 2 * images, tile = cskd::segment_gram::tile_size<scalar_t>(count);
   Carver<scalar_t> carver;
   const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iX = carver.add(channels * cols),
-                iO = carver.add(channels * cols), iU = carver.add(channels * cols), iDX = carver.add(channels * cols), iQK = carver.add(2 * d * cols), iDQK = carver.add(2 * d * cols),
-                iL = carver.add(n), iTile = carver.add(tile),
+                iO = carver.add(channels * cols), iU = carver.add(channels * group * n),
+                iDX = carver.add(channels * cols), iQK = carver.add(2 * d * group * n),
+                iDQK = carver.add(2 * d * group * n), iL = carver.add(n), iTile = carver.add(tile),
                 iScratch = carver.add(cskd::segment_gram::scratch_size<scalar_t>(count));
   const std::vector<scalar_t*> ws = carver.carve();
-  scalar_t *s = ws[iS], *ds = ws[iDS], *xt = ws[iX], *ot = ws[iO], *u = ws[iU], *dxt = ws[iDX], *qk = ws[iQK],
-           *dqk = ws[iDQK];
-  gather_images(x, images, channels, H, W, cell, xt, cols);
-  gather_images(out, images, channels, H, W, cell, ot, cols);
-  const CellRows<scalar_t> cell_rows(ot, xt, images, n);
+  scalar_t *s = ws[iS], *ds = ws[iDS], *u = ws[iU], *qk = ws[iQK], *dqk = ws[iDQK];
+  const GroupedTile<scalar_t> xt{ws[iX], channels, n, group, images}, ot{ws[iO], channels, n, group, images},
+      dxt{ws[iDX], channels, n, group, images};
+  gather_grouped(x, xt, H, W, cell);
+  gather_grouped(out, ot, H, W, cell);
+  const CellRows<scalar_t> cell_rows(ot, xt);
   std::vector<scalar_t*> outs(count);
   for (int64_t i = 0; i < images; ++i) {
     // dO over O in place: combine packs every row's piece of a channel before it writes that piece.
-    outs[i] = ot + i * n;
-    outs[images + i] = dxt + i * n;
+    outs[i] = ot.image(i);
+    outs[images + i] = dxt.image(i);
   }
   cskd::segment_gram::combine<scalar_t>(m, cell_rows.rows(channels, n), outs.data(), cell_rows.strides.data(), ws[iTile],
                                         ws[iScratch]);
-  const scalar_t* d_out = ot;
-  gemm<scalar_t>(true, false, channels, cols, channels, weight + 2 * d * channels, channels, d_out, cols, u, cols);
-  project_columns(xt, cols, cols, weight, bias, 2 * d, channels, qk, cols);
-  for (int64_t i = 0; i < images; ++i) {
-    const scalar_t *qi = qk + i * n, *ki = qk + d * cols + i * n, *ui = u + i * n, *xi = xt + i * n;
-    const CellBlock<scalar_t> L = load_cell(lse + i * hw, 1, H, W, cell, ws[iL]);
-    gemm<scalar_t>(true, false, n, n, d, qi, cols, ki, cols, s, lds);          // S = Q^T K
-    gemm<scalar_t>(true, false, n, n, channels, ui, cols, xi, cols, ds, lds);  // dP = U^T X (+ a row constant)
-    for (int64_t j = 0; j < n; ++j) softmax_grad_full_row(s + j * lds, ds + j * lds, n, scale, L.ptr[j]);
-    gemm<scalar_t>(false, false, channels, n, n, ui, cols, s, lds, dxt + i * n, cols, dxt + i * n, cols);  // += U P
-    gemm<scalar_t>(false, false, d, n, n, qi, cols, ds, lds, dqk + d * cols + i * n, cols);  // dK = Q dS
-    gemm<scalar_t>(false, true, d, n, n, ki, cols, ds, lds, dqk + i * n, cols);              // dQ = K dS^T
+  for (int64_t first = 0; first < images; first += group) {
+    const int64_t gc = xt.ld_of(first);
+    const scalar_t* d_out = ot.block(first);
+    scalar_t* dx_block = dxt.block(first);
+    gemm<scalar_t>(true, false, channels, gc, channels, weight + 2 * d * channels, channels, d_out, gc, u, gc);  // U
+    project_columns(xt.block(first), gc, gc, weight, bias, 2 * d, channels, qk, gc);
+    for (int64_t j = 0; j < gc / n; ++j) {
+      const scalar_t *qi = qk + j * n, *ki = qk + d * gc + j * n, *ui = u + j * n, *xi = xt.block(first) + j * n;
+      const CellBlock<scalar_t> L = load_cell(lse + (first + j) * hw, 1, H, W, cell, ws[iL]);
+      gemm<scalar_t>(true, false, n, n, d, qi, gc, ki, gc, s, lds);          // S = Q^T K
+      gemm<scalar_t>(true, false, n, n, channels, ui, gc, xi, gc, ds, lds);  // dP = U^T X (+ a row constant)
+      for (int64_t r = 0; r < n; ++r) softmax_grad_full_row(s + r * lds, ds + r * lds, n, scale, L.ptr[r]);
+      scalar_t* dxi = dx_block + j * n;
+      gemm<scalar_t>(false, false, channels, n, n, ui, gc, s, lds, dxi, gc, dxi, gc);  // dx += U P
+      gemm<scalar_t>(false, false, d, n, n, qi, gc, ds, lds, dqk + d * gc + j * n, gc);  // dK = Q dS
+      gemm<scalar_t>(false, true, d, n, n, ki, gc, ds, lds, dqk + j * n, gc);            // dQ = K dS^T
+    }
+    gemm<scalar_t>(true, false, channels, gc, 2 * d, weight, channels, dqk, gc, dx_block, gc, dx_block, gc);
+    for (int64_t j = 0; j < gc / n; ++j)
+      store_cell(CellBlock<scalar_t>{dx_block + j * n, gc}, dx + (first + j) * channels * hw, channels, H, W, cell);
   }
-  gemm<scalar_t>(true, false, channels, cols, 2 * d, weight, channels, dqk, cols, dxt, cols, dxt, cols);
-  for (int64_t i = 0; i < images; ++i)
-    store_cell(CellBlock<scalar_t>{dxt + i * n, cols}, dx + i * channels * hw, channels, H, W, cell);
 }
 
 // The checked inputs of the projected kernels: x (B, C, H, W) contiguous, weight (cells | 1, 2d + Cv, C)
@@ -851,6 +885,7 @@ at::Tensor position_attention_projected_gram_backward(const at::Tensor& m_in, co
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, W}) && lse.scalar_type() == in.x.scalar_type(),
               "lse must be (B, H, W) in x's dtype");
   at::Tensor dx = empty_output({B, C, H, W}, in.x.options());
+  const int64_t group = cskd::group_images(B, in.largest);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "position_attention_projected_gram_backward", [&] {
     const scalar_t *mp = m.data_ptr<scalar_t>(), *xp = in.x.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>(),
                    *lp = lse.data_ptr<scalar_t>(), *wp = in.weight.data_ptr<scalar_t>(),
@@ -860,7 +895,7 @@ at::Tensor position_attention_projected_gram_backward(const at::Tensor& m_in, co
       if (in.cells[k].positions() == 0) return;
       const int64_t wk = in.shared ? 0 : k;
       projected_gram_backward_task<scalar_t>(mp + k * 4 * B * B, xp, op, lp, wp + wk * rows * C, bp + wk * rows, dxp,
-                                             B, C, d, H, W, in.cells[k], static_cast<scalar_t>(scale));
+                                             B, group, C, d, H, W, in.cells[k], static_cast<scalar_t>(scale));
     });
   });
   return dx;
