@@ -177,7 +177,9 @@ def flops_for(grid, shape=CITYSCAPES):
     b, cs, ct, n = shape.b, shape.cs, shape.ct, shape.h * shape.w
 
     def flops(x, mode):
-        # Channel attention: forward E and A X; backward of the student three products, the teacher one.
+        # Channel attention: forward E and A X; backward of the student three products, the teacher one. (Kept
+        # as issue #24 set its targets against it: the fused path forms E's upper triangle, runs no teacher
+        # backward, and makes the student's A X again in its backward; docs/benchmarks.md counts both ways.)
         cam_forward = 4 * n * (cs**2 + ct**2) * b
         cam_backward = 2 * n * (3 * cs**2 + ct**2) * b
         # 1x1 projections C -> C/8, C/8, C; the student's input gradient costs the same again.
