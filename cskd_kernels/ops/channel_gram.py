@@ -38,7 +38,7 @@ from cskd_kernels.ops.channel_attention import (
     channel_attention_output_grad,
 )
 from cskd_kernels.ops.cka import _gram_input_grad, centered_gram, centering_matrix
-from cskd_kernels.ops.cross_gram import center_blocks, combine_grams
+from cskd_kernels.ops.cross_gram import center_blocks, combine_grams, gram_mixing
 
 
 def _double_centered(gram):
@@ -88,7 +88,7 @@ class ChannelGramFunction(torch.autograd.Function):
             out, attention = channel_attention_forward(features, gamma, ctx.temperature, ctx.backend)
         if ctx.backend == "cpu" and out is None:
             # CAM(x) made panel by panel and mixed in the cache: dOut without CAM(x) as a map.
-            m = (h @ (grad_gram + grad_gram.transpose(1, 2)) @ h)[0].to(features.dtype).contiguous()
+            m = gram_mixing(grad_gram, 1)[0].to(features.dtype).contiguous()
             grad_out = channel_attention_output_grad(features, attention, gamma, m)
         else:
             if out is None:
