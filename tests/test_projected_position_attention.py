@@ -112,8 +112,9 @@ def test_refuses_what_it_cannot_compute():
                                              cell_table(30, 30, (5, 5)), 2, 1.0, "cpu")
 
 
+# As above, and 10 images in cells of 81 positions: groups of 4, 4 and 2 images in the kernels' tiles.
 GRAM_CASES = [((3, 7, 13, 26), (5, 5)), ((5, 9, 6, 6), (5, 5)), ((7, 5, 5, 3), (2, 2)), ((2, 6, 11, 9), (3, 1)),
-              ((4, 4, 4, 9), (5, 4))]
+              ((4, 4, 4, 9), (5, 4)), ((10, 6, 27, 27), (3, 3))]
 
 
 @pytest.mark.parametrize("shape,grid", GRAM_CASES)
