@@ -232,6 +232,15 @@ void check_features(const torch::Tensor& x) {
               "channel_attention (cpu): float32 or float64 only, got ", x.scalar_type());
 }
 
+// A (B, C, C) contiguous, in x's dtype, for features x (B, C, N).
+void check_attention(const torch::Tensor& x, const torch::Tensor& attention) {
+  TORCH_CHECK(attention.dim() == 3 && attention.is_contiguous() && attention.size(0) == x.size(0) &&
+                  attention.size(1) == x.size(1) && attention.size(2) == x.size(1) &&
+                  attention.scalar_type() == x.scalar_type(),
+              "channel_attention (cpu): attention must be contiguous (B, C, C) like x ", x.sizes(), ", got ",
+              attention.sizes());
+}
+
 // gamma lives on the CPU here, so reading it is a memory load, not a device sync.
 double scalar_of(const torch::Tensor& gamma) {
   TORCH_CHECK(gamma.numel() == 1, "channel_attention (cpu): gamma must have one element, got ", gamma.sizes());
@@ -244,11 +253,7 @@ double scalar_of(const torch::Tensor& gamma) {
 torch::Tensor channel_attention_apply(const torch::Tensor& x, const torch::Tensor& attention,
                                       const torch::Tensor& gamma) {
   check_features(x);
-  TORCH_CHECK(attention.dim() == 3 && attention.is_contiguous() && attention.size(0) == x.size(0) &&
-                  attention.size(1) == x.size(1) && attention.size(2) == x.size(1) &&
-                  attention.scalar_type() == x.scalar_type(),
-              "channel_attention (cpu): attention must be contiguous (B, C, C) like x ", x.sizes(), ", got ",
-              attention.sizes());
+  check_attention(x, attention);
   const double g = scalar_of(gamma);
   auto out = cskd::empty_output_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_apply", [&] {
@@ -279,6 +284,23 @@ int64_t gram_panel_width(int64_t channels) { return std::max<int64_t>(256, (chan
 // count rounded up to 16 values (whole cache lines): where the Gram's tile starts after the panels.
 constexpr int64_t round_to_lines(int64_t count) { return (count + 15) / 16 * 16; }
 
+// y (B x C x width, image b's rows width apart) = A_b X_b[:, j0 : j0 + width] for every image b.
+template <typename scalar_t>
+void attention_panel(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n,
+                     int64_t j0, int64_t width, scalar_t* y) {
+  for (int64_t b = 0; b < batch; ++b)
+    cskd::blas::gemm<scalar_t>(false, false, channels, width, channels, attention + b * channels * channels, channels,
+                               x + b * channels * n + j0, n, y + b * channels * width, width);
+}
+
+// task(p, first column, panel width) for every column panel of an (image, C, N) map, one OpenMP task each.
+template <typename Task>
+void for_each_panel(int64_t channels, int64_t n, const Task& task) {
+  const int64_t panel = gram_panel_width(channels), panels = (n + panel - 1) / panel;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t p = 0; p < panels; ++p) task(p, p * panel, panel);
+}
+
 // Panel p's part of the shifted Gram of (A X, X) into partial (2B x 2B, lower triangle).
 template <typename scalar_t>
 void gram_panel(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n, int64_t j0,
@@ -288,28 +310,15 @@ void gram_panel(const scalar_t* x, const scalar_t* attention, int64_t batch, int
   scalar_t* y = cskd::blas::workspace<scalar_t>(tile_offset + cskd::segment_gram::tile_size<scalar_t>(count));
   std::vector<const scalar_t*> rows(count);
   std::vector<int64_t> strides(count);
+  attention_panel(x, attention, batch, channels, n, j0, width, y);
   for (int64_t b = 0; b < batch; ++b) {
-    scalar_t* yb = y + b * channels * width;
-    const scalar_t* xb = x + b * channels * n + j0;
-    cskd::blas::gemm<scalar_t>(false, false, channels, width, channels, attention + b * channels * channels, channels,
-                               xb, n, yb, width);
-    rows[b] = yb;
+    rows[b] = y + b * channels * width;
     strides[b] = width;
-    rows[batch + b] = xb;
+    rows[batch + b] = x + b * channels * n + j0;
     strides[batch + b] = n;
   }
   cskd::segment_gram::accumulate<scalar_t>({rows.data(), strides.data(), count, channels, width}, y + tile_offset,
                                            partial);
-}
-
-// Every panel's part into partial (panels x 2B x 2B), one task each.
-template <typename scalar_t>
-void gram_panels(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n,
-                 double* partial) {
-  const int64_t panel = gram_panel_width(channels), panels = (n + panel - 1) / panel, square = 4 * batch * batch;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t p = 0; p < panels; ++p) gram_panel<scalar_t>(x, attention, batch, channels, n, p * panel, panel,
-                                                             partial + p * square);
 }
 
 // Panel p of dOut = M (out - out_0), out = g A X + X made for every image in the workspace and mixed there.
@@ -322,11 +331,10 @@ void output_grad_panel(const scalar_t* x, const scalar_t* attention, scalar_t g,
   std::vector<const scalar_t*> rows(batch);
   std::vector<scalar_t*> outs(batch);
   const std::vector<int64_t> strides(batch, width), out_strides(batch, n);
+  attention_panel(x, attention, batch, channels, n, j0, width, y);
   for (int64_t b = 0; b < batch; ++b) {
     scalar_t* yb = y + b * channels * width;
     const scalar_t* xb = x + b * channels * n + j0;
-    cskd::blas::gemm<scalar_t>(false, false, channels, width, channels, attention + b * channels * channels, channels,
-                               xb, n, yb, width);
     for (int64_t c = 0; c < channels; ++c) {
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) yb[c * width + j] = g * yb[c * width + j] + xb[c * n + j];
@@ -338,15 +346,6 @@ void output_grad_panel(const scalar_t* x, const scalar_t* attention, scalar_t g,
                                         out_strides.data(), y + tile_offset, y + tile_offset + tile);
 }
 
-template <typename scalar_t>
-void output_grad_panels(const scalar_t* x, const scalar_t* attention, scalar_t g, const scalar_t* m, int64_t batch,
-                        int64_t channels, int64_t n, scalar_t* grad) {
-  const int64_t panel = gram_panel_width(channels), panels = (n + panel - 1) / panel;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t p = 0; p < panels; ++p)
-    output_grad_panel<scalar_t>(x, attention, g, m, batch, channels, n, p * panel, panel, grad);
-}
-
 }  // namespace
 
 // dOut = M (out - out_0) (B, C, N) for out = gamma A X + X, x (B, C, N) and A (B, C, C) contiguous, M (B, B)
@@ -355,20 +354,19 @@ void output_grad_panels(const scalar_t* x, const scalar_t* attention, scalar_t g
 torch::Tensor channel_attention_output_grad(const torch::Tensor& x, const torch::Tensor& attention,
                                             const torch::Tensor& gamma, const torch::Tensor& m) {
   check_features(x);
+  check_attention(x, attention);
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2);
-  TORCH_CHECK(attention.dim() == 3 && attention.is_contiguous() && attention.size(0) == batch &&
-                  attention.size(1) == channels && attention.size(2) == channels &&
-                  attention.scalar_type() == x.scalar_type(),
-              "channel_attention (cpu): attention must be contiguous (B, C, C) like x ", x.sizes(), ", got ",
-              attention.sizes());
   TORCH_CHECK(m.dim() == 2 && m.size(0) == batch && m.size(1) == batch && m.is_contiguous() &&
                   m.scalar_type() == x.scalar_type(),
               "channel_attention (cpu): m must be a contiguous (B, B) matrix in x's dtype, got ", m.sizes());
   const double g = scalar_of(gamma);
   auto grad = cskd::empty_output_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_output_grad", [&] {
-    output_grad_panels<scalar_t>(x.data_ptr<scalar_t>(), attention.data_ptr<scalar_t>(), static_cast<scalar_t>(g),
-                                 m.data_ptr<scalar_t>(), batch, channels, n, grad.data_ptr<scalar_t>());
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *ap = attention.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>();
+    scalar_t* gp = grad.data_ptr<scalar_t>();
+    for_each_panel(channels, n, [&](int64_t, int64_t j0, int64_t panel) {
+      output_grad_panel<scalar_t>(xp, ap, static_cast<scalar_t>(g), mp, batch, channels, n, j0, panel, gp);
+    });
   });
   return grad;
 }
@@ -389,8 +387,10 @@ std::vector<torch::Tensor> channel_attention_gram(const torch::Tensor& x, double
   std::vector<double> partial(static_cast<size_t>(panels * count * count), 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_gram", [&] {
     softmax_negated_rows_<scalar_t>(attention.data_ptr<scalar_t>(), batch * channels, channels, temperature);
-    gram_panels<scalar_t>(x.data_ptr<scalar_t>(), attention.data_ptr<scalar_t>(), batch, channels, n,
-                          partial.data());
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *ap = attention.data_ptr<scalar_t>();
+    for_each_panel(channels, n, [&](int64_t p, int64_t j0, int64_t panel) {
+      gram_panel<scalar_t>(xp, ap, batch, channels, n, j0, panel, partial.data() + p * count * count);
+    });
   });
   double* g = gram.data_ptr<double>();
   for (int64_t p = 0; p < panels; ++p)
