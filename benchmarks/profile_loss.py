@@ -2,15 +2,19 @@
 
     python -m benchmarks.profile_loss [--device cuda] [--grid 5x5 | --grid none] [--rows 15]
                                       [--shape cityscapes | demo | camvid | voc | r101psp | B,CS,CT,H,W]
-                                      [--threads N] [--steps N]
+                                      [--threads N] [--steps N] [--median-of K]
 
 Default: the released Cityscapes configuration, B=8, student 128 / teacher 256
 channels, 64x128 features, gammas 0.1; --shape names the other shapes the
 released scripts train with (benchmarks/test_bench_cskd_loss.py) or gives one.
 --steps profiles several steps (the table's call counts are then per this many steps).
+--median-of K prints the median time of K steps instead (no profiler), to
+compare two builds: run it alternately on each, in turn, at a quiet moment.
 """
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -36,6 +40,20 @@ def parse_shape(text):
     return tuple(int(part) for part in parts)
 
 
+def positive_int(text):
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _step_seconds(step, device):
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -44,7 +62,9 @@ def main(argv=None):
     parser.add_argument("--shape", type=parse_shape, default=SHAPES["cityscapes"],
                         help=f"{', '.join(SHAPES)}, or B,CS,CT,H,W")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as set)")
-    parser.add_argument("--steps", type=int, default=1, help="steps profiled (default 1)")
+    parser.add_argument("--steps", type=positive_int, default=1, help="steps profiled (default 1)")
+    parser.add_argument("--median-of", type=positive_int, default=None, metavar="K",
+                        help="print the median of K timed steps instead of the profile")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -62,6 +82,11 @@ def main(argv=None):
 
     for _ in range(2):  # compile the kernels, fill the caches
         step()
+    if args.median_of is not None:
+        print(f"{statistics.median(_step_seconds(step, device) for _ in range(args.median_of)) * 1e3:.1f} ms: "
+              f"median of {args.median_of} CSKDLoss forward + backward steps, shape (B, CS, CT, H, W) "
+              f"{args.shape}, grid {args.grid}, {device}, {torch.get_num_threads()} thread(s)")
+        return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):

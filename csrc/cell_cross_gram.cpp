@@ -36,9 +36,10 @@
 
 #include "cell_table.h"
 #include "cpu_features.h"
-#include "output_pool.h"
+#include "denormals.h"
 #include "gram_tiles.h"
 #include "ops.h"
+#include "output_pool.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define CSKD_XG_X86_DISPATCH 1
@@ -470,11 +471,13 @@ std::vector<torch::Tensor> cell_cross_gram_backward(const std::vector<torch::Ten
 }  // namespace
 
 void register_cell_cross_gram(pybind11::module& m) {
-  m.def("cell_cross_gram_forward", &cell_cross_gram_forward, pybind11::arg("parts"), pybind11::arg("cells"),
+  m.def("cell_cross_gram_forward", cskd::denormals::flushing(&cell_cross_gram_forward),
+        pybind11::arg("parts"), pybind11::arg("cells"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "G (cells, k*B, k*B) float64: per cell the Gram of the rows (map r / B, image r % B) shifted by row 0, "
         "over the cell's C x positions features; maps read in place.");
-  m.def("cell_cross_gram_backward", &cell_cross_gram_backward, pybind11::arg("parts"), pybind11::arg("cells"),
+  m.def("cell_cross_gram_backward", cskd::denormals::flushing(&cell_cross_gram_backward),
+        pybind11::arg("parts"), pybind11::arg("cells"),
         pybind11::arg("m"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Per map a: grad[b, :, cell] = sum_j m[cell][a B + b, j] (row_j - row_0)[:, cell] for centered m.");
 }

@@ -26,9 +26,10 @@
 #include <vector>
 
 #include "cell_table.h"
+#include "denormals.h"
 #include "gemm.h"
-#include "output_pool.h"
 #include "ops.h"
+#include "output_pool.h"
 
 namespace {
 
@@ -187,8 +188,8 @@ torch::Tensor cell_projection_backward(std::vector<torch::Tensor> grads, const t
 }
 
 void register_cell_projection(pybind11::module& m) {
-  m.def("cell_projection_forward", &cell_projection_forward,
+  m.def("cell_projection_forward", cskd::denormals::flushing(&cell_projection_forward),
         "the maps outs[j][b, :, cell] = W_cell,j x[b, :, cell] + b_cell,j of the row blocks `sizes` of weight");
-  m.def("cell_projection_backward", &cell_projection_backward,
+  m.def("cell_projection_backward", cskd::denormals::flushing(&cell_projection_backward),
         "grad_x[b, :, cell] = sum_j W_cell,j^T grads[j][b, :, cell], with `channels` channels");
 }

@@ -24,9 +24,10 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "denormals.h"
 #include "gemm.h"
-#include "output_pool.h"
 #include "ops.h"
+#include "output_pool.h"
 #include "segment_gram.h"
 #include "simd_exp.h"
 
@@ -430,20 +431,20 @@ std::vector<torch::Tensor> channel_attention_backward(const torch::Tensor& grad_
 }
 
 void register_channel_attention(pybind11::module& m) {
-  m.def("channel_attention_forward", &channel_attention_forward,
+  m.def("channel_attention_forward", cskd::denormals::flushing(&channel_attention_forward),
         "CAM forward: (out, attention) for contiguous x (B, C, N), gamma (1 element), temperature",
         pybind11::arg("x"), pybind11::arg("gamma"), pybind11::arg("temperature"));
-  m.def("channel_attention_apply", &channel_attention_apply,
+  m.def("channel_attention_apply", cskd::denormals::flushing(&channel_attention_apply),
         "gamma A x + x for contiguous x (B, C, N) and attention A (B, C, C)", pybind11::arg("x"),
         pybind11::arg("attention"), pybind11::arg("gamma"));
-  m.def("channel_attention_gram", &channel_attention_gram,
+  m.def("channel_attention_gram", cskd::denormals::flushing(&channel_attention_gram),
         "(G (1, 2B, 2B) float64, A): the shifted Gram of the rows (A x, x) and the attention, for contiguous x "
         "(B, C, N) and a temperature; A x never a map",
         pybind11::arg("x"), pybind11::arg("temperature"));
-  m.def("channel_attention_output_grad", &channel_attention_output_grad,
+  m.def("channel_attention_output_grad", cskd::denormals::flushing(&channel_attention_output_grad),
         "M (out - out_0) for out = gamma A x + x, never a map: (x, attention, gamma, m) -> dOut",
         pybind11::arg("x"), pybind11::arg("attention"), pybind11::arg("gamma"), pybind11::arg("m"));
-  m.def("channel_attention_backward", &channel_attention_backward,
+  m.def("channel_attention_backward", cskd::denormals::flushing(&channel_attention_backward),
         "CAM backward: (dx or None, dgamma) from grad_out, x, attention, gamma, temperature",
         pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("attention"), pybind11::arg("gamma"),
         pybind11::arg("temperature"), pybind11::arg("need_x"));

@@ -40,9 +40,10 @@
 #include <vector>
 
 #include "cpu_features.h"
-#include "output_pool.h"
+#include "denormals.h"
 #include "gram_tiles.h"
 #include "ops.h"
+#include "output_pool.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define CSKD_CKA_X86_DISPATCH 1
@@ -445,11 +446,12 @@ torch::Tensor centered_gram_backward(const torch::Tensor& x_in, const torch::Ten
 }  // namespace
 
 void register_cka(pybind11::module& m) {
-  m.def("cka_centered_gram", &centered_gram, pybind11::arg("x"),
+  m.def("cka_centered_gram", cskd::denormals::flushing(&centered_gram), pybind11::arg("x"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Kc = Xc Xc^T per group for x (g, n, p), Xc = x centered over the n samples; float32 or float64 "
         "(float64 accumulation across column blocks).");
-  m.def("cka_centered_gram_backward", &centered_gram_backward, pybind11::arg("x"), pybind11::arg("m"),
+  m.def("cka_centered_gram_backward", cskd::denormals::flushing(&centered_gram_backward),
+        pybind11::arg("x"), pybind11::arg("m"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "dx = m @ (x - x[:, 0:1, :]) for x (g, n, p) and m (g, n, n); shape and dtype of x.");
 }

@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "denormals.h"
 #include "simd_exp.h"
 
 namespace {
@@ -206,6 +207,7 @@ std::vector<at::Tensor> cwd_forward(const at::Tensor& s, const at::Tensor& t, do
 }  // namespace
 
 void register_cwd(pybind11::module& m) {
-  m.def("cwd_forward", &cwd_forward, "CWD per-row KL and (optionally) the student gradient", pybind11::arg("s"),
+  m.def("cwd_forward", cskd::denormals::flushing(&cwd_forward),
+        "CWD per-row KL and (optionally) the student gradient", pybind11::arg("s"),
         pybind11::arg("t"), pybind11::arg("temperature"), pybind11::arg("grad_scale"), pybind11::arg("compute_grad"));
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "denormals.h"
 #include "gemm.h"
 #include "ops.h"
 
@@ -59,7 +60,8 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, bool trans_a,
 }  // namespace
 
 void register_gemm(pybind11::module& m) {
-  m.def("gemm", &gemm, "op(a) op(b) (+ addend) on the kernels' own product routine", pybind11::arg("a"),
+  m.def("gemm", cskd::denormals::flushing(&gemm),
+        "op(a) op(b) (+ addend) on the kernels' own product routine", pybind11::arg("a"),
         pybind11::arg("b"), pybind11::arg("trans_a"), pybind11::arg("trans_b"), pybind11::arg("addend") = pybind11::none(),
         pybind11::arg("upper") = false);
   m.def("gemm_runs_own_kernel", [] { return cskd::blas::own_kernel_runs<float>(); },

@@ -50,9 +50,10 @@
 #include <vector>
 
 #include "cell_table.h"
+#include "denormals.h"
 #include "gemm.h"
-#include "output_pool.h"
 #include "ops.h"
+#include "output_pool.h"
 #include "segment_gram.h"
 #include "simd_exp.h"
 
@@ -1244,32 +1245,33 @@ std::vector<at::Tensor> position_attention_backward(const at::Tensor& q_in, cons
 }  // namespace
 
 void register_position_attention(pybind11::module& m) {
-  m.def("position_attention_forward", &position_attention_forward,
+  m.def("position_attention_forward", cskd::denormals::flushing(&position_attention_forward),
         "Fused position attention forward: (q, k, v, cells, scale) -> (out, lse)", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cells"), pybind11::arg("scale"));
-  m.def("position_attention_backward", &position_attention_backward,
+  m.def("position_attention_backward", cskd::denormals::flushing(&position_attention_backward),
         "Fused position attention backward by recomputation: -> (dq, dk, dv)", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
         pybind11::arg("grad_out"), pybind11::arg("cells"), pybind11::arg("scale"));
-  m.def("position_attention_projected_forward", &position_attention_projected_forward,
+  m.def("position_attention_projected_forward", cskd::denormals::flushing(&position_attention_projected_forward),
         "The attention of x's own per-cell projections, no gradient: (x, weight, bias, cells, d, scale) -> out",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
         pybind11::arg("scale"));
-  m.def("position_attention_projected_gram", &position_attention_projected_gram,
+  m.def("position_attention_projected_gram", cskd::denormals::flushing(&position_attention_projected_gram),
         "Per cell the shifted Gram (cells, 2B, 2B) float64 of the rows (O, x), O the attention of x's own per-cell "
         "projections: (x, weight, bias, cells, d, scale, keep) -> (G, O, lse), O and lse empty unless keep",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
         pybind11::arg("scale"), pybind11::arg("keep"));
-  m.def("position_attention_projected_gram_backward", &position_attention_projected_gram_backward,
+  m.def("position_attention_projected_gram_backward", cskd::denormals::flushing(&position_attention_projected_gram_backward),
+        
         "dx of the projected Gram: (m, x, out, lse, weight, bias, cells, d, scale) -> dx", pybind11::arg("m"),
         pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("cells"), pybind11::arg("d"), pybind11::arg("scale"));
-  m.def("position_attention_adapted_forward", &position_attention_adapted_forward,
+  m.def("position_attention_adapted_forward", cskd::denormals::flushing(&position_attention_adapted_forward),
         "The student's PAM through a widening adapter: (x, qk_weight, qk_bias, out_weight, out_bias, cells, scale) "
         "-> (P, q, k, z, lse)",
         pybind11::arg("x"), pybind11::arg("qk_weight"), pybind11::arg("qk_bias"), pybind11::arg("out_weight"),
         pybind11::arg("out_bias"), pybind11::arg("cells"), pybind11::arg("scale"));
-  m.def("position_attention_adapted_backward", &position_attention_adapted_backward,
+  m.def("position_attention_adapted_backward", cskd::denormals::flushing(&position_attention_adapted_backward),
         "(dx, gamma's parts per task) of the adapted PAM from r: (r, x, q, k, z, lse, u_weight, qk_weight, bias, g, "
         "cells, scale)",
         pybind11::arg("r"), pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("z"),

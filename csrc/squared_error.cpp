@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "denormals.h"
 #include "ops.h"
 
 namespace {
@@ -107,7 +108,7 @@ at::Tensor squared_error_pass(const c10::optional<at::Tensor>& x_s_in, const c10
 }  // namespace
 
 void register_squared_error(pybind11::module& m) {
-  m.def("squared_error_pass", &squared_error_pass,
+  m.def("squared_error_pass", cskd::denormals::flushing(&squared_error_pass),
         "The MSE's elementwise pass: r = w d in place, returns (sum d r, sum r (o_s - o_t)) in float64",
         pybind11::arg("x_s"), pybind11::arg("o_s"), pybind11::arg("x_t"), pybind11::arg("o_t"), pybind11::arg("g"),
         pybind11::arg("weight"), pybind11::arg("scalar_weight"), pybind11::arg("r"));
