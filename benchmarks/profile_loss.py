@@ -3,6 +3,7 @@
     python -m benchmarks.profile_loss [--device cuda] [--grid 5x5 | --grid none] [--rows 15]
                                       [--shape cityscapes | demo | camvid | voc | r101psp | B,CS,CT,H,W]
                                       [--threads N] [--steps N] [--median-of K]
+                                      [--released] [--flush-denormal]
 
 Default: the released Cityscapes configuration, B=8, student 128 / teacher 256
 channels, 64x128 features, gammas 0.1; --shape names the other shapes the
@@ -10,6 +11,10 @@ released scripts train with (benchmarks/test_bench_cskd_loss.py) or gives one.
 --steps profiles several steps (the table's call counts are then per this many steps).
 --median-of K prints the median time of K steps instead (no profiler), to
 compare two builds: run it alternately on each, in turn, at a quiet moment.
+--released runs the released formulation (cskd_kernels.released.cskd_loss)
+instead of CSKDLoss; --flush-denormal sets torch.set_flush_denormal(True)
+first (what the released formulation gains on a CPU where subnormal floats
+are slow; the C++ kernels flush inside their calls anyway).
 """
 
 import argparse
@@ -20,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import cskd_kernels
+from cskd_kernels import released
 
 
 def parse_grid(text):
@@ -65,7 +71,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=positive_int, default=1, help="steps profiled (default 1)")
     parser.add_argument("--median-of", type=positive_int, default=None, metavar="K",
                         help="print the median of K timed steps instead of the profile")
+    parser.add_argument("--released", action="store_true",
+                        help="the released formulation (cskd_kernels.released.cskd_loss) instead of CSKDLoss")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True) before the steps")
     args = parser.parse_args(argv)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        parser.error("--flush-denormal: this CPU cannot flush subnormal floats (torch.set_flush_denormal)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -76,15 +88,20 @@ def main(argv=None):
     with torch.no_grad():
         loss.gamma_cam.fill_(0.1)
         loss.gamma_pam.fill_(0.1)
+    name = "released formulation" if args.released else "CSKDLoss"
 
     def step():
-        loss(feat_s.clone().requires_grad_(True), feat_t).loss.backward()
+        features = feat_s.clone().requires_grad_(True)
+        if args.released:
+            released.cskd_loss(features, feat_t, loss.gamma_cam, loss.gamma_pam, grid=args.grid).backward()
+        else:
+            loss(features, feat_t).loss.backward()
 
     for _ in range(2):  # compile the kernels, fill the caches
         step()
     if args.median_of is not None:
         print(f"{statistics.median(_step_seconds(step, device) for _ in range(args.median_of)) * 1e3:.1f} ms: "
-              f"median of {args.median_of} CSKDLoss forward + backward steps, shape (B, CS, CT, H, W) "
+              f"median of {args.median_of} {name} forward + backward steps, shape (B, CS, CT, H, W) "
               f"{args.shape}, grid {args.grid}, {device}, {torch.get_num_threads()} thread(s)")
         return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -94,7 +111,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"CSKDLoss forward + backward, shape (B, CS, CT, H, W) {args.shape}, grid {args.grid}, {device}, "
+    print(f"{name} forward + backward, shape (B, CS, CT, H, W) {args.shape}, grid {args.grid}, {device}, "
           f"{torch.get_num_threads()} thread(s), {args.steps} step(s):")
     print(prof.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=60))
 

@@ -67,17 +67,32 @@ void for_each_cell_task(int64_t images, int64_t group, int64_t num_cells, const 
   }
 }
 
+// The cell's pixels of one (channels, H, W) image into dst (channels x ld, row-major, a channel's
+// positions row after row). Short rows a channel apart defeat the hardware prefetcher: the rows
+// kAhead channels ahead are fetched while these are copied.
+template <typename scalar_t>
+void copy_cell(const scalar_t* image, int64_t channels, int64_t H, int64_t W, const Cell& cell, scalar_t* dst,
+               int64_t ld) {
+  constexpr int64_t kAhead = 2, kLine = 64 / sizeof(scalar_t);
+  const int64_t hw = H * W;
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t r = 0; r < cell.height; ++r) {
+      const scalar_t* src = image + c * hw + (cell.row0 + r) * W + cell.col0;
+      if (c + kAhead < channels) {
+        for (int64_t j = 0; j < cell.width; j += kLine) __builtin_prefetch(src + kAhead * hw + j);
+        __builtin_prefetch(src + kAhead * hw + cell.width - 1);
+      }
+      std::memcpy(dst + c * ld + r * cell.width, src, cell.width * sizeof(scalar_t));
+    }
+}
+
 // The cell's pixels of `images` consecutive (channels, H, W) images from `first` into tile (channels x
 // ld, row-major), image i's positions at columns [i n, (i + 1) n).
 template <typename scalar_t>
 void gather_images(const scalar_t* first, int64_t images, int64_t channels, int64_t H, int64_t W, const Cell& cell,
                    scalar_t* tile, int64_t ld) {
-  const int64_t n = cell.positions(), hw = H * W;
   for (int64_t i = 0; i < images; ++i)
-    for (int64_t c = 0; c < channels; ++c)
-      for (int64_t r = 0; r < cell.height; ++r)
-        std::memcpy(tile + c * ld + i * n + r * cell.width, first + (i * channels + c) * hw + (cell.row0 + r) * W +
-                    cell.col0, cell.width * sizeof(scalar_t));
+    copy_cell(first + i * channels * H * W, channels, H, W, cell, tile + i * cell.positions(), ld);
 }
 
 }  // namespace cskd

@@ -311,10 +311,7 @@ struct CellMatrix {
     }
     const int64_t n = cell.positions();
     storage.resize(channels * n);
-    for (int64_t c = 0; c < channels; ++c)
-      for (int64_t r = 0; r < cell.height; ++r)
-        std::memcpy(&storage[c * n + r * cell.width], image + c * hw + (cell.row0 + r) * W + cell.col0,
-                    cell.width * sizeof(scalar_t));
+    cskd::copy_cell(image, channels, H, W, cell, storage.data(), n);
     ptr = storage.data();
     ld = n;
   }
@@ -382,19 +379,7 @@ CellBlock<scalar_t> load_cell(const scalar_t* image, int64_t channels, int64_t H
                               scalar_t* buffer) {
   const CellBlock<scalar_t> block = cell_output(const_cast<scalar_t*>(image), H, W, cell, buffer);
   if (block.ptr != buffer) return block;
-  const int64_t n = cell.positions(), hw = H * W;
-  // Short rows a channel apart defeat the hardware prefetcher: fetch the rows
-  // kAhead channels ahead while copying these.
-  constexpr int64_t kAhead = 2, kLine = 64 / sizeof(scalar_t);
-  for (int64_t c = 0; c < channels; ++c)
-    for (int64_t r = 0; r < cell.height; ++r) {
-      const scalar_t* src = image + c * hw + (cell.row0 + r) * W + cell.col0;
-      if (c + kAhead < channels) {
-        for (int64_t j = 0; j < cell.width; j += kLine) __builtin_prefetch(src + kAhead * hw + j);
-        __builtin_prefetch(src + kAhead * hw + cell.width - 1);
-      }
-      std::memcpy(buffer + c * n + r * cell.width, src, cell.width * sizeof(scalar_t));
-    }
+  cskd::copy_cell(image, channels, H, W, cell, buffer, cell.positions());
   return block;
 }
 

@@ -1,5 +1,6 @@
 """benchmarks.profile_loss: the profile table, the --median-of timing, and one line for bad input."""
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,16 @@ def test_a_count_that_is_not_positive_is_refused_in_one_line(option, value):
     done = run(option, value)
     assert done.returncode == 2
     assert f"{value!r} is not a positive integer" in done.stderr.strip().splitlines()[-1]
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+NEEDS_FLUSH = pytest.mark.skipif(not X86, reason="torch.set_flush_denormal works on x86 only")
+
+
+@pytest.mark.parametrize("extra", [["--released"], pytest.param(["--released", "--flush-denormal"], marks=NEEDS_FLUSH),
+                                   pytest.param(["--flush-denormal"], marks=NEEDS_FLUSH)])
+def test_the_released_formulation_and_flushed_denormals_are_timed(extra):
+    done = run("--shape", "4,8,16,6,6", "--grid", "2x2", "--median-of", "2", *extra)
+    assert done.returncode == 0, done.stderr
+    name = "released formulation" if "--released" in extra else "CSKDLoss"
+    assert f"median of 2 {name} forward + backward steps" in done.stdout
