@@ -7,7 +7,7 @@
 // student CAM's backward at Cityscapes' shapes ran in 220 ms instead of 45
 // (Xeon with AVX-512, 2 threads). Flushing (MXCSR's FTZ and DAZ bits) changes
 // any value by less than the smallest normal number, 1.2e-38 in float and
-// 2.2e-308 in double; GPUs' fast paths flush the same way.
+// 2.2e-308 in double.
 //
 // The caller's mode is restored on every thread when the call ends, so a
 // user's own operations keep the rounding they chose (torch.set_flush_denormal
