@@ -1246,8 +1246,8 @@ void register_position_attention(pybind11::module& m) {
         "projections: (x, weight, bias, cells, d, scale, keep) -> (G, O, lse), O and lse empty unless keep",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
         pybind11::arg("scale"), pybind11::arg("keep"));
-  m.def("position_attention_projected_gram_backward", cskd::denormals::flushing(&position_attention_projected_gram_backward),
-        
+  m.def("position_attention_projected_gram_backward",
+        cskd::denormals::flushing(&position_attention_projected_gram_backward),
         "dx of the projected Gram: (m, x, out, lse, weight, bias, cells, d, scale) -> dx", pybind11::arg("m"),
         pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("cells"), pybind11::arg("d"), pybind11::arg("scale"));
