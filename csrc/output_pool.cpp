@@ -15,20 +15,22 @@
 
 namespace {
 
-constexpr size_t kPooledBytes = size_t{2} << 20;  // one huge page: smaller outputs take at::empty
 constexpr size_t kHugePage = size_t{2} << 20;
 constexpr size_t kKeptBuffers = 32;
-// Freed buffers whose request malloc keeps in its own heap go back to it (glibc raises its mmap
-// threshold to the size of a freed block, up to 32 MiB on 64-bit): keeping them here too only adds to
-// the peak. Larger ones malloc maps afresh and returns to the system each time: those the pool keeps.
-// A buffer's request is its size plus up to a huge page of alignment, so a 32 MiB buffer (the released
-// Cityscapes student's map) is one malloc maps afresh: kept here, its page faults (5% of a Cityscapes
-// step's cycles on a 2-core Xeon) go. Measured peak of the CKA loss at the released CamVid / Pascal VOC /
-// Cityscapes shapes (benchmarks, AVX2 EPYC): 79 / 131 / 180 MiB keeping every size, 47 / 91 / 180 MiB
-// keeping only buffers over 32 MiB (the rule before 2c14c43, which also keeps those from 30 MiB).
+// Outputs whose freed block malloc keeps in its own heap (glibc raises its mmap threshold to the size
+// of a freed block, up to 32 MiB on 64-bit) take at::empty, never the pool: keeping them here too would
+// only add to the peak, and the pool's own request (2 MiB-aligned, huge pages asked for) is one glibc
+// maps afresh and unmaps on every free, so each call faulted the buffer in again (a 4 / 8 / 16 MiB
+// output written once: 6.4 / 12.8 / 2.9 ms from the pool, 0.1 / 0.2 / 0.4 ms from at::empty, 2-core
+// Xeon). Larger ones malloc too maps afresh each time: those the pool keeps. Counted with up to a huge
+// page of alignment, a 32 MiB output (the released Cityscapes student's map) is one of these: kept
+// here, its page faults (5% of a Cityscapes step's cycles on a 2-core Xeon) go. Measured peak of the
+// CKA loss at the released CamVid / Pascal VOC / Cityscapes shapes (benchmarks, AVX2 EPYC): 79 / 131 /
+// 180 MiB keeping every size, 47 / 91 / 180 MiB keeping only buffers over 32 MiB (the rule before
+// 2c14c43, which also keeps those from 30 MiB).
 constexpr size_t kMallocKeepsUpTo = size_t{32} << 20;
 
-bool malloc_keeps(size_t size) { return size + kHugePage < kMallocKeepsUpTo; }
+bool malloc_keeps(size_t bytes) { return bytes + kHugePage < kMallocKeepsUpTo; }
 // The bytes kept: 64 MiB (two gradients of the released CKA's student) unless CSKD_OUTPUT_CACHE_MB
 // says otherwise. Keeping more trades memory for time (README, "The whole CSKD loss").
 size_t kept_bytes_limit() {
@@ -83,6 +85,10 @@ class OutputPool final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     return kept_bytes_;
   }
+  size_t live_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return live_bytes_;
+  }
 
  private:
   void* take(size_t size) {
@@ -131,7 +137,7 @@ class OutputPool final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(pool.mutex_);
       const size_t size = pool.sizes_[data];
       pool.live_bytes_ -= size;
-      if (malloc_keeps(size) || size > kept_bytes_limit()) {
+      if (size > kept_bytes_limit()) {
         dropped.push_back(data);
       } else {
         pool.free_.push_back(data);
@@ -162,7 +168,7 @@ at::Tensor cskd::empty_output(at::IntArrayRef sizes, const at::TensorOptions& op
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-  if (bytes < kPooledBytes) return at::empty(sizes, options);
+  if (malloc_keeps(bytes)) return at::empty(sizes, options);
   return at::detail::empty_generic(sizes, &OutputPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), at::MemoryFormat::Contiguous);
 }
@@ -173,11 +179,13 @@ void register_output_pool(pybind11::module& m) {
   m.def(
       "empty_output",
       [](const std::vector<int64_t>& sizes, const at::Tensor& like) { return cskd::empty_output(sizes, like.options()); },
-      "An empty contiguous CPU tensor of `sizes` in like's dtype, from the pool when large (for the Python ops'\n"
-      "map-sized results: the pool's buffers are huge pages, a fault per 2 MiB instead of per 4 KiB).");
+      "An empty contiguous CPU tensor of `sizes` in like's dtype, from the pool from 30 MiB (for the Python ops'\n"
+      "map-sized results: malloc maps such buffers afresh on every call; the pool's are kept, in huge pages).");
   m.def("empty_cache", &cskd::empty_output_cache,
         "Frees the output buffers the C++ kernels keep for reuse (as torch.cuda.empty_cache does); what it keeps\n"
         "later may again reach the most its live outputs hold from now on.");
   m.def("output_cache_bytes", [] { return OutputPool::instance().kept_bytes(); },
         "Bytes of the freed output buffers the pool keeps for reuse now.");
+  m.def("output_pool_live_bytes", [] { return OutputPool::instance().live_bytes(); },
+        "Bytes of the pool's buffers that live tensors hold now.");
 }

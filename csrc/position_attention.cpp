@@ -661,24 +661,27 @@ struct CellRows {
   }
 };
 
-// One task: a cell of every image. O of every image into the workspace (groups of `group` images
+// One task: a cell of every image. O of every image into a grouped tile (groups of `group` images
 // share a projection product), then the shifted Gram (2B x 2B) of the rows O_0 .. O_{B-1},
 // X_0 .. X_{B-1} over the cell's features into gram (lower triangle mirrored): cell_cross_gram of (O, x)
-// without O written as a map and read back. With out and lse (else null) O and the log-sum-exp are
-// also stored for the backward (projected_gram_backward_task).
+// without O written as a map and read back. The tile is the workspace's, or with kept_o and kept_lse
+// (else null) the cell's block of the kept O, and the rows' log-sum-exp goes to kept_lse (images x n):
+// what the backward (projected_gram_backward_task) reads, in the layout it reads, never scattered to
+// a map's short rows and gathered back.
 template <typename scalar_t>
 void projected_gram_task(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, double* gram,
-                         scalar_t* out, scalar_t* lse, int64_t images, int64_t group, int64_t channels, int64_t d,
-                         int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
+                         scalar_t* kept_o, scalar_t* kept_lse, int64_t images, int64_t group, int64_t channels,
+                         int64_t d, int64_t H, int64_t W, const Cell& cell, scalar_t scale) {
   const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, cv = channels;
-  const int64_t rows = 2 * d + cv, count = 2 * images, hw = H * W;
+  const int64_t rows = 2 * d + cv, count = 2 * images;
   Carver<scalar_t> carver;
   const int64_t iS = carver.add(n * lds), iX = carver.add(channels * cols), iY = carver.add(rows * group * n),
-                iO = carver.add(cv * cols), iInv = carver.add(n), iL = carver.add(n),
+                iO = carver.add(kept_o != nullptr ? 0 : cv * cols), iInv = carver.add(n),
                 iTile = carver.add(cskd::segment_gram::tile_size<scalar_t>(count));
   const std::vector<scalar_t*> ws = carver.carve();
   scalar_t* inv = ws[iInv];
-  const GroupedTile<scalar_t> xt{ws[iX], channels, n, group, images}, ot{ws[iO], cv, n, group, images};
+  const GroupedTile<scalar_t> xt{ws[iX], channels, n, group, images},
+      ot{kept_o != nullptr ? kept_o : ws[iO], cv, n, group, images};
   gather_grouped(x, xt, H, W, cell);
   for (int64_t first = 0; first < images; first += group) {
     const int64_t group_cols = xt.ld_of(first);
@@ -686,12 +689,8 @@ void projected_gram_task(const scalar_t* x, const scalar_t* weight, const scalar
     for (int64_t i = first; i < first + group_cols / n; ++i) {
       scalar_t* oi = ot.image(i);
       attend_projection(ws[iY] + (i - first) * n, group_cols, n, d, cv, scale, ws[iS], lds, inv, oi, group_cols,
-                        lse != nullptr ? ws[iL] : nullptr);
+                        kept_lse != nullptr ? kept_lse + i * n : nullptr);
       scale_columns(oi, group_cols, cv, n, inv);
-      if (lse != nullptr) {
-        store_cell(CellBlock<scalar_t>{oi, group_cols}, out + i * cv * hw, cv, H, W, cell);
-        store_cell(CellBlock<scalar_t>{ws[iL], n}, lse + i * hw, 1, H, W, cell);
-      }
     }
   }
   const CellRows<scalar_t> cell_rows(ot, xt);
@@ -700,51 +699,51 @@ void projected_gram_task(const scalar_t* x, const scalar_t* weight, const scalar
 }
 
 // dx of one cell of every image from m (2B x 2B, centered: the Gram's gradient mixing, as
-// cell_cross_gram_backward takes it) and the forward's O and lse: [dO; dx] = m's combination of the
-// rows (O, X); U = Wv^T dO; per image the attention's backward without V (dP = U^T X: V = Wv X + b_v,
-// and b_v adds a constant to each row of dP, which the softmax's backward cancels), dx += U P (the
-// values' part, Wv^T dV), then dx += Wqk^T [dQ; dK] (Q, K made again from X), scattered once. The
-// whole-cell products run per group of images (grouped tiles, as the forward's).
+// cell_cross_gram_backward takes it) and the forward's kept O and lse (the cell's blocks, as
+// projected_gram_task wrote them; read only, so a second backward finds them intact): [dO; dx] = m's
+// combination of the rows (O, X); U = Wv^T dO; per image the attention's backward without V (dP = U^T X:
+// V = Wv X + b_v, and b_v adds a constant to each row of dP, which the softmax's backward cancels),
+// dx += U P (the values' part, Wv^T dV), then dx += Wqk^T [dQ; dK] (Q, K made again from X), scattered
+// once. The whole-cell products run per group of images (grouped tiles, as the forward's).
 template <typename scalar_t>
-void projected_gram_backward_task(const scalar_t* m, const scalar_t* x, const scalar_t* out, const scalar_t* lse,
-                                  const scalar_t* weight, const scalar_t* bias, scalar_t* dx, int64_t images,
-                                  int64_t group, int64_t channels, int64_t d, int64_t H, int64_t W, const Cell& cell,
-                                  scalar_t scale) {
+void projected_gram_backward_task(const scalar_t* m, const scalar_t* x, const scalar_t* kept_o,
+                                  const scalar_t* kept_lse, const scalar_t* weight, const scalar_t* bias, scalar_t* dx,
+                                  int64_t images, int64_t group, int64_t channels, int64_t d, int64_t H, int64_t W,
+                                  const Cell& cell, scalar_t scale) {
   const int64_t n = cell.positions(), lds = Carver<scalar_t>::round_up(n), cols = images * n, hw = H * W;
   const int64_t count = 2 * images, tile = cskd::segment_gram::tile_size<scalar_t>(count);
   Carver<scalar_t> carver;
   const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iX = carver.add(channels * cols),
-                iO = carver.add(channels * cols), iU = carver.add(channels * group * n),
+                iDO = carver.add(channels * cols), iU = carver.add(channels * group * n),
                 iDX = carver.add(channels * cols), iQK = carver.add(2 * d * group * n),
-                iDQK = carver.add(2 * d * group * n), iL = carver.add(n), iTile = carver.add(tile),
+                iDQK = carver.add(2 * d * group * n), iTile = carver.add(tile),
                 iScratch = carver.add(cskd::segment_gram::scratch_size<scalar_t>(count));
   const std::vector<scalar_t*> ws = carver.carve();
   scalar_t *s = ws[iS], *ds = ws[iDS], *u = ws[iU], *qk = ws[iQK], *dqk = ws[iDQK];
-  const GroupedTile<scalar_t> xt{ws[iX], channels, n, group, images}, ot{ws[iO], channels, n, group, images},
+  const GroupedTile<scalar_t> xt{ws[iX], channels, n, group, images},
+      ot{const_cast<scalar_t*>(kept_o), channels, n, group, images}, dot{ws[iDO], channels, n, group, images},
       dxt{ws[iDX], channels, n, group, images};
   gather_grouped(x, xt, H, W, cell);
-  gather_grouped(out, ot, H, W, cell);
   const CellRows<scalar_t> cell_rows(ot, xt);
   std::vector<scalar_t*> outs(count);
   for (int64_t i = 0; i < images; ++i) {
-    // dO over O in place: combine packs every row's piece of a channel before it writes that piece.
-    outs[i] = ot.image(i);
+    outs[i] = dot.image(i);
     outs[images + i] = dxt.image(i);
   }
   cskd::segment_gram::combine<scalar_t>(m, cell_rows.rows(channels, n), outs.data(), cell_rows.strides.data(), ws[iTile],
                                         ws[iScratch]);
   for (int64_t first = 0; first < images; first += group) {
     const int64_t gc = xt.ld_of(first);
-    const scalar_t* d_out = ot.block(first);
+    const scalar_t* d_out = dot.block(first);
     scalar_t* dx_block = dxt.block(first);
     gemm<scalar_t>(true, false, channels, gc, channels, weight + 2 * d * channels, channels, d_out, gc, u, gc);  // U
     project_columns(xt.block(first), gc, gc, weight, bias, 2 * d, channels, qk, gc);
     for (int64_t j = 0; j < gc / n; ++j) {
       const scalar_t *qi = qk + j * n, *ki = qk + d * gc + j * n, *ui = u + j * n, *xi = xt.block(first) + j * n;
-      const CellBlock<scalar_t> L = load_cell(lse + (first + j) * hw, 1, H, W, cell, ws[iL]);
+      const scalar_t* lse = kept_lse + (first + j) * n;
       gemm<scalar_t>(true, false, n, n, d, qi, gc, ki, gc, s, lds);          // S = Q^T K
       gemm<scalar_t>(true, false, n, n, channels, ui, gc, xi, gc, ds, lds);  // dP = U^T X (+ a row constant)
-      for (int64_t r = 0; r < n; ++r) softmax_grad_full_row(s + r * lds, ds + r * lds, n, scale, L.ptr[r]);
+      for (int64_t r = 0; r < n; ++r) softmax_grad_full_row(s + r * lds, ds + r * lds, n, scale, lse[r]);
       scalar_t* dxi = dx_block + j * n;
       gemm<scalar_t>(false, false, channels, n, n, ui, gc, s, lds, dxi, gc, dxi, gc);  // dx += U P
       gemm<scalar_t>(false, false, d, n, n, qi, gc, ds, lds, dqk + d * gc + j * n, gc);  // dK = Q dS
@@ -754,6 +753,19 @@ void projected_gram_backward_task(const scalar_t* m, const scalar_t* x, const sc
     for (int64_t j = 0; j < gc / n; ++j)
       store_cell(CellBlock<scalar_t>{dx_block + j * n, gc}, dx + (first + j) * channels * hw, channels, H, W, cell);
   }
+}
+
+// The first position of each cell when the cells' positions are counted cell after cell: cell k's
+// block of a per-cell buffer (every image's positions of the cell together) starts at starts[k] times
+// the values per position.
+std::vector<int64_t> cell_starts(const std::vector<Cell>& cells) {
+  std::vector<int64_t> starts(cells.size());
+  int64_t next = 0;
+  for (size_t k = 0; k < cells.size(); ++k) {
+    starts[k] = next;
+    next += cells[k].positions();
+  }
+  return starts;
 }
 
 // The checked inputs of the projected kernels: x (B, C, H, W) contiguous, weight (cells | 1, 2d + Cv, C)
@@ -821,7 +833,9 @@ at::Tensor position_attention_projected_forward(const at::Tensor& x_in, const at
 // G (cells, 2B, 2B) float64: per cell the Gram of the rows (O_b for b < B, then x_b) shifted by row 0,
 // O = position_attention_projected_forward's output (Cv = C): cell_cross_gram_forward([O, x], cells)
 // with O made, used and dropped in the task of its cell (every image of a cell in one task). For a
-// side without a gradient (CSKDLoss's teacher). Cells of at most kSingleBlock positions.
+// side without a gradient (CSKDLoss's teacher). Cells of at most kSingleBlock positions. With keep, O
+// (B C H W values) and its log-sum-exp (B H W) are kept for the backward cell by cell, cell k's blocks
+// at cell_starts' start of k times B C (O: C x B n_k, the task's grouped tile) and times B (B x n_k).
 std::vector<at::Tensor> position_attention_projected_gram(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                           const at::Tensor& bias_in, const at::Tensor& cells_in,
                                                           int64_t d, double scale, bool keep) {
@@ -831,9 +845,10 @@ std::vector<at::Tensor> position_attention_projected_gram(const at::Tensor& x_in
   TORCH_CHECK(in.cv == C, "position_attention_projected_gram: the values must have x's ", C, " channels, got ",
               in.cv);
   const int64_t num_cells = static_cast<int64_t>(in.cells.size()), group = cskd::group_images(B, in.largest);
+  const std::vector<int64_t> starts = cell_starts(in.cells);
   at::Tensor gram = at::zeros({num_cells, 2 * B, 2 * B}, in.x.options().dtype(at::kDouble));
-  at::Tensor out = keep ? empty_output({B, C, H, W}, in.x.options()) : at::empty({0}, in.x.options());
-  at::Tensor lse = keep ? at::empty({B, H, W}, in.x.options()) : at::empty({0}, in.x.options());
+  at::Tensor out = keep ? empty_output({B * C * H * W}, in.x.options()) : at::empty({0}, in.x.options());
+  at::Tensor lse = keep ? at::empty({B * H * W}, in.x.options()) : at::empty({0}, in.x.options());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "position_attention_projected_gram", [&] {
     const scalar_t* xp = in.x.data_ptr<scalar_t>();
     const scalar_t* wp = in.weight.data_ptr<scalar_t>();
@@ -844,8 +859,9 @@ std::vector<at::Tensor> position_attention_projected_gram(const at::Tensor& x_in
     cskd::for_each_cell_task(1, 1, num_cells, [&](int64_t, int64_t, int64_t k) {
       if (in.cells[k].positions() == 0) return;
       const int64_t wk = in.shared ? 0 : k;
-      projected_gram_task<scalar_t>(xp, wp + wk * rows * C, bp + wk * rows, gp + k * 4 * B * B, op, lp, B, group, C,
-                                    d, H, W, in.cells[k], static_cast<scalar_t>(scale));
+      projected_gram_task<scalar_t>(xp, wp + wk * rows * C, bp + wk * rows, gp + k * 4 * B * B,
+                                    keep ? op + starts[k] * B * C : nullptr, keep ? lp + starts[k] * B : nullptr, B,
+                                    group, C, d, H, W, in.cells[k], static_cast<scalar_t>(scale));
     });
   });
   return {gram, out, lse};
@@ -867,11 +883,13 @@ at::Tensor position_attention_projected_gram_backward(const at::Tensor& m_in, co
   const at::Tensor m = m_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   TORCH_CHECK(m.sizes() == at::IntArrayRef({num_cells, 2 * B, 2 * B}) && m.scalar_type() == in.x.scalar_type(),
               "m must be (cells, 2B, 2B) = (", num_cells, ", ", 2 * B, ", ", 2 * B, ") in x's dtype, got ", m.sizes());
-  TORCH_CHECK(out.sizes() == in.x.sizes() && out.scalar_type() == in.x.scalar_type(), "out must be shaped like x");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, W}) && lse.scalar_type() == in.x.scalar_type(),
-              "lse must be (B, H, W) in x's dtype");
+  TORCH_CHECK(out.dim() == 1 && out.numel() == B * C * H * W && out.scalar_type() == in.x.scalar_type(),
+              "out must be the forward's kept O (", B * C * H * W, " values in x's dtype), got ", out.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.numel() == B * H * W && lse.scalar_type() == in.x.scalar_type(),
+              "lse must be the forward's kept log-sum-exp (", B * H * W, " values in x's dtype), got ", lse.sizes());
   at::Tensor dx = empty_output({B, C, H, W}, in.x.options());
   const int64_t group = cskd::group_images(B, in.largest);
+  const std::vector<int64_t> starts = cell_starts(in.cells);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "position_attention_projected_gram_backward", [&] {
     const scalar_t *mp = m.data_ptr<scalar_t>(), *xp = in.x.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>(),
                    *lp = lse.data_ptr<scalar_t>(), *wp = in.weight.data_ptr<scalar_t>(),
@@ -880,8 +898,9 @@ at::Tensor position_attention_projected_gram_backward(const at::Tensor& m_in, co
     cskd::for_each_cell_task(1, 1, num_cells, [&](int64_t, int64_t, int64_t k) {
       if (in.cells[k].positions() == 0) return;
       const int64_t wk = in.shared ? 0 : k;
-      projected_gram_backward_task<scalar_t>(mp + k * 4 * B * B, xp, op, lp, wp + wk * rows * C, bp + wk * rows, dxp,
-                                             B, group, C, d, H, W, in.cells[k], static_cast<scalar_t>(scale));
+      projected_gram_backward_task<scalar_t>(mp + k * 4 * B * B, xp, op + starts[k] * B * C, lp + starts[k] * B,
+                                             wp + wk * rows * C, bp + wk * rows, dxp, B, group, C, d, H, W,
+                                             in.cells[k], static_cast<scalar_t>(scale));
     });
   });
   return dx;
@@ -1243,7 +1262,8 @@ void register_position_attention(pybind11::module& m) {
         pybind11::arg("scale"));
   m.def("position_attention_projected_gram", cskd::denormals::flushing(&position_attention_projected_gram),
         "Per cell the shifted Gram (cells, 2B, 2B) float64 of the rows (O, x), O the attention of x's own per-cell "
-        "projections: (x, weight, bias, cells, d, scale, keep) -> (G, O, lse), O and lse empty unless keep",
+        "projections: (x, weight, bias, cells, d, scale, keep) -> (G, O, lse), O and lse empty unless keep, else "
+        "flat and cell by cell, for position_attention_projected_gram_backward",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("cells"), pybind11::arg("d"),
         pybind11::arg("scale"), pybind11::arg("keep"));
   m.def("position_attention_projected_gram_backward",

@@ -220,6 +220,24 @@ def test_student_grams_gradcheck_float64(shape, grid):
     assert torch.autograd.gradcheck(lambda x: run_projected_position_grams(x, weights, 1.3, grid, "cpu"), (x,))
 
 
+def test_student_gram_backward_reads_the_kept_attention_without_changing_it():
+    """The backward takes O and lse from what the forward kept (cell by cell) and leaves them as they were:
+    a second backward through a retained graph gives the same gradient bitwise, and the first matches
+    the reference's."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 12, 17, 23, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = _weights(CellLayout(17, 23, (4, 3)).num_cells, 12, 2, torch.float64, generator, values=12)
+    grams = run_projected_position_grams(x, weights, 1.5, (4, 3), "cpu")
+    assert type(grams.grad_fn).__name__ == "_ProjectedGramFunctionBackward"
+    grad_grams = torch.randn(grams.shape, generator=generator, dtype=torch.float64)
+    first, = torch.autograd.grad(grams, x, grad_grams, retain_graph=True)
+    second, = torch.autograd.grad(grams, x, grad_grams)
+    assert torch.equal(first, second)
+    x_ref = x.detach().requires_grad_(True)
+    expected, = torch.autograd.grad(_student_grams(x_ref, weights, 1.5, (4, 3), "reference"), x_ref, grad_grams)
+    torch.testing.assert_close(first, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+
+
 def test_student_gram_gradient_keeps_a_nan_in_its_cell():
     """A NaN pixel makes its cell's Gram and gradients NaN, never a finite gradient; other cells keep theirs."""
     x = torch.randn(3, 16, 13, 26)

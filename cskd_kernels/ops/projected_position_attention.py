@@ -62,7 +62,8 @@ def position_attention_projected_gram(x: torch.Tensor, weight: torch.Tensor, bia
                                       cells: torch.Tensor, d: int, scale: float, keep: bool,
                                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(G, O, lse): G (cells, 2B, 2B) float64 cell_cross_gram's Gram of (O, x), O the projected attention
-    (Cv = C); O (B, C, H, W) and its log-sum-exp (B, H, W) kept for the backward when ``keep``, else empty."""
+    (Cv = C). With ``keep``, O (B C H W values) and its log-sum-exp (B H W) kept for the backward kernel,
+    flat and cell by cell in the layout that kernel reads (see csrc/position_attention.cpp); else empty."""
     gram, out, lse = kernels("position_attention", backend).projected_gram(x, weight, bias, cells, d, scale, keep)
     return gram, out, lse
 
@@ -71,7 +72,7 @@ def position_attention_projected_gram(x: torch.Tensor, weight: torch.Tensor, bia
 def _position_attention_projected_gram_fake(x, weight, bias, cells, d, scale, keep, backend):
     b, c, h, w = x.shape
     gram = x.new_empty((cells.shape[0], 2 * b, 2 * b), dtype=torch.float64)
-    return gram, x.new_empty((b, c, h, w) if keep else (0,)), x.new_empty((b, h, w) if keep else (0,))
+    return gram, x.new_empty((b * c * h * w if keep else 0,)), x.new_empty((b * h * w if keep else 0,))
 
 
 @kernel_op("position_attention_projected_gram_backward")
