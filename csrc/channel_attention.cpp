@@ -327,8 +327,7 @@ template <typename scalar_t>
 void output_grad_panel(const scalar_t* x, const scalar_t* attention, scalar_t g, const scalar_t* m, int64_t batch,
                        int64_t channels, int64_t n, int64_t j0, int64_t panel, scalar_t* grad) {
   const int64_t width = std::min(panel, n - j0), tile_offset = round_to_lines(batch * channels * width);
-  const int64_t tile = cskd::segment_gram::tile_size<scalar_t>(batch);
-  scalar_t* y = cskd::blas::workspace<scalar_t>(tile_offset + tile + cskd::segment_gram::scratch_size<scalar_t>(batch));
+  scalar_t* y = cskd::blas::workspace<scalar_t>(tile_offset + cskd::segment_gram::tile_size<scalar_t>(batch));
   std::vector<const scalar_t*> rows(batch);
   std::vector<scalar_t*> outs(batch);
   const std::vector<int64_t> strides(batch, width), out_strides(batch, n);
@@ -344,7 +343,7 @@ void output_grad_panel(const scalar_t* x, const scalar_t* attention, scalar_t g,
     outs[b] = grad + b * channels * n + j0;
   }
   cskd::segment_gram::combine<scalar_t>(m, {rows.data(), strides.data(), batch, channels, width}, outs.data(),
-                                        out_strides.data(), y + tile_offset, y + tile_offset + tile);
+                                        out_strides.data(), y + tile_offset);
 }
 
 }  // namespace

@@ -175,20 +175,23 @@ CSKD_TILES_INLINE void gram_block(T* tile, int64_t ld, int64_t r, int64_t w, dou
   }
 }
 
-// out[i * out_ld + v] = sum_{l < r} m[i * m_ld + l] * tile[l * ld + v] for i < rows, v < w: the
-// m-combinations of the tile rows. Register blocks of 8 output rows x one vector of columns (8
-// accumulators; each tile load serves 8 products); the last w % L columns scalar.
-template <int Bytes, typename T>
-CSKD_TILES_INLINE void combine_rows(const T* m, int64_t m_ld, const T* tile, int64_t ld, int64_t r, int64_t rows,
-                                    int64_t w, T* out, int64_t out_ld) {
+// row_out(i)[v] = sum_{l < r} m[i * m_ld + l] * tile[l * ld + v] for i < rows, v < w: the
+// m-combinations of the tile rows, output row i wherever row_out(i) points. Register blocks of 8
+// output rows x one vector of columns (8 accumulators; each tile load serves 8 products); the last
+// w % L columns scalar.
+template <int Bytes, typename T, typename RowOut>
+CSKD_TILES_INLINE void combine_rows_to(const T* m, int64_t m_ld, const T* tile, int64_t ld, int64_t r, int64_t rows,
+                                       int64_t w, const RowOut& row_out) {
   using V = typename Vec<T, Bytes>::type;
   constexpr int64_t L = Vec<T, Bytes>::lanes;
   constexpr int RI = 8;
   for (int64_t i0 = 0; i0 < rows; i0 += RI) {
     // Rows past `rows` repeat the last one: computed, not stored.
     const T* mi[RI];
+    T* oi[RI];
     for (int i = 0; i < RI; ++i) mi[i] = m + std::min(i0 + i, rows - 1) * m_ld;
     const int ri = static_cast<int>(std::min<int64_t>(RI, rows - i0));
+    for (int i = 0; i < ri; ++i) oi[i] = row_out(i0 + i);
     int64_t j = 0;
     for (; j + L <= w; j += L) {
       V o[RI] = {};
@@ -197,16 +200,23 @@ CSKD_TILES_INLINE void combine_rows(const T* m, int64_t m_ld, const T* tile, int
 #pragma GCC unroll 8
         for (int i = 0; i < RI; ++i) o[i] += t * mi[i][l];
       }
-      for (int i = 0; i < ri; ++i) std::memcpy(out + (i0 + i) * out_ld + j, &o[i], sizeof(V));
+      for (int i = 0; i < ri; ++i) std::memcpy(oi[i] + j, &o[i], sizeof(V));
     }
     for (int i = 0; i < ri; ++i) {
       for (int64_t v = j; v < w; ++v) {
         T sum = 0;
         for (int64_t l = 0; l < r; ++l) sum += mi[i][l] * tile[l * ld + v];
-        out[(i0 + i) * out_ld + v] = sum;
+        oi[i][v] = sum;
       }
     }
   }
+}
+
+// combine_rows_to with output row i at out + i * out_ld.
+template <int Bytes, typename T>
+CSKD_TILES_INLINE void combine_rows(const T* m, int64_t m_ld, const T* tile, int64_t ld, int64_t r, int64_t rows,
+                                    int64_t w, T* out, int64_t out_ld) {
+  combine_rows_to<Bytes>(m, m_ld, tile, ld, r, rows, w, [out, out_ld](int64_t i) { return out + i * out_ld; });
 }
 
 }  // namespace cskd::tiles

@@ -716,8 +716,7 @@ void projected_gram_backward_task(const scalar_t* m, const scalar_t* x, const sc
   const int64_t iS = carver.add(n * lds), iDS = carver.add(n * lds), iX = carver.add(channels * cols),
                 iDO = carver.add(channels * cols), iU = carver.add(channels * group * n),
                 iDX = carver.add(channels * cols), iQK = carver.add(2 * d * group * n),
-                iDQK = carver.add(2 * d * group * n), iTile = carver.add(tile),
-                iScratch = carver.add(cskd::segment_gram::scratch_size<scalar_t>(count));
+                iDQK = carver.add(2 * d * group * n), iTile = carver.add(tile);
   const std::vector<scalar_t*> ws = carver.carve();
   scalar_t *s = ws[iS], *ds = ws[iDS], *u = ws[iU], *qk = ws[iQK], *dqk = ws[iDQK];
   const GroupedTile<scalar_t> xt{ws[iX], channels, n, group, images},
@@ -730,8 +729,8 @@ void projected_gram_backward_task(const scalar_t* m, const scalar_t* x, const sc
     outs[i] = dot.image(i);
     outs[images + i] = dxt.image(i);
   }
-  cskd::segment_gram::combine<scalar_t>(m, cell_rows.rows(channels, n), outs.data(), cell_rows.strides.data(), ws[iTile],
-                                        ws[iScratch]);
+  cskd::segment_gram::combine<scalar_t>(m, cell_rows.rows(channels, n), outs.data(), cell_rows.strides.data(),
+                                        ws[iTile]);
   for (int64_t first = 0; first < images; first += group) {
     const int64_t gc = xt.ld_of(first);
     const scalar_t* d_out = dot.block(first);

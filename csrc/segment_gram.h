@@ -64,11 +64,12 @@ CSKD_TILES_INLINE void accumulate_body(const Rows<T>& in, T* tile, double* acc) 
 
 // The Gram's backward: out row i (at outs[i], segments out_strides[i] apart) = sum_{l >= 1} m[i][l] (row_l - row_0)
 // for m (count x count, centered: its rows sum to zero, so this is m's combination of the rows
-// themselves, the shift only keeping float32 accurate). The shifted rows are packed a tile at a time;
-// combine_rows makes the tile's output rows in scratch (count x ld), copied out.
+// themselves, the shift only keeping float32 accurate). The shifted rows are packed a tile at a time and
+// combine_rows_to writes the tile's output pieces straight to outs (an out row may be an input row: the
+// tile holds every input's piece before any output piece is written).
 template <int Bytes, typename T>
-CSKD_TILES_INLINE void combine_body(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile,
-                                    T* scratch) {
+CSKD_TILES_INLINE void combine_body(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides,
+                                    T* tile) {
   const int64_t r = in.count, block = block_columns<T>(r - 1), ld = tile_ld<T>(block);
   for (int64_t s = 0; s < in.segments; ++s) {
     for (int64_t done = 0; done < in.len;) {
@@ -80,8 +81,8 @@ CSKD_TILES_INLINE void combine_body(const T* m, const Rows<T>& in, T* const* out
 #pragma omp simd
         for (int64_t j = 0; j < take; ++j) dst[j] = src[j] - r0[j];
       }
-      combine_rows<Bytes>(m + 1, r, tile, ld, r - 1, r, take, scratch, ld);
-      for (int64_t i = 0; i < r; ++i) std::copy_n(scratch + i * ld, take, outs[i] + s * out_strides[i] + done);
+      combine_rows_to<Bytes>(m + 1, r, tile, ld, r - 1, r, take,
+                             [&](int64_t i) { return outs[i] + s * out_strides[i] + done; });
       done += take;
     }
   }
@@ -93,8 +94,8 @@ void accumulate_baseline(const Rows<T>& in, T* tile, double* acc) {
 }
 
 template <typename T>
-void combine_baseline(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile, T* scratch) {
-  combine_body<kBaselineBytes>(m, in, outs, out_strides, tile, scratch);
+void combine_baseline(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile) {
+  combine_body<kBaselineBytes>(m, in, outs, out_strides, tile);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -113,15 +114,15 @@ CSKD_SEGMENT_AVX512 void accumulate_avx512(const Rows<T>& in, T* tile, double* a
 }
 
 template <typename T>
-CSKD_SEGMENT_AVX2 void combine_avx2(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile,
-                                    T* scratch) {
-  combine_body<kAvx2Bytes>(m, in, outs, out_strides, tile, scratch);
+CSKD_SEGMENT_AVX2 void combine_avx2(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides,
+                                    T* tile) {
+  combine_body<kAvx2Bytes>(m, in, outs, out_strides, tile);
 }
 
 template <typename T>
 CSKD_SEGMENT_AVX512 void combine_avx512(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides,
-                                        T* tile, T* scratch) {
-  combine_body<kAvx512Bytes>(m, in, outs, out_strides, tile, scratch);
+                                        T* tile) {
+  combine_body<kAvx512Bytes>(m, in, outs, out_strides, tile);
 }
 #define CSKD_SEGMENT_DISPATCH(name, ...)                                   \
   do {                                                                     \
@@ -141,15 +142,10 @@ void accumulate(const Rows<T>& in, T* tile, double* acc) {
 }
 
 // outs[i] (segment s at outs[i] + s * out_strides[i]) = sum_l m[i][l] (row_l - row_0), m (count x count)
-// centered; tile and scratch hold tile_size<T>(count) and scratch_size<T>(count) values.
+// centered; tile holds tile_size<T>(count) values.
 template <typename T>
-void combine(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile, T* scratch) {
-  CSKD_SEGMENT_DISPATCH(combine, m, in, outs, out_strides, tile, scratch);
-}
-
-template <typename T>
-int64_t scratch_size(int64_t count) {
-  return count * tile_ld<T>(block_columns<T>(count - 1));
+void combine(const T* m, const Rows<T>& in, T* const* outs, const int64_t* out_strides, T* tile) {
+  CSKD_SEGMENT_DISPATCH(combine, m, in, outs, out_strides, tile);
 }
 
 // The upper triangle of a count x count matrix from its lower one.
