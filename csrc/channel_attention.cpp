@@ -285,13 +285,14 @@ int64_t gram_panel_width(int64_t channels) { return std::max<int64_t>(256, (chan
 // count rounded up to 16 values (whole cache lines): where the Gram's tile starts after the panels.
 constexpr int64_t round_to_lines(int64_t count) { return (count + 15) / 16 * 16; }
 
-// y (B x C x width, image b's rows width apart) = A_b X_b[:, j0 : j0 + width] for every image b.
+// Image b's C x width block of y at y + b * image_stride, rows ld_y apart, = A_b X_b[:, j0 : j0 + width]
+// for every image b.
 template <typename scalar_t>
 void attention_panel(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n,
-                     int64_t j0, int64_t width, scalar_t* y) {
+                     int64_t j0, int64_t width, scalar_t* y, int64_t ld_y, int64_t image_stride) {
   for (int64_t b = 0; b < batch; ++b)
     cskd::blas::gemm<scalar_t>(false, false, channels, width, channels, attention + b * channels * channels, channels,
-                               x + b * channels * n + j0, n, y + b * channels * width, width);
+                               x + b * channels * n + j0, n, y + b * image_stride, ld_y);
 }
 
 // task(p, first column, panel width) for every column panel of an (image, C, N) map, one OpenMP task each.
@@ -302,42 +303,46 @@ void for_each_panel(int64_t channels, int64_t n, const Task& task) {
   for (int64_t p = 0; p < panels; ++p) task(p, p * panel, panel);
 }
 
-// Panel p's part of the shifted Gram of (A X, X) into partial (2B x 2B, lower triangle).
+// Panel p's part of the shifted Gram of (A X, X) into partial (2B x 2B, lower triangle). The panel of
+// A X is made in the workspace, or with product (B x C x N, else null) in its columns of product, kept.
 template <typename scalar_t>
 void gram_panel(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n, int64_t j0,
-                int64_t panel, double* partial) {
+                int64_t panel, double* partial, scalar_t* product) {
   const int64_t width = std::min(panel, n - j0), count = 2 * batch;
-  const int64_t tile_offset = round_to_lines(batch * channels * width);
-  scalar_t* y = cskd::blas::workspace<scalar_t>(tile_offset + cskd::segment_gram::tile_size<scalar_t>(count));
+  const int64_t tile_offset = product != nullptr ? 0 : round_to_lines(batch * channels * width);
+  scalar_t* work = cskd::blas::workspace<scalar_t>(tile_offset + cskd::segment_gram::tile_size<scalar_t>(count));
+  scalar_t* y = product != nullptr ? product + j0 : work;
+  const int64_t ld_y = product != nullptr ? n : width;
   std::vector<const scalar_t*> rows(count);
   std::vector<int64_t> strides(count);
-  attention_panel(x, attention, batch, channels, n, j0, width, y);
+  attention_panel(x, attention, batch, channels, n, j0, width, y, ld_y, channels * ld_y);
   for (int64_t b = 0; b < batch; ++b) {
-    rows[b] = y + b * channels * width;
-    strides[b] = width;
+    rows[b] = y + b * channels * ld_y;
+    strides[b] = ld_y;
     rows[batch + b] = x + b * channels * n + j0;
     strides[batch + b] = n;
   }
-  cskd::segment_gram::accumulate<scalar_t>({rows.data(), strides.data(), count, channels, width}, y + tile_offset,
+  cskd::segment_gram::accumulate<scalar_t>({rows.data(), strides.data(), count, channels, width}, work + tile_offset,
                                            partial);
 }
 
-// Panel p of dOut = M (out - out_0), out = g A X + X made for every image in the workspace and mixed there.
+// Panel p of dOut = M (out - out_0), out = g A X + X made for every image in the workspace from the kept
+// product A X (B x C x N) and mixed there.
 template <typename scalar_t>
-void output_grad_panel(const scalar_t* x, const scalar_t* attention, scalar_t g, const scalar_t* m, int64_t batch,
+void output_grad_panel(const scalar_t* x, const scalar_t* product, scalar_t g, const scalar_t* m, int64_t batch,
                        int64_t channels, int64_t n, int64_t j0, int64_t panel, scalar_t* grad) {
   const int64_t width = std::min(panel, n - j0), tile_offset = round_to_lines(batch * channels * width);
   scalar_t* y = cskd::blas::workspace<scalar_t>(tile_offset + cskd::segment_gram::tile_size<scalar_t>(batch));
   std::vector<const scalar_t*> rows(batch);
   std::vector<scalar_t*> outs(batch);
   const std::vector<int64_t> strides(batch, width), out_strides(batch, n);
-  attention_panel(x, attention, batch, channels, n, j0, width, y);
   for (int64_t b = 0; b < batch; ++b) {
     scalar_t* yb = y + b * channels * width;
     const scalar_t* xb = x + b * channels * n + j0;
+    const scalar_t* pb = product + b * channels * n + j0;
     for (int64_t c = 0; c < channels; ++c) {
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) yb[c * width + j] = g * yb[c * width + j] + xb[c * n + j];
+      for (int64_t j = 0; j < width; ++j) yb[c * width + j] = g * pb[c * n + j] + xb[c * n + j];
     }
     rows[b] = yb;
     outs[b] = grad + b * channels * n + j0;
@@ -348,13 +353,16 @@ void output_grad_panel(const scalar_t* x, const scalar_t* attention, scalar_t g,
 
 }  // namespace
 
-// dOut = M (out - out_0) (B, C, N) for out = gamma A X + X, x (B, C, N) and A (B, C, C) contiguous, M (B, B)
-// centered in x's dtype: the gradient of out's centered Gram (ChannelGramFunction's backward), out made
-// panel by panel for every image and mixed in the cache instead of written, read back and mixed.
-torch::Tensor channel_attention_output_grad(const torch::Tensor& x, const torch::Tensor& attention,
+// dOut = M (out - out_0) (B, C, N) for out = gamma A X + X, x (B, C, N) and the product A X kept by
+// channel_attention_gram (B, C, N) contiguous, M (B, B) centered in x's dtype: the gradient of out's
+// centered Gram (ChannelGramFunction's backward), out made panel by panel for every image and mixed in
+// the cache instead of written, read back and mixed.
+torch::Tensor channel_attention_output_grad(const torch::Tensor& x, const torch::Tensor& product,
                                             const torch::Tensor& gamma, const torch::Tensor& m) {
   check_features(x);
-  check_attention(x, attention);
+  TORCH_CHECK(product.sizes() == x.sizes() && product.is_contiguous() && product.scalar_type() == x.scalar_type(),
+              "channel_attention (cpu): the product A x must be contiguous and shaped like x ", x.sizes(), ", got ",
+              product.sizes());
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2);
   TORCH_CHECK(m.dim() == 2 && m.size(0) == batch && m.size(1) == batch && m.is_contiguous() &&
                   m.scalar_type() == x.scalar_type(),
@@ -362,41 +370,44 @@ torch::Tensor channel_attention_output_grad(const torch::Tensor& x, const torch:
   const double g = scalar_of(gamma);
   auto grad = cskd::empty_output_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_output_grad", [&] {
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *ap = attention.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>();
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *pp = product.data_ptr<scalar_t>(), *mp = m.data_ptr<scalar_t>();
     scalar_t* gp = grad.data_ptr<scalar_t>();
     for_each_panel(channels, n, [&](int64_t, int64_t j0, int64_t panel) {
-      output_grad_panel<scalar_t>(xp, ap, static_cast<scalar_t>(g), mp, batch, channels, n, j0, panel, gp);
+      output_grad_panel<scalar_t>(xp, pp, static_cast<scalar_t>(g), mp, batch, channels, n, j0, panel, gp);
     });
   });
   return grad;
 }
 
-// (G (1, 2B, 2B) float64, A (B, C, C)) for x (B, C, N) contiguous: A is channel_attention_forward's
+// (G (1, 2B, 2B) float64, A (B, C, C), P) for x (B, C, N) contiguous: A is channel_attention_forward's
 // attention and G the Gram of the rows (A_b X_b for b < B, then X_b) shifted by row 0, i.e.
-// cell_cross_gram_forward([A X, x]) over the whole map, with A X never written as a map: one task per
-// column panel of every image makes the panel's A X and adds its part of the Gram while it is in the
-// cache. CAM(x) = gamma A X + x, so its centered Gram is the (gamma, 1) combination of G's centered
-// blocks (cskd_kernels/ops/channel_gram.py). Panels' parts are summed in panel order: the result does
-// not depend on the thread count.
-std::vector<torch::Tensor> channel_attention_gram(const torch::Tensor& x, double temperature) {
+// cell_cross_gram_forward([A X, x]) over the whole map: one task per column panel of every image makes
+// the panel's A X and adds its part of the Gram while it is in the cache. P is empty, A X never a map,
+// unless keep_product: then P = A X (B, C, N), written as the panels are made, for
+// channel_attention_output_grad. CAM(x) = gamma A X + x, so its centered Gram is the (gamma, 1)
+// combination of G's centered blocks (cskd_kernels/ops/channel_gram.py). Panels' parts are summed in
+// panel order: the result does not depend on the thread count.
+std::vector<torch::Tensor> channel_attention_gram(const torch::Tensor& x, double temperature, bool keep_product) {
   check_features(x);
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2), count = 2 * batch;
   auto attention = symmetric_gram(x);
   auto gram = at::zeros({1, count, count}, x.options().dtype(at::kDouble));
+  auto product = keep_product ? cskd::empty_output_like(x) : at::empty({0}, x.options());
   const int64_t panel = gram_panel_width(channels), panels = (n + panel - 1) / panel;
   std::vector<double> partial(static_cast<size_t>(panels * count * count), 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_attention_gram", [&] {
     softmax_negated_rows_<scalar_t>(attention.data_ptr<scalar_t>(), batch * channels, channels, temperature);
     const scalar_t *xp = x.data_ptr<scalar_t>(), *ap = attention.data_ptr<scalar_t>();
+    scalar_t* pp = keep_product ? product.data_ptr<scalar_t>() : nullptr;
     for_each_panel(channels, n, [&](int64_t p, int64_t j0, int64_t panel) {
-      gram_panel<scalar_t>(xp, ap, batch, channels, n, j0, panel, partial.data() + p * count * count);
+      gram_panel<scalar_t>(xp, ap, batch, channels, n, j0, panel, partial.data() + p * count * count, pp);
     });
   });
   double* g = gram.data_ptr<double>();
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t i = 0; i < count * count; ++i) g[i] += partial[p * count * count + i];
   cskd::segment_gram::mirror_lower(g, count);
-  return {gram, attention};
+  return {gram, attention, product};
 }
 
 // Gradients (dx or an undefined tensor when need_x is false, d gamma shaped like gamma).
@@ -437,12 +448,12 @@ void register_channel_attention(pybind11::module& m) {
         "gamma A x + x for contiguous x (B, C, N) and attention A (B, C, C)", pybind11::arg("x"),
         pybind11::arg("attention"), pybind11::arg("gamma"));
   m.def("channel_attention_gram", cskd::denormals::flushing(&channel_attention_gram),
-        "(G (1, 2B, 2B) float64, A): the shifted Gram of the rows (A x, x) and the attention, for contiguous x "
-        "(B, C, N) and a temperature; A x never a map",
-        pybind11::arg("x"), pybind11::arg("temperature"));
+        "(G (1, 2B, 2B) float64, A, P): the shifted Gram of the rows (A x, x), the attention, and P = A x kept "
+        "(else empty), for contiguous x (B, C, N), a temperature and keep_product",
+        pybind11::arg("x"), pybind11::arg("temperature"), pybind11::arg("keep_product"));
   m.def("channel_attention_output_grad", cskd::denormals::flushing(&channel_attention_output_grad),
-        "M (out - out_0) for out = gamma A x + x, never a map: (x, attention, gamma, m) -> dOut",
-        pybind11::arg("x"), pybind11::arg("attention"), pybind11::arg("gamma"), pybind11::arg("m"));
+        "M (out - out_0) for out = gamma A x + x, never a map: (x, the kept product A x, gamma, m) -> dOut",
+        pybind11::arg("x"), pybind11::arg("product"), pybind11::arg("gamma"), pybind11::arg("m"));
   m.def("channel_attention_backward", cskd::denormals::flushing(&channel_attention_backward),
         "CAM backward: (dx or None, dgamma) from grad_out, x, attention, gamma, temperature",
         pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("attention"), pybind11::arg("gamma"),

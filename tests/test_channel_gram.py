@@ -70,9 +70,14 @@ def test_attention_gram_kernel_matches_the_forward_and_the_cross_gram(dtype, sha
     """channel_attention_gram: A as the forward gives it, and cell_cross_gram's Gram of (A X, X), on any thread count."""
     b, c, n = shape
     x = torch.randn(shape, dtype=torch.float64).add_(4.0).to(dtype)  # a common offset: the shift keeps it accurate
-    gram, attention = channel_attention_gram(x, 1.3)
+    gram, attention, product = channel_attention_gram(x, 1.3, False)
+    assert product.numel() == 0  # A X not kept
     out, expected_attention = channel_attention_forward(x, torch.ones(1, dtype=dtype), 1.3, "cpu")
     assert torch.equal(attention, expected_attention)
+    kept_gram, _, kept_product = channel_attention_gram(x, 1.3, True)
+    assert torch.equal(kept_gram, gram)  # the panels' Gram the same, whether A X is written or not
+    product_tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    assert (kept_product - (out - x)).abs().max().item() <= product_tolerance * (out - x).abs().max().item()
     maps = [(out - x).view(b, c, 1, n), x.view(b, c, 1, n)]
     expected = cell_cross_gram(maps, cell_table(1, n, None, x.device), "cpu")
     assert gram.dtype == torch.float64 and gram.shape == (1, 2 * b, 2 * b)
@@ -86,11 +91,11 @@ def test_attention_gram_kernel_matches_the_forward_and_the_cross_gram(dtype, sha
                                atol={torch.float64: 1e-9, torch.float32: 1e-4}[dtype] * reference_gram.abs().max().item())
     # Panels summed in order, not as threads finish: every call gives the same bits. Across thread counts
     # only to rounding: MKL on Intel CPUs picks its float64 kernels by its thread setting.
-    assert all(torch.equal(channel_attention_gram(x, 1.3)[0], gram) for _ in range(3))
+    assert all(torch.equal(channel_attention_gram(x, 1.3, False)[0], gram) for _ in range(3))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert (channel_attention_gram(x, 1.3)[0] - gram).abs().max().item() <= tolerance * gram.abs().max().item()
+        assert (channel_attention_gram(x, 1.3, False)[0] - gram).abs().max().item() <= tolerance * gram.abs().max().item()
     finally:
         torch.set_num_threads(threads)
 
@@ -99,8 +104,9 @@ def test_attention_gram_kernel_matches_the_forward_and_the_cross_gram(dtype, sha
 def test_attention_gram_kernel_keeps_a_nan_visible():
     x = torch.randn(3, 8, 300)
     x[1, 2, 290] = float("nan")
-    gram, attention = channel_attention_gram(x, 2.0)
+    gram, attention, product = channel_attention_gram(x, 2.0, True)
     assert gram.isnan().any() and attention[1].isnan().any() and attention[0].isfinite().all()
+    assert product[1].isnan().any() and product[0].isfinite().all()
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
@@ -109,9 +115,9 @@ def test_cskd_loss_takes_both_cam_grams_through_the_kernel(monkeypatch):
     calls = []
     original = channel_gram_module.channel_attention_gram
 
-    def counting(features, temperature):
-        calls.append(features.shape[1])
-        return original(features, temperature)
+    def counting(features, temperature, keep_product):
+        calls.append((features.shape[1], keep_product))
+        return original(features, temperature, keep_product)
     monkeypatch.setattr(channel_gram_module, "channel_attention_gram", counting)
     feat_s, feat_t = torch.randn(4, 16, 9, 11, requires_grad=True), torch.randn(4, 32, 9, 11)
     results = []
@@ -121,7 +127,7 @@ def test_cskd_loss_takes_both_cam_grams_through_the_kernel(monkeypatch):
             loss.gamma_cam.fill_(0.4)
         cam = loss(feat_s, feat_t).cam
         results.append((cam, *torch.autograd.grad(cam, (feat_s, loss.gamma_cam))))
-    assert calls == [32, 16]  # the teacher's, then the student's, on "cpu" only
+    assert calls == [(32, False), (16, True)]  # the teacher's, then the student's (A X kept), on "cpu" only
     for cpu, ref in zip(*results):
         torch.testing.assert_close(cpu, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
@@ -130,15 +136,16 @@ def test_cskd_loss_takes_both_cam_grams_through_the_kernel(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 5, 37), (4, 9, 517), (2, 300, 700)])
 def test_output_grad_kernel_is_the_mixing_of_cam_output(dtype, shape):
-    """channel_attention_output_grad = M (out - out_0), out = gamma A X + X, for a centered M: every panel, any C."""
+    """channel_attention_output_grad = M (out - out_0), out = gamma A X + X from the kept A X, for a centered M:
+    every panel, any C."""
     b, c, n = shape
     generator = torch.Generator().manual_seed(n)
     x = (torch.randn(shape, generator=generator, dtype=torch.float64) + 3.0).to(dtype)
-    _, attention = channel_attention_forward(x, torch.ones(1, dtype=dtype), 1.4, "cpu")
+    _, attention, product = channel_attention_gram(x, 1.4, True)
     h = torch.eye(b, dtype=torch.float64) - 1.0 / b
     m = h @ torch.randn(b, b, generator=generator, dtype=torch.float64) @ h
     gamma = torch.tensor([0.7], dtype=dtype)
-    grad = channel_attention_output_grad(x, attention, gamma, m.to(dtype).contiguous())
+    grad = channel_attention_output_grad(x, product, gamma, m.to(dtype).contiguous())
     out = 0.7 * torch.bmm(attention.double(), x.double()) + x.double()
     expected = torch.einsum("ij,jcn->icn", m, out - out[:1])
     assert grad.dtype == dtype and grad.shape == x.shape

@@ -20,9 +20,9 @@ Kernels per backend (same contract everywhere), x is contiguous (B, C, N):
         -> (out (B, C, N) in x's dtype, attention (B, C, C) float32/float64)
     channel_attention_backward(grad_out, x, attention, gamma, temperature, need_x)
         -> (dx or None, dgamma shaped like gamma)
-and on "cpu" channel_attention_gram(x, temperature) -> (the Gram of the rows
-(A X, X), attention): what CSKDLoss's CKA needs of CAM(x) = gamma A X + X,
-without A X as a map (cskd_kernels/ops/channel_gram.py).
+and on "cpu" channel_attention_gram(x, temperature, keep_product) -> (the Gram
+of the rows (A X, X), attention, A X if kept): what CSKDLoss's CKA needs of
+CAM(x) = gamma A X + X, without CAM(x) as a map (cskd_kernels/ops/channel_gram.py).
 """
 
 import torch
@@ -77,29 +77,33 @@ def _channel_attention_backward_fake(grad_out, features, attention, gamma, tempe
 
 
 @torch.library.custom_op("cskd::channel_attention_gram", mutates_args=())
-def channel_attention_gram(features: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G (1, 2B, 2B) float64, A (B, C, C)) on the C++ kernels (backend "cpu"): A the attention, G the Gram of
-    the rows (A X, X) shifted by row 0 (cell_cross_gram's form), A X never a map."""
-    gram, attention = kernels("channel_attention", "cpu").gram(features, temperature)
-    return gram, attention
+def channel_attention_gram(features: torch.Tensor, temperature: float,
+                           keep_product: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G (1, 2B, 2B) float64, A (B, C, C), P) on the C++ kernels (backend "cpu"): A the attention, G the Gram
+    of the rows (A X, X) shifted by row 0 (cell_cross_gram's form); P = A X (B, C, N) when keep_product (for
+    channel_attention_output_grad), else empty and A X never a map."""
+    gram, attention, product = kernels("channel_attention", "cpu").gram(features, temperature, keep_product)
+    return gram, attention, product
 
 
 @channel_attention_gram.register_fake
-def _channel_attention_gram_fake(features, temperature):
+def _channel_attention_gram_fake(features, temperature, keep_product):
     b, c, _ = features.shape
-    return features.new_empty((1, 2 * b, 2 * b), dtype=torch.float64), features.new_empty((b, c, c))
+    return (features.new_empty((1, 2 * b, 2 * b), dtype=torch.float64), features.new_empty((b, c, c)),
+            torch.empty_like(features) if keep_product else features.new_empty(0))
 
 
 @torch.library.custom_op("cskd::channel_attention_output_grad", mutates_args=())
-def channel_attention_output_grad(features: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor,
+def channel_attention_output_grad(features: torch.Tensor, product: torch.Tensor, gamma: torch.Tensor,
                                   m: torch.Tensor) -> torch.Tensor:
-    """M (out - out_0) for out = gamma A X + X, never a map, on the C++ kernels (backend "cpu"): the gradient of
-    out's centered Gram by out, M = H (dK + dK^T) H (B x B, features' dtype)."""
-    return kernels("channel_attention", "cpu").output_grad(features, attention, gamma, m)
+    """M (out - out_0) for out = gamma A X + X, never a map, on the C++ kernels (backend "cpu") from the product
+    A X that channel_attention_gram kept: the gradient of out's centered Gram by out, M = H (dK + dK^T) H
+    (B x B, features' dtype)."""
+    return kernels("channel_attention", "cpu").output_grad(features, product, gamma, m)
 
 
 @channel_attention_output_grad.register_fake
-def _channel_attention_output_grad_fake(features, attention, gamma, m):
+def _channel_attention_output_grad_fake(features, product, gamma, m):
     return torch.empty_like(features)
 
 
