@@ -17,20 +17,17 @@ namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
 constexpr size_t kKeptBuffers = 32;
-// Outputs whose freed block malloc keeps in its own heap (glibc raises its mmap threshold to the size
-// of a freed block, up to 32 MiB on 64-bit) take at::empty, never the pool: keeping them here too would
-// only add to the peak, and the pool's own request (2 MiB-aligned, huge pages asked for) is one glibc
-// maps afresh and unmaps on every free, so each call faulted the buffer in again (a 4 / 8 / 16 MiB
-// output written once: 6.4 / 12.8 / 2.9 ms from the pool, 0.1 / 0.2 / 0.4 ms from at::empty, 2-core
-// Xeon). Larger ones malloc too maps afresh each time: those the pool keeps. Counted with up to a huge
-// page of alignment, a 32 MiB output (the released Cityscapes student's map) is one of these: kept
-// here, its page faults (5% of a Cityscapes step's cycles on a 2-core Xeon) go. Measured peak of the
-// CKA loss at the released CamVid / Pascal VOC / Cityscapes shapes (benchmarks, AVX2 EPYC): 79 / 131 /
-// 180 MiB keeping every size, 47 / 91 / 180 MiB keeping only buffers over 32 MiB (the rule before
-// 2c14c43, which also keeps those from 30 MiB).
-constexpr size_t kMallocKeepsUpTo = size_t{32} << 20;
-
-bool malloc_keeps(size_t bytes) { return bytes + kHugePage < kMallocKeepsUpTo; }
+// Outputs of a huge page or more come from the pool, and it keeps every size it hands out. Neither
+// rule it had before holds up: (1) buffers up to 32 MiB went back to malloc on the theory that glibc
+// keeps such blocks in its heap, but a 2 MiB-aligned request is one it maps afresh and unmaps on every
+// free (a 4 / 8 / 16 MiB output written once: 6.4 / 12.8 / 2.9 ms, against 0.1 / 0.2 / 0.4 ms reused);
+// (2) taking them from at::empty instead still left glibc trimming its heap under the loss's pattern
+// of frees: 5 000 to 16 000 page faults a CamVid or Pascal VOC step. Kept, they cost none and no peak
+// rises (the high-water rule of fresh()). A CKA loss step, processes alternating with the rule before
+// (2-core Xeon, 2026-12-08): CamVid 74.6-79.5 -> 71.0-72.0 ms, Pascal VOC 155.7-160.7 -> 148.8-152.5 ms,
+// Cityscapes within noise; the process's peak resident memory 756 -> 749 and 833 -> 808 MiB; the
+// benchmarks' peak of one step from an empty pool 33.0 -> 33.5, 65.3 -> 65.6 and 129.7 -> 129.6 MiB.
+constexpr size_t kPooledBytes = kHugePage;
 // The bytes kept: 64 MiB (two gradients of the released CKA's student) unless CSKD_OUTPUT_CACHE_MB
 // says otherwise. Keeping more trades memory for time (README, "The whole CSKD loss").
 size_t kept_bytes_limit() {
@@ -168,7 +165,7 @@ at::Tensor cskd::empty_output(at::IntArrayRef sizes, const at::TensorOptions& op
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-  if (malloc_keeps(bytes)) return at::empty(sizes, options);
+  if (bytes < kPooledBytes) return at::empty(sizes, options);
   return at::detail::empty_generic(sizes, &OutputPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), at::MemoryFormat::Contiguous);
 }
@@ -179,8 +176,8 @@ void register_output_pool(pybind11::module& m) {
   m.def(
       "empty_output",
       [](const std::vector<int64_t>& sizes, const at::Tensor& like) { return cskd::empty_output(sizes, like.options()); },
-      "An empty contiguous CPU tensor of `sizes` in like's dtype, from the pool from 30 MiB (for the Python ops'\n"
-      "map-sized results: malloc maps such buffers afresh on every call; the pool's are kept, in huge pages).");
+      "An empty contiguous CPU tensor of `sizes` in like's dtype, from the pool from 2 MiB (for the Python ops'\n"
+      "map-sized results: the pool's buffers are kept for the next call, in huge pages).");
   m.def("empty_cache", &cskd::empty_output_cache,
         "Frees the output buffers the C++ kernels keep for reuse (as torch.cuda.empty_cache does); what it keeps\n"
         "later may again reach the most its live outputs hold from now on.");

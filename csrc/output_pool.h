@@ -5,8 +5,7 @@
 // every page at its first touch and, with 4 KiB pages, takes a fault per page,
 // which costs as much as writing the output (measured here: 23 ms of CPU time
 // to fill 64 MiB, against 4 ms for the grid-mode position attention's
-// softmax). So outputs of 30 MiB or more (under that malloc keeps a freed
-// block in its heap itself, and at::empty serves them) come from a pool:
+// softmax). So outputs of kPooledBytes (2 MiB) or more come from a pool:
 // fresh buffers on 2 MiB boundaries with transparent huge pages requested
 // (Linux, THP in "madvise" mode), freed ones kept for the next output of the same rounded size,
 // which then finds its pages mapped, as with a caching allocator. Kept ones
