@@ -11,7 +11,7 @@
 // which then finds its pages mapped, as with a caching allocator. Kept ones
 // are freed before a new mapping would take the pool past the most its
 // tensors ever held at once, so keeping never raises its peak. The cost
-// is that memory: up to 64 MiB (the environment variable
+// is that memory: up to 192 MiB (the environment variable
 // CSKD_OUTPUT_CACHE_MB sets another amount) stay allocated after their tensors
 // are gone, until cskd_kernels._C.empty_cache() frees them (as
 // torch.cuda.empty_cache does). Python code takes pooled tensors through

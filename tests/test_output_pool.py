@@ -70,15 +70,15 @@ def test_outputs_from_a_huge_page_come_from_the_pool_and_every_size_is_kept():
 def test_kept_buffers_never_take_the_pool_past_its_peak():
     from cskd_kernels import _C
     _C.empty_cache()
-    first = _output(36)
-    del first  # kept: 36 MiB, the most held at once so far 36
-    second = _output(48)  # a new mapping: keeping the 36 would hold 84 MiB where 48 suffice
+    first = _output(100)
+    del first  # kept: 100 MiB, the most held at once so far 100
+    second = _output(120)  # a new mapping: keeping the 100 would hold 220 MiB where 120 suffice
     assert _C.output_cache_bytes() == 0
-    first = _output(36)  # both live: the pool has held 84 MiB at once
-    del first, second  # 36 + 48 kept is over the 64 MiB limit: the older goes
-    assert _C.output_cache_bytes() == 48 * MIB
-    again = _output(36)  # 36 live + 48 kept = 84, no more than before: kept
-    assert _C.output_cache_bytes() == 48 * MIB
+    first = _output(100)  # both live: the pool has held 220 MiB at once
+    del first, second  # 100 + 120 kept is over the 192 MiB limit: the older goes
+    assert _C.output_cache_bytes() == 120 * MIB
+    again = _output(100)  # 100 live + 120 kept = 220, no more than before: kept
+    assert _C.output_cache_bytes() == 120 * MIB
     del again
     _C.empty_cache()
 
