@@ -285,14 +285,14 @@ int64_t gram_panel_width(int64_t channels) { return std::max<int64_t>(256, (chan
 // count rounded up to 16 values (whole cache lines): where the Gram's tile starts after the panels.
 constexpr int64_t round_to_lines(int64_t count) { return (count + 15) / 16 * 16; }
 
-// Image b's C x width block of y at y + b * image_stride, rows ld_y apart, = A_b X_b[:, j0 : j0 + width]
+// Image b's C x width block of y (images' blocks C rows apart, rows ld_y apart) = A_b X_b[:, j0 : j0 + width]
 // for every image b.
 template <typename scalar_t>
 void attention_panel(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n,
-                     int64_t j0, int64_t width, scalar_t* y, int64_t ld_y, int64_t image_stride) {
+                     int64_t j0, int64_t width, scalar_t* y, int64_t ld_y) {
   for (int64_t b = 0; b < batch; ++b)
     cskd::blas::gemm<scalar_t>(false, false, channels, width, channels, attention + b * channels * channels, channels,
-                               x + b * channels * n + j0, n, y + b * image_stride, ld_y);
+                               x + b * channels * n + j0, n, y + b * channels * ld_y, ld_y);
 }
 
 // task(p, first column, panel width) for every column panel of an (image, C, N) map, one OpenMP task each.
@@ -309,13 +309,14 @@ template <typename scalar_t>
 void gram_panel(const scalar_t* x, const scalar_t* attention, int64_t batch, int64_t channels, int64_t n, int64_t j0,
                 int64_t panel, double* partial, scalar_t* product) {
   const int64_t width = std::min(panel, n - j0), count = 2 * batch;
-  const int64_t tile_offset = product != nullptr ? 0 : round_to_lines(batch * channels * width);
+  // A X into the kept product's columns, or into the workspace ahead of the Gram's tile.
+  const bool kept = product != nullptr;
+  const int64_t ld_y = kept ? n : width, tile_offset = kept ? 0 : round_to_lines(batch * channels * width);
   scalar_t* work = cskd::blas::workspace<scalar_t>(tile_offset + cskd::segment_gram::tile_size<scalar_t>(count));
-  scalar_t* y = product != nullptr ? product + j0 : work;
-  const int64_t ld_y = product != nullptr ? n : width;
+  scalar_t* y = kept ? product + j0 : work;
   std::vector<const scalar_t*> rows(count);
   std::vector<int64_t> strides(count);
-  attention_panel(x, attention, batch, channels, n, j0, width, y, ld_y, channels * ld_y);
+  attention_panel(x, attention, batch, channels, n, j0, width, y, ld_y);
   for (int64_t b = 0; b < batch; ++b) {
     rows[b] = y + b * channels * ld_y;
     strides[b] = ld_y;
